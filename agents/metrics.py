@@ -1,0 +1,89 @@
+"""Runtime metrics: Prometheus text on ``GET /metrics`` and a periodic JSON broadcast.
+
+The counters are per worker process; Prometheus (or the ``metrics`` topic consumer) adds
+them up across workers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from app import app, settings
+
+__all__ = ["REGISTRY", "EVENTS_SCORED", "EVENTS_DEAD_LETTERED", "BATCH_SECONDS",
+           "BATCH_SIZE", "MODEL_REFUSALS", "snapshot", "prometheus_text"]
+
+log = logging.getLogger(__name__)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+EVENTS_SCORED = Counter("stratum_events_scored", "Valid events scored and sent as predictions",
+                        ["model_version"], registry=REGISTRY)
+EVENTS_DEAD_LETTERED = Counter("stratum_events_dead_lettered",
+                               "Input messages sent to the dead-letter topic",
+                               registry=REGISTRY)
+BATCH_SECONDS = Histogram("stratum_batch_seconds", "Time to validate, score and send a batch",
+                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
+                          registry=REGISTRY)
+BATCH_SIZE = Histogram("stratum_batch_size", "Events per serving micro-batch",
+                       buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 4096), registry=REGISTRY)
+MODEL_REFUSALS = Gauge("stratum_model_refusals", "Model versions refused by this worker",
+                       registry=REGISTRY)
+ACTIVE_MODEL = Gauge("stratum_active_model_info", "The version serving now (value is 1)",
+                     ["model", "version"], registry=REGISTRY)
+
+_WORKER = f"{socket.gethostname()}:{os.getpid()}:{settings.web_port}"
+_STARTED = time.time()
+
+
+def prometheus_text() -> bytes:
+    """The metrics in Prometheus exposition format."""
+    _refresh_model_gauges()
+    return generate_latest(REGISTRY)
+
+
+def _refresh_model_gauges() -> None:
+    from agents.model_manager import model_manager
+
+    MODEL_REFUSALS.set(model_manager.state.refusals)
+    ACTIVE_MODEL.clear()
+    if model_manager.active is not None:
+        ACTIVE_MODEL.labels(settings.model_name, model_manager.active.version).set(1)
+
+
+def snapshot() -> dict[str, Any]:
+    """The JSON broadcast on the metrics topic."""
+    from agents.model_manager import model_manager
+
+    scored = {sample.labels["model_version"]: sample.value
+              for metric in EVENTS_SCORED.collect() for sample in metric.samples
+              if sample.name.endswith("_total")}
+    batches = next(s.value for m in BATCH_SECONDS.collect() for s in m.samples
+                   if s.name.endswith("_count"))
+    seconds = next(s.value for m in BATCH_SECONDS.collect() for s in m.samples
+                   if s.name.endswith("_sum"))
+    return {
+        "worker": _WORKER,
+        "ts": int(time.time() * 1000),
+        "uptime_s": round(time.time() - _STARTED, 1),
+        "active_model": model_manager.active.version if model_manager.active else None,
+        "events_scored": scored,
+        "events_dead_lettered": sum(s.value for m in EVENTS_DEAD_LETTERED.collect()
+                                    for s in m.samples if s.name.endswith("_total")),
+        "batches": batches,
+        "mean_batch_ms": round(1000 * seconds / batches, 3) if batches else None,
+        "model_refusals": model_manager.state.refusals,
+    }
+
+
+metrics_topic = app.topic(settings.metrics_topic, value_serializer="json", partitions=1)
+
+
+@app.timer(interval=settings.metrics_interval_s)
+async def broadcast_metrics() -> None:
+    """Send this worker's metrics snapshot to the metrics topic."""
+    await metrics_topic.send(key=_WORKER.encode(), value=snapshot())

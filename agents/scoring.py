@@ -1,0 +1,85 @@
+"""Pure serving logic: sort a micro-batch into servable and dead-letter messages, score it.
+
+Nothing here touches Kafka, so unit tests call it directly.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from app.schemas import InvalidEvent, ValidEvent, parse_event, prediction_message, validate_event
+
+__all__ = ["SourceMessage", "Rejected", "Scorer", "triage", "score", "class_counts"]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceMessage:
+    """One input message and where it came from."""
+
+    value: bytes | None
+    topic: str
+    partition: int | None
+    offset: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An input message that cannot be served, with the reason."""
+
+    message: SourceMessage
+    reason: str
+
+
+class Scorer(Protocol):
+    """What serving needs of a model (``models.serving.LoadedModel`` is one)."""
+
+    version: str
+    features: Sequence[str]
+    classes: Sequence[Any]
+
+    def predict_proba(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+def triage(messages: Sequence[SourceMessage], features: Sequence[str],
+           classes: Sequence[Any]) -> tuple[list[tuple[SourceMessage, ValidEvent]], list[Rejected]]:
+    """Split a batch into valid events (in order) and rejected messages with reasons."""
+    valid: list[tuple[SourceMessage, ValidEvent]] = []
+    rejected: list[Rejected] = []
+    for message in messages:
+        try:
+            event = validate_event(parse_event(message.value), features, classes)
+        except InvalidEvent as exc:
+            rejected.append(Rejected(message, str(exc)))
+        else:
+            valid.append((message, event))
+    return valid, rejected
+
+
+def feature_matrix(events: Sequence[ValidEvent], n_features: int) -> np.ndarray:
+    """Stack the events' feature vectors into one (n, n_features) float64 matrix."""
+    if not events:
+        return np.empty((0, n_features), dtype=np.float64)
+    return np.stack([e.features for e in events])
+
+
+def score(model: Scorer, events: Sequence[ValidEvent], now_ms: int) -> list[dict[str, Any]]:
+    """CONTRACT prediction messages for ``events``, in order, from one forward pass."""
+    if not events:
+        return []
+    probabilities = model.predict_proba(feature_matrix(events, len(model.features)))
+    return predictions_from(model, events, probabilities, now_ms)
+
+
+def predictions_from(model: Scorer, events: Sequence[ValidEvent], probabilities: np.ndarray,
+                     now_ms: int) -> list[dict[str, Any]]:
+    """Pair each event with its row of ``probabilities`` as a prediction message."""
+    return [prediction_message(e.id, model.version, model.classes, row, now_ms)
+            for e, row in zip(events, probabilities.tolist())]
+
+
+def class_counts(predictions: Sequence[dict[str, Any]]) -> Counter[str]:
+    """How many predictions named each class (keys as strings, for table keys)."""
+    return Counter(str(p["predicted"]) for p in predictions)

@@ -1,0 +1,76 @@
+"""Serving state in Faust tables, each backed by a Kafka changelog and recovered at start.
+
+Every table is sharded like the topic that feeds it, so the worker that owns a key's
+partition is the one that writes and answers for it, however many workers run.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from itertools import islice
+from typing import Any
+
+from agents.serving import class_count_deltas, predictions_topic, version_count_deltas
+from app import app, settings
+
+__all__ = ["latest_predictions", "class_counts", "scored_by_version", "record_predictions",
+           "count_classes", "count_versions", "CLASS_WINDOW_S"]
+
+log = logging.getLogger(__name__)
+
+CLASS_WINDOW_S = 60
+N = settings.topic_partitions
+
+latest_predictions = app.Table(
+    "latest_predictions", key_type=str, key_serializer="raw", value_serializer="json",
+    partitions=N,
+    # The key alone picks the partition, exactly as for the predictions topic (same key
+    # bytes, same partitioner), which lets batches be written outside per-event iteration.
+    use_partitioner=True,
+    help="Latest prediction per event id.")
+
+class_counts = app.Table(
+    "class_counts", default=int, key_type=str, key_serializer="raw", partitions=N,
+    help=f"Predicted-class counts in {CLASS_WINDOW_S}-second tumbling windows.",
+).tumbling(CLASS_WINDOW_S, expires=timedelta(hours=1)).relative_to_stream()
+
+scored_by_version = app.Table(
+    "scored_by_version", default=int, key_type=str, key_serializer="raw", partitions=N,
+    help="Events scored per model version.")
+
+
+@app.agent(predictions_topic, concurrency=1)
+async def record_predictions(stream: Any) -> None:
+    """Keep the latest prediction of every id."""
+    async for events in stream.take_events(1000, within=0.05):
+        for event in events:
+            latest_predictions[event.key] = event.value
+
+
+@app.agent(class_count_deltas, concurrency=1)
+async def count_classes(stream: Any) -> None:
+    """Add each micro-batch's per-class counts to the current window."""
+    async for cls, n in stream.items():
+        class_counts[cls] += int(n)
+
+
+@app.agent(version_count_deltas, concurrency=1)
+async def count_versions(stream: Any) -> None:
+    """Add each micro-batch's count to its model version's total."""
+    async for version, n in stream.items():
+        scored_by_version[version] += int(n)
+
+
+def table_rows(name: str, limit: int) -> dict[str, Any]:
+    """This worker's rows of table ``name`` as JSON, newest first, at most ``limit``."""
+    table = app.tables[name]
+    rows: list[dict[str, Any]] = []
+    newest_first = islice(reversed(table.data.items()), limit)
+    for key, value in newest_first:
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], tuple):
+            label, (start, end) = key
+            rows.append({"key": label, "window_start": start, "window_end": end,
+                         "value": value})
+        else:
+            rows.append({"key": key, "value": value})
+    return {"name": name, "help": table.help, "size": len(table.data), "rows": rows}

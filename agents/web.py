@@ -1,0 +1,198 @@
+"""The worker's HTTP endpoints (CONTRACT.md): readiness, table state, models, predict, metrics.
+
+Bad requests get a 4xx with a JSON ``{"error": ...}``; nothing answers with a stack trace.
+"""
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import time
+from typing import Any
+
+from faust import web
+
+from agents.metrics import prometheus_text
+from agents.model_manager import model_manager
+from agents.scoring import SourceMessage, feature_matrix, predictions_from, triage
+from agents.serving import scoring_executor
+from agents.tables import CLASS_WINDOW_S, latest_predictions, table_rows
+from app import app, settings
+
+__all__ = ["StratumView"]
+
+log = logging.getLogger(__name__)
+
+MAX_PREDICT_ITEMS = 1024
+MAX_TABLE_ROWS = 1000
+
+
+class StratumView(web.View):
+    """A view whose unexpected failures answer JSON, logged with the request path."""
+
+    async def dispatch(self, request: Any) -> Any:
+        try:
+            return await super().dispatch(request)
+        except KeyError:
+            return self.error(405, f"method {request.method} not allowed on {request.path}")
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return self.error(500, "internal error; see the worker log")
+
+
+@app.page("/ready")
+class Ready(StratumView):
+    """200 with the serving version once a model is loaded, 503 before."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        model = model_manager.active
+        if model is None:
+            return self.json({"error": "no model loaded yet", "model_version": None},
+                             status=503)
+        return self.json({"model_version": model.version})
+
+
+@app.page("/tables/")
+class TableList(StratumView):
+    """Every table this worker holds: name, help and size."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        return self.json({"tables": [
+            {"name": name, "help": table.help, "size": len(table.data)}
+            for name, table in sorted(app.tables.items())]})
+
+
+@app.page("/tables/{name}/")
+class TableDetail(StratumView):
+    """This worker's rows of one table, newest first (``?limit=``, default 100)."""
+
+    async def get(self, request: web.Request, name: str) -> web.Response:
+        if name not in app.tables:
+            return self.error(404, f"unknown table {name!r}", tables=sorted(app.tables))
+        raw_limit = request.query.get("limit", "100")
+        if not raw_limit.isdigit() or not 0 <= int(raw_limit) <= MAX_TABLE_ROWS:
+            return self.error(400, f"limit must be an integer from 0 to {MAX_TABLE_ROWS}")
+        return self.json(table_rows(name, int(raw_limit)))
+
+
+@app.page("/predictions/{id}/")
+class PredictionDetail(StratumView):
+    """The latest prediction for an id, answered by the worker that owns the id."""
+
+    @app.table_route(table=latest_predictions, match_info="id")
+    async def get(self, request: web.Request, id: str) -> web.Response:
+        prediction = latest_predictions.get(id)
+        if prediction is None:
+            return self.error(404, f"no prediction for id {id!r}")
+        return self.json(prediction)
+
+
+@app.page("/models/")
+class Models(StratumView):
+    """The active version, history, last swap and last refusal."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        return self.json(model_manager.describe())
+
+
+@app.page("/predict")
+class Predict(StratumView):
+    """Score one input object or a list of them synchronously with the active model."""
+
+    async def post(self, request: web.Request) -> web.Response:
+        model = model_manager.active
+        if model is None:
+            return self.error(503, "no model loaded yet")
+        body = await request.read()
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return self.error(400, f"body is not JSON: {exc}")
+        single = isinstance(payload, dict)
+        items = [payload] if single else payload
+        if not isinstance(items, list) or not items:
+            return self.error(400, "body must be an input object or a non-empty list of them")
+        if len(items) > MAX_PREDICT_ITEMS:
+            return self.error(413, f"at most {MAX_PREDICT_ITEMS} inputs per request")
+        messages = [SourceMessage(json.dumps(item).encode(), "http", None, i)
+                    for i, item in enumerate(items)]
+        valid, rejected = triage(messages, model.features, model.classes)
+        if rejected:
+            return self.error(400, "invalid input", errors=[
+                {"index": r.message.offset, "error": r.reason} for r in rejected])
+        events = [v for _, v in valid]
+        probabilities = await asyncio.get_running_loop().run_in_executor(
+            scoring_executor, model.predict_proba, feature_matrix(events, len(model.features)))
+        predictions = predictions_from(model, events, probabilities, int(time.time() * 1000))
+        return self.json(predictions[0] if single else predictions)
+
+
+@app.page("/metrics")
+class Metrics(StratumView):
+    """Prometheus text exposition of this worker's metrics."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        return self.bytes(prometheus_text(),
+                          content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@app.page("/")
+class Home(StratumView):
+    """A plain HTML view of the serving tables; refreshes itself every 2 seconds."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        return self.html(render_home())
+
+
+def render_home() -> str:
+    """The HTML of ``GET /``: active model, class counts, versions, latest predictions."""
+    model = model_manager.active
+    e = html.escape
+    windows = table_rows("class_counts", MAX_TABLE_ROWS)["rows"]
+    by_window: dict[tuple[float, float], dict[str, int]] = {}
+    for row in windows:
+        by_window.setdefault((row["window_start"], row["window_end"]), {})[row["key"]] = \
+            row["value"]
+    classes = sorted({k for counts in by_window.values() for k in counts})
+    window_rows = "".join(
+        f"<tr><td>{e(_clock(start))}&ndash;{e(_clock(end))}</td>"
+        + "".join(f"<td>{counts.get(c, 0)}</td>" for c in classes) + "</tr>"
+        for (start, end), counts in sorted(by_window.items(), reverse=True)[:15])
+    versions = table_rows("scored_by_version", 50)["rows"]
+    version_rows = "".join(f"<tr><td>{e(str(r['key']))}</td><td>{r['value']}</td></tr>"
+                           for r in versions)
+    latest = table_rows("latest_predictions", 20)
+    latest_rows = "".join(
+        f"<tr><td>{e(str(r['key']))}</td><td>{e(str(r['value'].get('predicted')))}</td>"
+        f"<td>{e(', '.join(f'{p:.3f}' for p in r['value'].get('probabilities', [])))}</td>"
+        f"<td>{e(str(r['value'].get('model_version')))}</td>"
+        f"<td>{e(_clock(r['value'].get('ts', 0) / 1000))}</td></tr>"
+        for r in latest["rows"])
+    status = (f"serving <b>{e(settings.model_name)}</b> version <b>{e(model.version)}</b>"
+              if model else "<b>no model loaded yet</b> (waiting for an announcement)")
+    refusal = model_manager.state.last_refusal
+    refusal_html = (f"<p class=warn>last refused version {e(refusal.version)}: "
+                    f"{e(refusal.reason or '')}</p>" if refusal else "")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">
+<title>Stratum worker</title>
+<style>body{{font:14px system-ui,sans-serif;margin:2em;color:#222}}
+table{{border-collapse:collapse;margin-bottom:1.5em}}td,th{{border:1px solid #ccc;padding:3px 8px}}
+th{{background:#eee}}.warn{{color:#a00}}</style></head><body>
+<h1>Stratum worker</h1><p>{status}</p>{refusal_html}
+<h2>Predicted classes, {CLASS_WINDOW_S}-second windows (table class_counts)</h2>
+<table><tr><th>window (UTC)</th>{''.join(f'<th>{e(c)}</th>' for c in classes)}</tr>
+{window_rows or '<tr><td>no predictions yet</td></tr>'}</table>
+<h2>Events scored per model version (table scored_by_version)</h2>
+<table><tr><th>version</th><th>events</th></tr>{version_rows}</table>
+<h2>Latest predictions (table latest_predictions, {latest['size']} ids on this worker)</h2>
+<table><tr><th>id</th><th>predicted</th><th>probabilities</th><th>version</th>
+<th>at (UTC)</th></tr>{latest_rows}</table>
+<p>JSON: <a href="/tables/">/tables/</a> &middot; <a href="/models/">/models/</a> &middot;
+<a href="/metrics">/metrics</a> &middot; <a href="/ready">/ready</a></p>
+</body></html>"""
+
+
+def _clock(epoch_s: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(epoch_s))

@@ -1,0 +1,78 @@
+"""The Faust App, built once from :class:`~app.settings.Settings`.
+
+Agents, tables and web views live in the ``agents`` package and are found by autodiscovery;
+this module imports only settings and topics.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import faust
+
+from app.settings import Settings, SettingsError
+from app.topics import ensure_topics
+
+__all__ = ["StratumApp", "create_app", "load_settings", "app", "settings"]
+
+log = logging.getLogger(__name__)
+
+
+class StratumApp(faust.App):
+    """A Faust App that knows its settings and creates its topics before consuming."""
+
+    def __init__(self, settings: Settings, **kwargs: object) -> None:
+        self.settings = settings
+        super().__init__(settings.app_id, **kwargs)
+
+    async def on_first_start(self) -> None:
+        # A consumer that subscribes to a missing topic makes the broker auto-create it with
+        # one partition; Faust then fails with PartitionsMismatch. Create them first.
+        created = await ensure_topics(self.settings)
+        if created:
+            log.info("created topics: %s", ", ".join(created))
+        await super().on_first_start()
+
+
+def create_app(settings: Settings) -> StratumApp:
+    """Build the Faust App for ``settings`` (no I/O happens until the worker starts)."""
+    canonical_host = "127.0.0.1" if settings.web_bind in ("0.0.0.0", "::") else settings.web_bind
+    return StratumApp(
+        settings,
+        broker=settings.kafka_broker,
+        autodiscover=["agents"],
+        origin="app",
+        store="memory://",
+        datadir=str(Path(settings.data_dir) / settings.app_id),
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        web_bind=settings.web_bind,
+        web_port=settings.web_port,
+        web_host=canonical_host,
+        canonical_url=f"http://{canonical_host}:{settings.web_port}",
+        # Stratum serves its own /, /tables/ and /metrics; Faust's debug pages stay off.
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_tables_enabled=False,
+        producer_linger_ms=5,
+        producer_acks=-1,
+        stream_buffer_maxsize=8192,
+        broker_commit_every=5000,
+        broker_commit_interval=1.0,
+        table_standby_replicas=0,
+    )
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; a bad value stops start-up naming the variable."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        print(f"stratum: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+settings = load_settings()
+app = create_app(settings)

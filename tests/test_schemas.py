@@ -1,0 +1,80 @@
+"""Input validation and the CONTRACT message formats."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+
+import pytest
+
+from app.schemas import (InvalidEvent, dead_letter_message, parse_event, prediction_message,
+                         validate_event)
+
+FEATURES = ["a", "b", "c"]
+CLASSES = ["b", "s"]
+
+
+def check(raw: bytes | None) -> object:
+    return validate_event(parse_event(raw), FEATURES, CLASSES)
+
+
+def test_features_by_name_in_any_order() -> None:
+    e = check(b'{"id": "x1", "features": {"c": 3, "a": 1.5, "b": -999.0}, "label": "s", "ts": 5}')
+    assert e.id == "x1" and e.label == "s" and e.ts == 5
+    assert e.features.tolist() == [1.5, -999.0, 3.0]
+
+
+def test_features_as_list_and_null_is_missing() -> None:
+    e = check(b'{"id": "x2", "features": [1, null, 2]}')
+    assert e.label is None and e.ts is None
+    assert e.features[0] == 1.0 and math.isnan(e.features[1])
+
+
+def test_integer_classes() -> None:
+    e = validate_event({"id": "i", "features": [1, 2, 3], "label": 1}, FEATURES, [0, 1])
+    assert e.label == 1
+    with pytest.raises(InvalidEvent, match="unknown label"):
+        validate_event({"id": "i", "features": [1, 2, 3], "label": "1"}, FEATURES, [0, 1])
+
+
+MALFORMED = [
+    (b"\xff\xfe not utf8", "not UTF-8"),
+    (b"", "empty"),
+    (None, "null value"),
+    (b"{not json", "not JSON"),
+    (b"[1, 2, 3]", "not a JSON object"),
+    (b'{"features": [1, 2, 3]}', "missing field 'id'"),
+    (b'{"id": 7, "features": [1, 2, 3]}', "'id' must be a string"),
+    (b'{"id": "", "features": [1, 2, 3]}', "'id' must have"),
+    (b'{"id": "x"}', "missing field 'features'"),
+    (b'{"id": "x", "features": "1,2,3"}', "must be an object or a list"),
+    (b'{"id": "x", "features": [1, 2]}', "has 2 values, the model expects 3"),
+    (b'{"id": "x", "features": {"a": 1, "b": 2}}', "missing features 'c'"),
+    (b'{"id": "x", "features": {"a": 1, "b": 2, "c": 3, "d": 4}}', "unknown features 'd'"),
+    (b'{"id": "x", "features": [1, "two", 3]}', "feature 'b' is not a number"),
+    (b'{"id": "x", "features": [1, true, 3]}', "feature 'b' is not a number"),
+    (b'{"id": "x", "features": [1, 2, Infinity]}', "feature 'c' is infinite"),
+    (b'{"id": "x", "features": [1, 2, 3], "label": "maybe"}', "unknown label"),
+    (b'{"id": "x", "features": [1, 2, 3], "ts": "yesterday"}', "'ts' must be epoch"),
+    (b'{"id": "x", "features": [1, 2, 3], "lable": "s"}', "unknown fields"),
+]
+
+
+@pytest.mark.parametrize("raw, reason", MALFORMED)
+def test_malformed_event_has_a_reason(raw: bytes | None, reason: str) -> None:
+    with pytest.raises(InvalidEvent, match=reason.replace("(", r"\(")):
+        check(raw)
+
+
+def test_prediction_message_picks_most_probable() -> None:
+    m = prediction_message("x", "v1", ["b", "s"], [0.25, 0.75], 123)
+    assert m == {"id": "x", "model_version": "v1", "predicted": "s",
+                 "probabilities": [0.25, 0.75], "ts": 123}
+
+
+def test_dead_letter_keeps_original_bytes() -> None:
+    m = dead_letter_message("not UTF-8", b"\xff\x00", "events", 2, 41)
+    assert m["source"] == {"topic": "events", "partition": 2, "offset": 41}
+    assert base64.b64decode(m["raw"]) == b"\xff\x00" and m["raw_encoding"] == "base64"
+    text = dead_letter_message("bad", b'{"id": 1}', "events", 0, 0)
+    assert json.loads(text["raw"]) == {"id": 1} and "raw_encoding" not in text

@@ -1,0 +1,59 @@
+"""Settings: CONTRACT defaults, environment overrides, and start-up failures naming the variable."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from app.settings import Settings, SettingsError
+
+
+def test_contract_defaults() -> None:
+    s = Settings.from_env({})
+    assert s.kafka_broker == "kafka://127.0.0.1:9092"
+    assert s.bootstrap_servers == "127.0.0.1:9092"
+    assert s.s3_endpoint_url == "http://127.0.0.1:9000"
+    assert s.storage_options == {"key": "S3RVER", "secret": "S3RVER",
+                                 "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
+    assert (s.lake_uri, s.registry_uri) == ("s3://stratum/lake/events", "s3://stratum/models")
+    assert (s.web_bind, s.web_port, s.admin_token) == ("127.0.0.1", 6066, None)
+    assert s.batch_cron == "0 2 * * *"
+
+
+def test_overrides_and_real_aws() -> None:
+    s = Settings.from_env({"KAFKA_BROKER": "kafka://a:1;kafka://b:2", "WEB_PORT": "7000",
+                           "S3_ENDPOINT_URL": "", "AWS_ACCESS_KEY_ID": "AK",
+                           "AWS_SECRET_ACCESS_KEY": "SK"})
+    assert s.bootstrap_servers == "a:1,b:2"
+    assert s.web_port == 7000
+    assert s.s3_endpoint_url is None
+    assert s.storage_options == {"key": "AK", "secret": "SK"}
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"WEB_PORT": "http"}, "WEB_PORT"),
+    ({"WEB_PORT": "70000"}, "WEB_PORT"),
+    ({"KAFKA_BROKER": "localhost"}, "KAFKA_BROKER"),
+    ({"S3_ENDPOINT_URL": "127.0.0.1:9000"}, "S3_ENDPOINT_URL"),
+    ({"LAKE_URI": "/tmp/lake"}, "LAKE_URI"),
+    ({"BATCH_CRON": "every night"}, "BATCH_CRON"),
+    ({"SERVING_BATCH_SIZE": "0"}, "SERVING_BATCH_SIZE"),
+    ({"ADMIN_TOKEN": "short"}, "ADMIN_TOKEN"),
+])
+def test_bad_value_names_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env)
+
+
+def test_secret_never_in_repr() -> None:
+    s = Settings.from_env({"ADMIN_TOKEN": "hunter2hunter2", "AWS_SECRET_ACCESS_KEY": "xyzzy"})
+    assert "hunter2hunter2" not in repr(s) and "xyzzy" not in repr(s)
+
+
+def test_worker_refuses_to_start_on_bad_setting() -> None:
+    proc = subprocess.run([sys.executable, "-c", "import app; app.app"],
+                          env={"WEB_PORT": "not-a-port", "PATH": ""},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "WEB_PORT" in proc.stderr and "Traceback" not in proc.stderr
