@@ -13,7 +13,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from app import app, settings
+from app import app
+
+settings = app.settings
 
 __all__ = ["REGISTRY", "EVENTS_SCORED", "EVENTS_DEAD_LETTERED", "BATCH_SECONDS",
            "BATCH_SIZE", "MODEL_REFUSALS", "snapshot", "prometheus_text"]
@@ -49,7 +51,7 @@ def prometheus_text() -> bytes:
 def _refresh_model_gauges() -> None:
     from agents.model_manager import model_manager
 
-    MODEL_REFUSALS.set(model_manager.state.refusals)
+    MODEL_REFUSALS.set(model_manager.ledger.refusals)
     ACTIVE_MODEL.clear()
     if model_manager.active is not None:
         ACTIVE_MODEL.labels(settings.model_name, model_manager.active.version).set(1)
@@ -76,7 +78,7 @@ def snapshot() -> dict[str, Any]:
                                     for s in m.samples if s.name.endswith("_total")),
         "batches": batches,
         "mean_batch_ms": round(1000 * seconds / batches, 3) if batches else None,
-        "model_refusals": model_manager.state.refusals,
+        "model_refusals": model_manager.ledger.refusals,
     }
 
 

@@ -19,10 +19,12 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
-from app import app, settings
+from app import app
 from models.errors import ModelError
 from models.registry import ModelRef, Registry
 from models.serving import LoadedModel
+
+settings = app.settings
 
 __all__ = ["ModelManager", "model_manager", "SwapRecord"]
 
@@ -48,7 +50,7 @@ class SwapRecord:
 
 
 @dataclass
-class ModelState:
+class ModelLedger:
     """What the manager knows; only the event loop mutates it."""
 
     active: LoadedModel | None = None
@@ -64,7 +66,7 @@ class ModelManager(Service):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.state = ModelState()
+        self.ledger = ModelLedger()
         self.registry = Registry(settings.registry_uri, settings.storage_options)
         self._ready = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
@@ -72,13 +74,13 @@ class ModelManager(Service):
     @property
     def active(self) -> LoadedModel | None:
         """The model serving now, or None before the first one is loaded."""
-        return self.state.active
+        return self.ledger.active
 
     async def wait_ready(self) -> LoadedModel:
         """Wait until a model is active and return it."""
         await self._ready.wait()
-        assert self.state.active is not None
-        return self.state.active
+        assert self.ledger.active is not None
+        return self.ledger.active
 
     async def on_start(self) -> None:
         tp = TopicPartition(settings.updates_topic, 0)
@@ -110,7 +112,7 @@ class ModelManager(Service):
         for ref in reversed(history):
             if await self._load_and_swap(ref):
                 break
-        if self.state.active is None:
+        if self.ledger.active is None:
             log.info("no model announced yet on %s; /ready answers 503 until one is",
                      settings.updates_topic)
         while not self.should_stop:
@@ -130,7 +132,7 @@ class ModelManager(Service):
         if kind == "UP":
             return None  # incremental updates are applied by the speed layer's follower
         if kind != "MODEL-REF":
-            self.state.ignored_messages += 1
+            self.ledger.ignored_messages += 1
             log.warning("ignored update message at %s offset %d: unknown type %r",
                         settings.updates_topic, offset, kind)
             return None
@@ -145,7 +147,7 @@ class ModelManager(Service):
 
     async def _load_and_swap(self, ref: ModelRef) -> bool:
         """Load and verify ``ref`` off the event loop; switch to it if it passes."""
-        current = self.state.active
+        current = self.ledger.active
         if current is not None and current.version == ref.version:
             return True
         started = time.monotonic()
@@ -163,9 +165,9 @@ class ModelManager(Service):
             self._refuse(ref.version, incompatible)
             return False
         record = SwapRecord(ref.version, time.time(), load_s=time.monotonic() - started)
-        self.state.active = model
-        self.state.last_swap = record
-        self.state.history.append(record)
+        self.ledger.active = model
+        self.ledger.last_swap = record
+        self.ledger.history.append(record)
         self._ready.set()
         log.info("serving model %s version %s (loaded in %.2fs)", ref.name, ref.version,
                  record.load_s)
@@ -173,25 +175,25 @@ class ModelManager(Service):
 
     def _refuse(self, version: str, reason: str) -> None:
         record = SwapRecord(version, time.time(), reason=reason)
-        self.state.last_refusal = record
-        self.state.refusals += 1
-        self.state.history.append(record)
+        self.ledger.last_refusal = record
+        self.ledger.refusals += 1
+        self.ledger.history.append(record)
         log.error("refused model version %s: %s", version, reason)
 
     def describe(self) -> dict[str, Any]:
         """The JSON body of ``GET /models/``."""
-        active = self.state.active
+        active = self.ledger.active
         return {
             "model": settings.model_name,
             "active": active.version if active else None,
             "features": list(active.features) if active else None,
             "classes": list(active.classes) if active else None,
             "metrics": active.metrics if active else None,
-            "last_swap": self.state.last_swap.as_dict() if self.state.last_swap else None,
-            "last_refusal": (self.state.last_refusal.as_dict()
-                             if self.state.last_refusal else None),
-            "refusals": self.state.refusals,
-            "history": [r.as_dict() for r in self.state.history],
+            "last_swap": self.ledger.last_swap.as_dict() if self.ledger.last_swap else None,
+            "last_refusal": (self.ledger.last_refusal.as_dict()
+                             if self.ledger.last_refusal else None),
+            "refusals": self.ledger.refusals,
+            "history": [r.as_dict() for r in self.ledger.history],
         }
 
 

@@ -18,8 +18,10 @@ from faust.types import EventT
 from agents.metrics import BATCH_SECONDS, BATCH_SIZE, EVENTS_DEAD_LETTERED, EVENTS_SCORED
 from agents.model_manager import model_manager
 from agents.scoring import SourceMessage, class_counts, feature_matrix, predictions_from, triage
-from app import app, settings
+from app import app
 from app.schemas import dead_letter_message
+
+settings = app.settings
 
 __all__ = ["events_topic", "predictions_topic", "dlq_topic", "class_count_deltas",
            "version_count_deltas", "score_events"]
@@ -31,7 +33,7 @@ N = settings.topic_partitions
 events_topic = app.topic(settings.events_topic, key_serializer="raw", value_serializer="raw",
                          partitions=N)
 # Keyed by id: the partition of an id's prediction is the partition of its table row.
-predictions_topic = app.topic(settings.predictions_topic, key_type=str, key_serializer="raw",
+predictions_topic = app.topic(settings.predictions_topic, key_type=bytes, key_serializer="raw",
                               value_serializer="json", partitions=N)
 dlq_topic = app.topic(settings.dlq_topic, key_serializer="raw", value_serializer="json",
                       partitions=N)

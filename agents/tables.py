@@ -11,7 +11,9 @@ from itertools import islice
 from typing import Any
 
 from agents.serving import class_count_deltas, predictions_topic, version_count_deltas
-from app import app, settings
+from app import app
+
+settings = app.settings
 
 __all__ = ["latest_predictions", "class_counts", "scored_by_version", "record_predictions",
            "count_classes", "count_versions", "CLASS_WINDOW_S"]
@@ -22,20 +24,20 @@ CLASS_WINDOW_S = 60
 N = settings.topic_partitions
 
 latest_predictions = app.Table(
-    "latest_predictions", key_type=str, key_serializer="raw", value_serializer="json",
-    partitions=N,
-    # The key alone picks the partition, exactly as for the predictions topic (same key
-    # bytes, same partitioner), which lets batches be written outside per-event iteration.
+    "latest_predictions", key_type=bytes, partitions=N,
+    # The key alone picks the partition, exactly as for the predictions topic (the same raw
+    # id bytes, the same partitioner), so batches can be written outside per-event iteration
+    # and the router sends GET /predictions/{id}/ to the worker that wrote the row.
     use_partitioner=True,
     help="Latest prediction per event id.")
 
 class_counts = app.Table(
-    "class_counts", default=int, key_type=str, key_serializer="raw", partitions=N,
+    "class_counts", default=int, key_type=str, partitions=N,
     help=f"Predicted-class counts in {CLASS_WINDOW_S}-second tumbling windows.",
 ).tumbling(CLASS_WINDOW_S, expires=timedelta(hours=1)).relative_to_stream()
 
 scored_by_version = app.Table(
-    "scored_by_version", default=int, key_type=str, key_serializer="raw", partitions=N,
+    "scored_by_version", default=int, key_type=str, partitions=N,
     help="Events scored per model version.")
 
 
@@ -72,5 +74,6 @@ def table_rows(name: str, limit: int) -> dict[str, Any]:
             rows.append({"key": label, "window_start": start, "window_end": end,
                          "value": value})
         else:
-            rows.append({"key": key, "value": value})
+            rows.append({"key": key.decode("utf-8", "replace") if isinstance(key, bytes)
+                         else key, "value": value})
     return {"name": name, "help": table.help, "size": len(table.data), "rows": rows}

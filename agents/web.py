@@ -18,7 +18,9 @@ from agents.model_manager import model_manager
 from agents.scoring import SourceMessage, feature_matrix, predictions_from, triage
 from agents.serving import scoring_executor
 from agents.tables import CLASS_WINDOW_S, latest_predictions, table_rows
-from app import app, settings
+from app import app
+
+settings = app.settings
 
 __all__ = ["StratumView"]
 
@@ -34,8 +36,6 @@ class StratumView(web.View):
     async def dispatch(self, request: Any) -> Any:
         try:
             return await super().dispatch(request)
-        except KeyError:
-            return self.error(405, f"method {request.method} not allowed on {request.path}")
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             return self.error(500, "internal error; see the worker log")
@@ -82,7 +82,7 @@ class PredictionDetail(StratumView):
 
     @app.table_route(table=latest_predictions, match_info="id")
     async def get(self, request: web.Request, id: str) -> web.Response:
-        prediction = latest_predictions.get(id)
+        prediction = latest_predictions.get(id.encode())
         if prediction is None:
             return self.error(404, f"no prediction for id {id!r}")
         return self.json(prediction)
@@ -133,8 +133,7 @@ class Metrics(StratumView):
     """Prometheus text exposition of this worker's metrics."""
 
     async def get(self, request: web.Request) -> web.Response:
-        return self.bytes(prometheus_text(),
-                          content_type="text/plain; version=0.0.4; charset=utf-8")
+        return self.text(prometheus_text().decode(), content_type="text/plain; version=0.0.4")
 
 
 @app.page("/")
@@ -171,7 +170,7 @@ def render_home() -> str:
         for r in latest["rows"])
     status = (f"serving <b>{e(settings.model_name)}</b> version <b>{e(model.version)}</b>"
               if model else "<b>no model loaded yet</b> (waiting for an announcement)")
-    refusal = model_manager.state.last_refusal
+    refusal = model_manager.ledger.last_refusal
     refusal_html = (f"<p class=warn>last refused version {e(refusal.version)}: "
                     f"{e(refusal.reason or '')}</p>" if refusal else "")
     return f"""<!doctype html>

@@ -1,8 +1,8 @@
 """Stratum's Faust application.
 
-``faust -A app worker`` finds :data:`app` here. The App and the settings are built on first
-access rather than at import, so ``import app.settings`` (the batch job, scripts, tests) does
-no work and never needs a broker.
+``faust -A app worker`` finds :data:`app` here; its settings are ``app.settings``. The App is
+built on first access rather than at import, so ``import app.settings`` (the batch job,
+scripts, tests) does no work and never needs a broker.
 """
 from __future__ import annotations
 
@@ -10,16 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from app.application import StratumApp
-    from app.settings import Settings
 
     app: StratumApp
-    settings: Settings
 
-__all__ = ["app", "settings"]
+__all__ = ["app"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("app", "settings"):
+    if name == "app":
         from app import application
 
         value = getattr(application, name)

@@ -8,13 +8,15 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import faust
+from aiohttp import web as aiohttp_web
 
 from app.settings import Settings, SettingsError
 from app.topics import ensure_topics
 
-__all__ = ["StratumApp", "create_app", "load_settings", "app", "settings"]
+__all__ = ["StratumApp", "create_app", "load_settings", "app"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,19 @@ class StratumApp(faust.App):
         created = await ensure_topics(self.settings)
         if created:
             log.info("created topics: %s", ", ".join(created))
+        Path(self.conf.datadir).mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
+
+
+@aiohttp_web.middleware
+async def json_errors(request: aiohttp_web.Request, handler: Any) -> aiohttp_web.StreamResponse:
+    """Answer routing errors (unknown path, wrong method) with JSON like every other error."""
+    try:
+        return await handler(request)
+    except aiohttp_web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return aiohttp_web.json_response({"error": exc.reason}, status=exc.status)
 
 
 def create_app(settings: Settings) -> StratumApp:
@@ -56,6 +70,7 @@ def create_app(settings: Settings) -> StratumApp:
         web_stats_enabled=False,
         web_graph_enabled=False,
         web_tables_enabled=False,
+        web_application_options={"middlewares": [json_errors]},
         producer_linger_ms=5,
         producer_acks=-1,
         stream_buffer_maxsize=8192,
@@ -74,5 +89,4 @@ def load_settings() -> Settings:
         raise SystemExit(2) from None
 
 
-settings = load_settings()
-app = create_app(settings)
+app = create_app(load_settings())

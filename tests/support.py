@@ -1,0 +1,175 @@
+"""Helpers for integration tests: a small published model, a worker process, topic readers."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from models.classifier import MLPClassifier
+from models.manifest import Manifest
+from models.preprocessing import fit_preprocessor
+from models.registry import ModelRef, Registry
+from models.serving import LoadedModel
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+
+
+def publish_small_model(registry: Registry, name: str, features: list[str],
+                        classes: list[Any], seed: int = 0) -> ModelRef:
+    """Publish an untrained small MLP with real preprocessing and reference rows."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    X = rng.normal(size=(256, len(features)))
+    module = MLPClassifier(len(features), len(classes), hidden=(16, 8), dropout=0.0).eval()
+    draft = Manifest(name=name, features=features, classes=classes,
+                     preprocessing=fit_preprocessor(features, X).to_dict(),
+                     architecture=module.architecture(),
+                     metrics={"accuracy": 0.5, "log_loss": 0.69, "auc": 0.5},
+                     reference={"inputs": [[1.0] * len(features)],
+                                "probabilities": [[1.0 / len(classes)] * len(classes)],
+                                "atol": 0.5})
+    reference = X[:8]
+    expected = LoadedModel(draft, module).predict_proba(reference)
+    draft.reference = {"inputs": reference.tolist(), "probabilities": expected.tolist(),
+                       "atol": 1e-5}
+    return registry.publish(module, draft, onnx=False)
+
+
+async def announce(bootstrap: str, topic: str, message: Mapping[str, Any]) -> None:
+    """Produce one update message (a MODEL-REF, or anything a test wants to try)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, json.dumps(message).encode())
+    finally:
+        await producer.stop()
+
+
+async def produce(bootstrap: str, topic: str, values: list[bytes | None]) -> list[tuple[int, int]]:
+    """Produce raw values; return each one's (partition, offset)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value=v) for v in values]
+        return [((md := await f).partition, md.offset) for f in futures]
+    finally:
+        await producer.stop()
+
+
+async def consume_until(bootstrap: str, topic: str, done: Callable[[list[Any]], bool],
+                        timeout: float = 60.0) -> list[Any]:
+    """Read ``topic`` from the start, JSON-decoding values, until ``done(values)`` holds.
+
+    Then drain whatever else is already on the topic, so callers can assert exact counts.
+    """
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    values: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while not done(values):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: condition not met after {timeout}s "
+                                   f"({len(values)} messages)")
+            batches = await consumer.getmany(timeout_ms=500)
+            values.extend(json.loads(r.value) for rs in batches.values() for r in rs)
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        ends = await consumer.end_offsets(parts)
+        while any(await consumer.position(tp) < end for tp, end in ends.items()):
+            batches = await consumer.getmany(timeout_ms=500)
+            values.extend(json.loads(r.value) for rs in batches.values() for r in rs)
+    finally:
+        await consumer.stop()
+    return values
+
+
+def http(method: str, url: str, body: Any = None, token: str | None = None,
+         raw: bytes | None = None) -> tuple[int, Any, str]:
+    """One HTTP request; returns (status, JSON body or None, content type)."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, payload, ctype = response.status, response.read(), response.headers.get(
+                "Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        status, payload, ctype = exc.code, exc.read(), exc.headers.get("Content-Type", "")
+    try:
+        return status, json.loads(payload), ctype
+    except ValueError:
+        return status, payload.decode("utf-8", "replace"), ctype
+
+
+class WorkerProcess:
+    """``faust -A app worker`` as a child process with its own environment and log."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.url = f"http://127.0.0.1:{env['WEB_PORT']}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "WorkerProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([str(BIN / "faust"), "-A", "app", "worker", "-l", "info"],
+                                     cwd=REPO, env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Block until ``/ready`` answers 200; return its body."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                status, body, _ = http("GET", f"{self.url}/ready")
+                if status == 200:
+                    return body
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"worker not ready after {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+
+
+def run(coro: Any) -> Any:
+    """Run a coroutine from a synchronous test."""
+    return asyncio.run(coro)
