@@ -76,8 +76,9 @@ def score(model: Scorer, events: Sequence[ValidEvent], now_ms: int) -> list[dict
 def predictions_from(model: Scorer, events: Sequence[ValidEvent], probabilities: np.ndarray,
                      now_ms: int) -> list[dict[str, Any]]:
     """Pair each event with its row of ``probabilities`` as a prediction message."""
+    rows = np.round(probabilities.astype(np.float64), 6).tolist()
     return [prediction_message(e.id, model.version, model.classes, row, now_ms)
-            for e, row in zip(events, probabilities.tolist())]
+            for e, row in zip(events, rows)]
 
 
 def class_counts(predictions: Sequence[dict[str, Any]]) -> Counter[str]:

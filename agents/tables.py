@@ -10,6 +10,8 @@ from datetime import timedelta
 from itertools import islice
 from typing import Any
 
+import orjson
+
 from agents.serving import class_count_deltas, predictions_topic, version_count_deltas
 from app import app
 
@@ -24,12 +26,12 @@ CLASS_WINDOW_S = 60
 N = settings.topic_partitions
 
 latest_predictions = app.Table(
-    "latest_predictions", key_type=bytes, partitions=N,
+    "latest_predictions", key_type=bytes, value_type=bytes, partitions=N,
     # The key alone picks the partition, exactly as for the predictions topic (the same raw
     # id bytes, the same partitioner), so batches can be written outside per-event iteration
     # and the router sends GET /predictions/{id}/ to the worker that wrote the row.
     use_partitioner=True,
-    help="Latest prediction per event id.")
+    help="Latest prediction per event id (the JSON message as sent).")
 
 class_counts = app.Table(
     "class_counts", default=int, key_type=str, partitions=N,
@@ -73,7 +75,8 @@ def table_rows(name: str, limit: int) -> dict[str, Any]:
             label, (start, end) = key
             rows.append({"key": label, "window_start": start, "window_end": end,
                          "value": value})
+        elif isinstance(key, bytes):  # latest_predictions: raw id -> raw JSON prediction
+            rows.append({"key": key.decode("utf-8", "replace"), "value": orjson.loads(value)})
         else:
-            rows.append({"key": key.decode("utf-8", "replace") if isinstance(key, bytes)
-                         else key, "value": value})
+            rows.append({"key": key, "value": value})
     return {"name": name, "help": table.help, "size": len(table.data), "rows": rows}

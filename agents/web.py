@@ -85,7 +85,7 @@ class PredictionDetail(StratumView):
         prediction = latest_predictions.get(id.encode())
         if prediction is None:
             return self.error(404, f"no prediction for id {id!r}")
-        return self.json(prediction)
+        return self.bytes(prediction, content_type="application/json")
 
 
 @app.page("/models/")

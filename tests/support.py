@@ -28,12 +28,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def publish_small_model(registry: Registry, name: str, features: list[str],
-                        classes: list[Any], seed: int = 0) -> ModelRef:
-    """Publish an untrained small MLP with real preprocessing and reference rows."""
+                        classes: list[Any], seed: int = 0,
+                        hidden: tuple[int, ...] = (16, 8)) -> ModelRef:
+    """Publish an untrained MLP with real preprocessing and reference rows.
+
+    Scoring costs the same whatever the weights, so this serves tests and throughput
+    benchmarks without a training run.
+    """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     X = rng.normal(size=(256, len(features)))
-    module = MLPClassifier(len(features), len(classes), hidden=(16, 8), dropout=0.0).eval()
+    module = MLPClassifier(len(features), len(classes), hidden=hidden, dropout=0.0).eval()
     draft = Manifest(name=name, features=features, classes=classes,
                      preprocessing=fit_preprocessor(features, X).to_dict(),
                      architecture=module.architecture(),

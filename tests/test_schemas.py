@@ -53,7 +53,8 @@ MALFORMED = [
     (b'{"id": "x", "features": {"a": 1, "b": 2, "c": 3, "d": 4}}', "unknown features 'd'"),
     (b'{"id": "x", "features": [1, "two", 3]}', "feature 'b' is not a number"),
     (b'{"id": "x", "features": [1, true, 3]}', "feature 'b' is not a number"),
-    (b'{"id": "x", "features": [1, 2, Infinity]}', "feature 'c' is infinite"),
+    (b'{"id": "x", "features": [1, 2, Infinity]}', "not JSON"),
+    (b'{"id": "x", "features": [1, 2, 1e999]}', "number is infinity"),
     (b'{"id": "x", "features": [1, 2, 3], "label": "maybe"}', "unknown label"),
     (b'{"id": "x", "features": [1, 2, 3], "ts": "yesterday"}', "'ts' must be epoch"),
     (b'{"id": "x", "features": [1, 2, 3], "lable": "s"}', "unknown fields"),
@@ -64,6 +65,11 @@ MALFORMED = [
 def test_malformed_event_has_a_reason(raw: bytes | None, reason: str) -> None:
     with pytest.raises(InvalidEvent, match=reason.replace("(", r"\(")):
         check(raw)
+
+
+def test_infinite_value_from_a_decoded_object() -> None:
+    with pytest.raises(InvalidEvent, match="feature 'c' is infinite"):
+        validate_event({"id": "x", "features": [1, 2, math.inf]}, FEATURES, CLASSES)
 
 
 def test_prediction_message_picks_most_probable() -> None:
