@@ -28,8 +28,8 @@ N = settings.topic_partitions
 latest_predictions = app.Table(
     "latest_predictions", key_type=bytes, value_type=bytes, partitions=N,
     # The key alone picks the partition, exactly as for the predictions topic (the same raw
-    # id bytes, the same partitioner), so batches can be written outside per-event iteration
-    # and the router sends GET /predictions/{id}/ to the worker that wrote the row.
+    # id bytes, the same partitioner), so the router sends GET /predictions/{id}/ to the
+    # worker that wrote the row.
     use_partitioner=True,
     help="Latest prediction per event id (the JSON message as sent).")
 
@@ -46,9 +46,8 @@ scored_by_version = app.Table(
 @app.agent(predictions_topic, concurrency=1)
 async def record_predictions(stream: Any) -> None:
     """Keep the latest prediction of every id."""
-    async for events in stream.take_events(1000, within=0.05):
-        for event in events:
-            latest_predictions[event.key] = event.value
+    async for event in stream.events():
+        latest_predictions[event.key] = event.value
 
 
 @app.agent(class_count_deltas, concurrency=1)

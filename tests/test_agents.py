@@ -1,9 +1,8 @@
 """Agents and serving logic without Kafka: ``test_context()`` and plain functions."""
 from __future__ import annotations
 
-import asyncio
 import json
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -34,14 +33,6 @@ def test_app() -> Iterator[Any]:
     app.finalize()
     app.flow_control.resume()
     yield app
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for ``condition`` to hold, yielding to the event loop in between."""
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(poll(), timeout)
 
 
 def message(value: Any, offset: int) -> SourceMessage:
@@ -108,9 +99,6 @@ async def test_record_predictions_keeps_the_latest_per_id(test_app: Any) -> None
         await agent.put(key=b"x", value=first)
         await agent.put(key=b"x", value=second)
         await agent.put(key=b"y", value=first)
-        # put() returns when the event enters the micro-batch; the batch is written when it
-        # fills or its time window closes.
-        await until(lambda: b"y" in tables.latest_predictions)
     assert tables.latest_predictions[b"x"] == second
     rows = tables.table_rows("latest_predictions", 10)
     assert rows["size"] == 2 and rows["rows"][0]["value"]["predicted"] in ("yes", "no")
