@@ -26,11 +26,9 @@ CLASS_WINDOW_S = 60
 N = settings.topic_partitions
 
 latest_predictions = app.Table(
+    # Rows live in the partition of the prediction they come from, which the raw id bytes
+    # picked; the router hashes the same bytes, so GET /predictions/{id}/ reaches the owner.
     "latest_predictions", key_type=bytes, value_type=bytes, partitions=N,
-    # The key alone picks the partition, exactly as for the predictions topic (the same raw
-    # id bytes, the same partitioner), so the router sends GET /predictions/{id}/ to the
-    # worker that wrote the row.
-    use_partitioner=True,
     help="Latest prediction per event id (the JSON message as sent).")
 
 class_counts = app.Table(
