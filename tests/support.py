@@ -68,7 +68,9 @@ async def produce(bootstrap: str, topic: str, values: list[bytes | None]) -> lis
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     await producer.start()
     try:
-        futures = [await producer.send(topic, value=v) for v in values]
+        # A key on every message: Kafka needs one where the value is null (a tombstone).
+        futures = [await producer.send(topic, key=f"k{i}".encode(), value=v)
+                   for i, v in enumerate(values)]
         return [((md := await f).partition, md.offset) for f in futures]
     finally:
         await producer.stop()
@@ -94,7 +96,7 @@ async def consume_until(bootstrap: str, topic: str, done: Callable[[list[Any]], 
             values.extend(json.loads(r.value) for rs in batches.values() for r in rs)
         parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         ends = await consumer.end_offsets(parts)
-        while any(await consumer.position(tp) < end for tp, end in ends.items()):
+        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
             batches = await consumer.getmany(timeout_ms=500)
             values.extend(json.loads(r.value) for rs in batches.values() for r in rs)
     finally:

@@ -20,7 +20,8 @@ from tests.test_schemas import MALFORMED
 
 pytestmark = pytest.mark.integration
 
-FEATURES = ["f0", "f1", "f2", "f3"]
+# The schema of tests/test_schemas.py, so that its malformed events fail here the same way.
+FEATURES = ["a", "b", "c"]
 CLASSES = ["b", "s"]
 N_VALID = 600
 
@@ -54,8 +55,7 @@ def deployment(settings_env: Any, tmp_path_factory: pytest.TempPathFactory
 def valid_events(n: int, prefix: str) -> list[bytes]:
     out = []
     for i in range(n):
-        values = [float(i % 7), -999.0 if i % 5 == 0 else i / 10, None if i % 11 == 0 else 1.5,
-                  -float(i % 3)]
+        values = [float(i % 7), -999.0 if i % 5 == 0 else i / 10, None if i % 11 == 0 else 1.5]
         features: Any = dict(zip(FEATURES, values)) if i % 2 else values
         event: dict[str, Any] = {"id": f"{prefix}-{i}", "features": features}
         if i % 3 == 0:
@@ -124,7 +124,7 @@ def test_web_endpoints(deployment: Deployment) -> None:
     status, body, _ = http("GET", f"{url}/tables/latest_predictions/?limit=lots")
     assert status == 400 and "limit" in body["error"]
 
-    one = {"id": "p1", "features": {"f0": 1, "f1": 2, "f2": 3, "f3": 4}}
+    one = {"id": "p1", "features": {"a": 1, "b": 2, "c": 3}}
     status, body, _ = http("POST", f"{url}/predict", one)
     assert status == 200 and body["id"] == "p1" and body["model_version"] == d.ref.version
     status, body, _ = http("POST", f"{url}/predict", [one, {**one, "id": "p2"}])
