@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from app.settings import Settings, SettingsError
-from app.stack import LocalStack, StackError
+from app.stack import LocalStack, StackError, die_with_parent_preexec
 
 __all__ = ["main"]
 
@@ -52,7 +52,8 @@ def _port(url: str, default: int) -> int:
 def _spawn(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     # A process group of its own: Ctrl-C reaches only this launcher, which then stops
     # the children in order (feed, worker, stack) instead of all at once.
-    return subprocess.Popen(cmd, env=env, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, start_new_session=True,
+                            preexec_fn=die_with_parent_preexec())
 
 
 def _terminate(proc: subprocess.Popen[bytes], name: str, timeout: float = 30.0) -> None:

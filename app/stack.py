@@ -50,6 +50,7 @@ from typing import IO, Callable, Iterator, Sequence
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
+    "die_with_parent_preexec",
     "DEFAULT_DATA_DIR",
     "S3_CREDENTIALS",
     "StackError",
@@ -572,7 +573,7 @@ def _tail_text(text: str, lines: int = 30) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
+def die_with_parent_preexec() -> Callable[[], None] | None:
     """A ``preexec_fn`` that makes the child die with the parent (Linux), else None.
 
     Children run in their own process groups (so a terminal's Ctrl-C reaches only the parent,
@@ -866,7 +867,7 @@ class LocalStack:
                 cmd, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
                 cwd=self.data_dir, env={**os.environ, **(env or {})},
                 start_new_session=True,  # own process group: stop() signals the whole group
-                preexec_fn=_pdeathsig_preexec() if self.die_with_parent else None)
+                preexec_fn=die_with_parent_preexec() if self.die_with_parent else None)
         except FileNotFoundError as exc:
             raise StackError(f"cannot start {name}: {exc}") from None
         finally:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from app.stack import die_with_parent_preexec
 from models.classifier import MLPClassifier
 from models.manifest import Manifest
 from models.preprocessing import fit_preprocessor
@@ -136,7 +137,8 @@ class WorkerProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([str(BIN / "faust"), "-A", "app", "worker", "-l", "info"],
                                      cwd=REPO, env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=die_with_parent_preexec())
         log.close()
         return self
 
