@@ -1,0 +1,20 @@
+"""The exceptions the batch job raises; the CLI turns them into one-line errors."""
+from __future__ import annotations
+
+__all__ = ["BatchError", "DataError", "StorageError", "AnnounceError"]
+
+
+class BatchError(Exception):
+    """Base class of batch-layer failures; ``str(err)`` is a complete one-line reason."""
+
+
+class DataError(BatchError):
+    """The input dataset cannot be trained on (schema, types, too few rows or classes)."""
+
+
+class StorageError(BatchError):
+    """The lake or the registry cannot be read or written."""
+
+
+class AnnounceError(BatchError):
+    """The model was published but its MODEL-REF could not be sent to Kafka."""

@@ -1,0 +1,305 @@
+"""Dataset steps of the batch job: pick features, clean, split, fit preprocessing, collect.
+
+Every step is a function of DataFrames and parameters. Preprocessing is applied inside Spark
+tasks with :class:`models.preprocessing.Preprocessor`, the very code the serving layer runs, so
+training data and live data are transformed identically.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from batch.errors import DataError
+from models.preprocessing import MISSING_MARKER, Preprocessor
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame
+
+__all__ = [
+    "METADATA_COLUMNS", "SPLIT_COL", "TRAIN", "VALIDATION", "TEST",
+    "feature_columns", "label_kind", "clean", "split_thresholds", "assign_splits",
+    "add_split", "split_class_counts", "feature_statistics", "collect_preprocessed",
+    "reference_rows", "check_splits",
+]
+
+log = logging.getLogger(__name__)
+
+#: Columns that are never features: event time and the lake's partition columns.
+METADATA_COLUMNS: tuple[str, ...] = ("ts", "dt", "hour")
+#: Name of the split column the job adds (odd on purpose: it must not collide with data).
+SPLIT_COL = "__split"
+TRAIN, VALIDATION, TEST = "train", "val", "test"
+
+_NUMERIC_RE = re.compile(r"^(tinyint|smallint|int|bigint|float|double|decimal\(\d+,\d+\))$")
+_INTEGRAL = ("tinyint", "smallint", "int", "bigint")
+# Hash resolution of the split: one part in a million is plenty for fractions like 0.1.
+_SPLIT_BUCKETS = 1_000_000
+
+
+def feature_columns(dtypes: Sequence[tuple[str, str]], id_col: str, label_col: str,
+                    exclude: Sequence[str] = METADATA_COLUMNS) -> list[str]:
+    """The feature columns of a dataset: every column but id, label and metadata, in order.
+
+    Parameters
+    ----------
+    dtypes : sequence of (name, type)
+        ``DataFrame.dtypes``: column names with Spark's simple type strings.
+    id_col, label_col : str
+        Names of the id and label columns.
+    exclude : sequence of str
+        Metadata columns that are not features when present.
+
+    Returns
+    -------
+    list of str
+        Feature names, in the dataset's column order.
+
+    Raises
+    ------
+    DataError
+        The id or label column is absent, the label is neither string nor integer, a candidate
+        feature column is not numeric (the message names it), or nothing is left as a feature.
+    """
+    names = [name for name, _ in dtypes]
+    for role, col in (("id", id_col), ("label", label_col)):
+        if col not in names:
+            raise DataError(f"the dataset has no {role} column {col!r} "
+                            f"(columns: {', '.join(names)})")
+    if id_col == label_col:
+        raise DataError(f"id and label column are both {id_col!r}")
+    label_kind(dict(dtypes)[label_col], label_col)
+    features, bad = [], []
+    for name, kind in dtypes:
+        if name in (id_col, label_col) or name in exclude:
+            continue
+        if _NUMERIC_RE.match(kind):
+            features.append(name)
+        else:
+            bad.append(f"{name!r} ({kind})")
+    if bad:
+        raise DataError(f"non-numeric column{'s' if len(bad) > 1 else ''} {', '.join(bad)}: "
+                        f"every column other than the id {id_col!r}, the label {label_col!r} "
+                        f"and {', '.join(exclude)} must be a numeric feature")
+    if not features:
+        raise DataError("the dataset has no feature columns")
+    return features
+
+
+def label_kind(kind: str, label_col: str = "label") -> str:
+    """``"string"`` or ``"integer"``: how class labels of Spark type ``kind`` are kept."""
+    if kind == "string":
+        return "string"
+    if kind in _INTEGRAL:
+        return "integer"
+    raise DataError(f"label column {label_col!r} is {kind}: class labels must be strings or "
+                    "integers")
+
+
+def _col(name: str) -> "Column":
+    from pyspark.sql import functions as F
+
+    # Backticks keep names with dots or spaces from being parsed as struct access.
+    return F.col("`" + name.replace("`", "``") + "`")
+
+
+def clean(df: "DataFrame", features: Sequence[str], id_col: str, label_col: str,
+          ts_col: str | None = "ts") -> "DataFrame":
+    """Normalise missing values, drop unusable rows and duplicate ids.
+
+    Parameters
+    ----------
+    df : pyspark.sql.DataFrame
+        Raw dataset.
+    features : sequence of str
+        Feature columns (see :func:`feature_columns`).
+    id_col, label_col : str
+        Id and label columns.
+    ts_col : str, optional
+        Event-time column; when present, the newest row of a duplicated id wins.
+
+    Returns
+    -------
+    pyspark.sql.DataFrame
+        Columns: id (string), features (double; ``-999.0``, NaN and +/-inf become null),
+        label (string or bigint), and ``ts_col`` when present. Rows without id or label are
+        dropped, as are empty string labels; each id appears once.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    kinds = dict(df.dtypes)
+    columns = [_col(id_col).cast("string").alias(id_col)]
+    for name in features:
+        value = _col(name).cast("double")
+        missing = F.isnan(value) | (value == MISSING_MARKER) | (F.abs(value) == float("inf"))
+        columns.append(F.when(missing, F.lit(None).cast("double")).otherwise(value)
+                       .alias(name))
+    if label_kind(kinds[label_col], label_col) == "string":
+        label = F.trim(_col(label_col))
+        label = F.when(label == "", F.lit(None).cast("string")).otherwise(label)
+    else:
+        label = _col(label_col).cast("bigint")
+    columns.append(label.alias(label_col))
+    has_ts = ts_col is not None and ts_col in kinds and ts_col not in features
+    if has_ts:
+        columns.append(_col(ts_col))
+    out = df.select(*columns).where(_col(id_col).isNotNull() & _col(label_col).isNotNull())
+    if has_ts:
+        newest = Window.partitionBy(_col(id_col)).orderBy(_col(ts_col).desc_nulls_last())
+        out = (out.withColumn("__rank", F.row_number().over(newest))
+               .where(F.col("__rank") == 1).drop("__rank"))
+    else:
+        out = out.dropDuplicates([id_col])
+    return out
+
+
+def split_thresholds(test_fraction: float, val_fraction: float) -> tuple[float, float]:
+    """Upper bounds of the train and validation ranges of a uniform ``u`` in [0, 1).
+
+    ``u < train_upper`` is train, ``u < val_upper`` validation, the rest test.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test fraction must be in (0, 1), got {test_fraction}")
+    if not 0.0 <= val_fraction < 1.0 or test_fraction + val_fraction >= 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1) and leave rows to train on, "
+                         f"got {val_fraction} with test {test_fraction}")
+    train_upper = 1.0 - test_fraction - val_fraction
+    return train_upper, train_upper + val_fraction
+
+
+def assign_splits(u: np.ndarray, test_fraction: float, val_fraction: float) -> np.ndarray:
+    """Split names for uniform values ``u``: the numpy twin of :func:`add_split`'s rule."""
+    train_upper, val_upper = split_thresholds(test_fraction, val_fraction)
+    u = np.asarray(u, dtype=np.float64)
+    return np.where(u < train_upper, TRAIN, np.where(u < val_upper, VALIDATION, TEST))
+
+
+def add_split(df: "DataFrame", id_col: str, seed: int, test_fraction: float = 0.2,
+              val_fraction: float = 0.1) -> "DataFrame":
+    """Add :data:`SPLIT_COL` (train / val / test) from a seeded hash of the id.
+
+    Hashing the id rather than drawing random numbers makes the split independent of
+    partitioning and row order: the same ids land in the same split on every run with the same
+    seed, and a row's split never changes as the lake grows.
+    """
+    from pyspark.sql import functions as F
+
+    train_upper, val_upper = split_thresholds(test_fraction, val_fraction)
+    u = F.pmod(F.xxhash64(_col(id_col), F.lit(int(seed))), F.lit(_SPLIT_BUCKETS)) / float(
+        _SPLIT_BUCKETS)
+    split = (F.when(u < train_upper, F.lit(TRAIN))
+             .when(u < val_upper, F.lit(VALIDATION)).otherwise(F.lit(TEST)))
+    return df.withColumn(SPLIT_COL, split)
+
+
+def split_class_counts(df: "DataFrame", label_col: str) -> dict[str, dict[Any, int]]:
+    """``{split: {class: rows}}`` of a split DataFrame (one small aggregate)."""
+    counts: dict[str, dict[Any, int]] = {TRAIN: {}, VALIDATION: {}, TEST: {}}
+    for row in df.groupBy(SPLIT_COL, _col(label_col)).count().collect():
+        counts[row[0]][row[1]] = int(row[2])
+    return counts
+
+
+def check_splits(counts: dict[str, dict[Any, int]], label_col: str) -> list[Any]:
+    """Sorted class labels, after checking the splits can train and evaluate a model.
+
+    Raises
+    ------
+    DataError
+        Fewer than two classes, or an empty train or test split, or a binary test split that
+        lacks a class (AUC would be undefined).
+    """
+    classes = sorted({c for split in counts.values() for c in split})
+    total = sum(sum(split.values()) for split in counts.values())
+    if len(classes) < 2:
+        raise DataError(f"label column {label_col!r} has {len(classes)} class"
+                        f"{'' if len(classes) == 1 else 'es'} {classes} in {total} usable rows: "
+                        "need at least two")
+    for split in (TRAIN, TEST):
+        if not counts[split]:
+            raise DataError(f"the {split} split is empty ({total} usable rows): need more data")
+    if len(classes) == 2 and len(counts[TEST]) < 2:
+        raise DataError(f"the test split ({sum(counts[TEST].values())} rows) holds only class "
+                        f"{next(iter(counts[TEST]))!r}: need more data")
+    return classes
+
+
+def feature_statistics(df: "DataFrame", features: Sequence[str]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-feature count, sum and sum of squares of the non-null values, in one aggregate.
+
+    Feed the result to :func:`models.preprocessing.preprocessor_from_stats`.
+    """
+    from pyspark.sql import functions as F
+
+    aggregates = []
+    for name in features:
+        value = _col(name)
+        aggregates += [F.count(value), F.sum(value), F.sum(value * value)]
+    row = df.agg(*aggregates).first()
+    values = np.array([0.0 if v is None else float(v) for v in row], dtype=np.float64)
+    return values[0::3], values[1::3], values[2::3]
+
+
+def _preprocess_batches(batches: Iterator[pa.RecordBatch], features: list[str],
+                        preprocessing: dict[str, Any], classes: list[Any], id_col: str,
+                        label_col: str) -> Iterator[pa.RecordBatch]:
+    """``mapInArrow`` body: raw feature columns -> preprocessed float32 columns + class index."""
+    preprocessor = Preprocessor.from_dict(preprocessing)
+    index = {c: i for i, c in enumerate(classes)}
+    for batch in batches:
+        X = np.column_stack([
+            batch.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+            for name in features]) if batch.num_rows else np.empty((0, len(features)))
+        Xp = preprocessor.transform(X)
+        labels = batch.column(label_col).to_pylist()
+        y = np.fromiter((index[label] for label in labels), dtype=np.int32, count=len(labels))
+        arrays = [batch.column(id_col), batch.column(SPLIT_COL), pa.array(y, pa.int32())]
+        arrays += [pa.array(Xp[:, i]) for i in range(Xp.shape[1])]
+        names = ["id", "split", "y"] + [f"x{i}" for i in range(Xp.shape[1])]
+        yield pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def collect_preprocessed(df: "DataFrame", features: Sequence[str], preprocessor: Preprocessor,
+                         classes: Sequence[Any], id_col: str, label_col: str
+                         ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Preprocess in Spark, collect through Arrow, and return ``{split: (X, y)}``.
+
+    ``X`` is ``(n, n_features)`` float32, ``y`` the int64 class index into ``classes``. Rows
+    are sorted by id so that training is reproducible whatever the partitioning.
+    """
+    from pyspark.sql.types import FloatType, IntegerType, StringType, StructField, StructType
+
+    schema = StructType(
+        [StructField("id", StringType()), StructField("split", StringType()),
+         StructField("y", IntegerType())]
+        + [StructField(f"x{i}", FloatType()) for i in range(len(features))])
+    body = functools.partial(_preprocess_batches, features=list(features),
+                             preprocessing=preprocessor.to_dict(), classes=list(classes),
+                             id_col=id_col, label_col=label_col)
+    table = df.select(_col(id_col), *[_col(f) for f in features], _col(label_col),
+                      SPLIT_COL).mapInArrow(body, schema).toArrow()
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    order = np.argsort(ids, kind="stable")
+    split = np.asarray(table.column("split").to_pylist(), dtype=object)[order]
+    y = table.column("y").to_numpy().astype(np.int64)[order]
+    X = np.column_stack([table.column(f"x{i}").to_numpy() for i in range(len(features))]
+                        ).astype(np.float32)[order] if len(table) else np.empty(
+        (0, len(features)), np.float32)
+    return {name: (np.ascontiguousarray(X[split == name]), y[split == name])
+            for name in (TRAIN, VALIDATION, TEST)}
+
+
+def reference_rows(df: "DataFrame", features: Sequence[str], n: int = 8) -> np.ndarray:
+    """Up to ``n`` cleaned test rows as raw float64 (missing = NaN), for the manifest."""
+    from pyspark.sql import functions as F
+
+    rows = (df.where(F.col(SPLIT_COL) == TEST).select(*[_col(f) for f in features])
+            .limit(n).collect())
+    return np.array([[np.nan if v is None else float(v) for v in row] for row in rows],
+                    dtype=np.float64).reshape(-1, len(features))

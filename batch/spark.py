@@ -1,0 +1,103 @@
+"""The job's SparkSession: local by default, quiet, Arrow on, and able to import Stratum."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pyspark is heavy: import it only when a session is really wanted
+    from pyspark.sql import SparkSession
+
+__all__ = ["get_session", "spark_error_reason", "DEFAULT_MASTER"]
+
+log = logging.getLogger(__name__)
+
+#: Spark master when ``SPARK_MASTER`` is unset: two local cores, as on the target machines.
+DEFAULT_MASTER = "local[2]"
+_JAVA_HOME = "/usr/lib/jvm/java-1.17.0-openjdk-amd64"
+_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+_LOG4J_CONFIG = Path(__file__).resolve().with_name("log4j2.properties")
+
+
+def _prepare_environment() -> None:
+    """Environment the JVM and its Python workers need; explicit user settings win."""
+    if "JAVA_HOME" not in os.environ and Path(_JAVA_HOME).is_dir():
+        os.environ["JAVA_HOME"] = _JAVA_HOME
+    # Without it Spark resolves the hostname, which on these machines can be unroutable.
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    # Python workers must run the driver's interpreter (the venv with numpy, torch, s3fs).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    # Tasks unpickle functions of batch/ and models/ by module name; in local mode the
+    # workers inherit this environment, so a source checkout works without installing it.
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if _PROJECT_ROOT not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([_PROJECT_ROOT] + [p for p in paths if p])
+
+
+def get_session(app_name: str = "stratum-batch", master: str | None = None,
+                driver_memory: str | None = None, shuffle_partitions: int = 4
+                ) -> "SparkSession":
+    """Get or create the SparkSession the batch job runs on.
+
+    Parameters
+    ----------
+    app_name : str
+        Spark application name.
+    master : str, optional
+        Spark master URL (default: ``SPARK_MASTER`` or ``local[2]``).
+    driver_memory : str, optional
+        Driver heap (default: ``SPARK_DRIVER_MEMORY`` or ``1g``); only applies to a new JVM.
+    shuffle_partitions : int
+        ``spark.sql.shuffle.partitions``: Spark's default of 200 is pure overhead for
+        data that fits a laptop.
+
+    Returns
+    -------
+    pyspark.sql.SparkSession
+    """
+    _prepare_environment()
+    from pyspark.sql import SparkSession
+
+    master = master or os.environ.get("SPARK_MASTER", DEFAULT_MASTER)
+    driver_memory = driver_memory or os.environ.get("SPARK_DRIVER_MEMORY", "1g")
+    builder = (
+        SparkSession.builder.appName(app_name)
+        .master(master)
+        .config("spark.driver.memory", driver_memory)
+        .config("spark.driver.bindAddress", os.environ["SPARK_LOCAL_IP"])
+        .config("spark.driver.host", os.environ["SPARK_LOCAL_IP"])
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.shuffle.partitions", str(shuffle_partitions))
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.python.worker.reuse", "true")
+        .config("spark.executorEnv.PYTHONPATH", os.environ["PYTHONPATH"])
+    )
+    if _LOG4J_CONFIG.is_file():
+        # Spark's default log4j profile prints banners and WARN lines around the job's output.
+        builder = builder.config("spark.driver.extraJavaOptions",
+                                 f"-Dlog4j.configurationFile=file:{_LOG4J_CONFIG}")
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    log.debug("spark session ready: master=%s", master)
+    return session
+
+
+def spark_error_reason(exc: BaseException) -> str:
+    """One readable line out of a Spark failure.
+
+    A Python exception raised inside a task reaches the driver wrapped in a JVM stack trace;
+    the line that matters is the last ``SomeError: message`` line of the Python traceback.
+    """
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head and "at " not in head[:3]:
+            if not head.startswith(("org.", "java.", "py4j.", "scala.")):
+                return line
+    return lines[0] if lines else type(exc).__name__

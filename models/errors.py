@@ -1,0 +1,24 @@
+"""The exceptions :mod:`models` raises: one base class, so callers can catch them all."""
+from __future__ import annotations
+
+__all__ = ["ModelError", "ManifestError", "ArtifactError", "MessageError", "FeatureError"]
+
+
+class ModelError(Exception):
+    """Base class of every error raised by :mod:`models`; ``str(err)`` is the reason."""
+
+
+class ManifestError(ModelError):
+    """A manifest does not follow the schema; the message says which field and why."""
+
+
+class ArtifactError(ModelError):
+    """A model version cannot be used: unreadable, tampered with, incomplete or inconsistent."""
+
+
+class MessageError(ModelError):
+    """A message on the update topic is not a valid MODEL-REF."""
+
+
+class FeatureError(ModelError):
+    """An input row cannot be turned into a feature vector for a model."""

@@ -1,0 +1,246 @@
+"""The one preprocessing implementation that training and serving share.
+
+A raw feature value is *missing* when it is NaN, +/-inf or the marker ``-999.0`` (the ATLAS
+Higgs convention for "undefined"). A missing value is replaced by the feature's fill value (the
+mean of the present training values), then every feature is standardised with the mean and
+standard deviation of its present training values. Because the batch layer computes the
+statistics in Spark and the serving layer applies them per micro-batch, both go through
+:class:`Preprocessor` so they cannot drift apart.
+
+This module needs numpy only: it runs inside Spark tasks, where importing torch would be waste.
+
+Examples
+--------
+>>> import numpy as np
+>>> p = fit_preprocessor(["a", "b"], np.array([[1.0, -999.0], [3.0, 4.0]]))
+>>> p.fill
+[2.0, 4.0]
+>>> p.transform(np.array([[np.nan, 4.0]])).tolist()
+[[0.0, 0.0]]
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from models.errors import ModelError
+
+__all__ = [
+    "MISSING_MARKER",
+    "Preprocessor",
+    "missing_mask",
+    "sufficient_statistics",
+    "preprocessor_from_stats",
+    "fit_preprocessor",
+]
+
+#: The value that marks an undefined feature in the raw data (besides NaN and +/-inf).
+MISSING_MARKER = -999.0
+
+# A standard deviation below this is treated as zero: scaling by it would blow up rounding noise.
+_MIN_STD = 1e-12
+
+
+def missing_mask(X: np.ndarray) -> np.ndarray:
+    """Boolean mask of the missing entries of ``X`` (NaN, +/-inf or ``-999.0``).
+
+    Parameters
+    ----------
+    X : numpy.ndarray
+        Raw feature values, any shape, floating point.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``bool`` array of the same shape, True where the value is missing.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    return ~np.isfinite(X) | (X == MISSING_MARKER)
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Imputation and standardisation of raw feature vectors, fitted on training data.
+
+    Parameters
+    ----------
+    features : list of str
+        Feature names, in the column order ``transform`` expects.
+    fill : list of float
+        Value that replaces a missing entry, per feature.
+    mean, std : list of float
+        Standardisation parameters per feature: ``(x - mean) / std``; ``std`` is never 0.
+    """
+
+    features: list[str]
+    fill: list[float]
+    mean: list[float]
+    std: list[float]
+    # float64 copies of the parameters, built once: transform runs per serving micro-batch.
+    _fill: np.ndarray = field(init=False, repr=False, compare=False)
+    _mean: np.ndarray = field(init=False, repr=False, compare=False)
+    _scale: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.features)
+        if n == 0:
+            raise ModelError("preprocessor needs at least one feature")
+        if len(set(self.features)) != n:
+            raise ModelError("preprocessor feature names must be unique")
+        for name in ("fill", "mean", "std"):
+            values = getattr(self, name)
+            if len(values) != n:
+                raise ModelError(f"preprocessor {name!r} has {len(values)} values, "
+                                 f"expected {n} (one per feature)")
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise ModelError(f"preprocessor {name!r} must hold finite numbers")
+        if any(s <= 0 for s in self.std):
+            raise ModelError("preprocessor 'std' must be positive")
+        object.__setattr__(self, "features", list(self.features))
+        for name in ("fill", "mean", "std"):
+            object.__setattr__(self, name, [float(v) for v in getattr(self, name)])
+        object.__setattr__(self, "_fill", np.asarray(self.fill, dtype=np.float64))
+        object.__setattr__(self, "_mean", np.asarray(self.mean, dtype=np.float64))
+        object.__setattr__(self, "_scale", 1.0 / np.asarray(self.std, dtype=np.float64))
+
+    @property
+    def n_features(self) -> int:
+        """Number of input columns."""
+        return len(self.features)
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Impute missing entries and standardise.
+
+        Parameters
+        ----------
+        X : numpy.ndarray
+            ``(n, n_features)`` raw values in :attr:`features` order; may hold NaN, +/-inf or
+            ``-999.0`` for missing values. Not modified.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n, n_features)`` ``float32`` array, C-contiguous, ready for the network.
+        """
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ModelError(f"expected an array of shape (n, {self.n_features}), "
+                             f"got {X.shape}")
+        out = np.where(missing_mask(X), self._fill, X)
+        out -= self._mean
+        out *= self._scale
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready parameters (the manifest's ``"preprocessing"`` entry)."""
+        return {
+            "missing": {"marker": MISSING_MARKER, "nan": True, "inf": True},
+            "features": list(self.features),
+            "fill": list(self.fill),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Preprocessor":
+        """Rebuild from :meth:`to_dict` output; raise :class:`ModelError` on bad input."""
+        if not isinstance(data, Mapping):
+            raise ModelError("preprocessing parameters must be a JSON object")
+        missing = [k for k in ("features", "fill", "mean", "std") if k not in data]
+        if missing:
+            raise ModelError(f"preprocessing parameters lack {', '.join(missing)}")
+        marker = data.get("missing", {}).get("marker", MISSING_MARKER)
+        if marker != MISSING_MARKER:
+            # Serving would silently treat the wrong value as missing: refuse instead.
+            raise ModelError(f"unsupported missing marker {marker!r}")
+        for key in ("features", "fill", "mean", "std"):
+            if not isinstance(data[key], list):
+                raise ModelError(f"preprocessing {key!r} must be a list")
+        if not all(isinstance(f, str) for f in data["features"]):
+            raise ModelError("preprocessing 'features' must be strings")
+        return cls(features=data["features"], fill=data["fill"], mean=data["mean"],
+                   std=data["std"])
+
+
+def sufficient_statistics(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Count, sum and sum of squares of the present values of each column of ``X``.
+
+    The numpy twin of the Spark aggregate the batch job runs; statistics of partitions can be
+    added together.
+
+    Parameters
+    ----------
+    X : numpy.ndarray
+        ``(n, n_features)`` raw values.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(count, sum, sumsq)``, each of shape ``(n_features,)``, ``float64``.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    present = ~missing_mask(X)
+    values = np.where(present, X, 0.0)
+    return (present.sum(axis=0).astype(np.float64), values.sum(axis=0),
+            np.square(values).sum(axis=0))
+
+
+def preprocessor_from_stats(features: Sequence[str], count: Sequence[float],
+                            total: Sequence[float], sumsq: Sequence[float]) -> Preprocessor:
+    """Fit a :class:`Preprocessor` from per-feature sufficient statistics of present values.
+
+    Parameters
+    ----------
+    features : sequence of str
+        Feature names, in column order.
+    count, total, sumsq : sequence of float
+        Per feature: number, sum and sum of squares of the present (non-missing) training values.
+
+    Returns
+    -------
+    Preprocessor
+        ``fill = mean`` of the present values (0 when a feature is never present); ``std`` is the
+        population standard deviation of the present values, 1 when it is 0 or undefined.
+    """
+    count_a = np.asarray(count, dtype=np.float64)
+    total_a = np.asarray(total, dtype=np.float64)
+    sumsq_a = np.asarray(sumsq, dtype=np.float64)
+    n = len(features)
+    if not (count_a.shape == total_a.shape == sumsq_a.shape == (n,)):
+        raise ModelError(f"need one count, sum and sum of squares per feature ({n})")
+    if np.any(count_a < 0) or not np.all(np.isfinite(total_a) & np.isfinite(sumsq_a)):
+        raise ModelError("sufficient statistics must be finite, counts non-negative")
+    safe = np.maximum(count_a, 1.0)
+    mean = np.where(count_a > 0, total_a / safe, 0.0)
+    # E[x^2] - E[x]^2 can come out slightly negative from rounding: clamp before the sqrt.
+    var = np.maximum(sumsq_a / safe - mean ** 2, 0.0)
+    std = np.sqrt(var)
+    # Relative threshold: a constant feature of value 1e6 leaves rounding noise of about 1e-4.
+    constant = (count_a < 2) | (std <= _MIN_STD + 1e-9 * np.abs(mean))
+    std = np.where(constant, 1.0, std)
+    return Preprocessor(features=list(features), fill=mean.tolist(), mean=mean.tolist(),
+                        std=std.tolist())
+
+
+def fit_preprocessor(features: Sequence[str], X: np.ndarray) -> Preprocessor:
+    """Fit a :class:`Preprocessor` on an in-memory training matrix.
+
+    Parameters
+    ----------
+    features : sequence of str
+        Feature names, in column order of ``X``.
+    X : numpy.ndarray
+        ``(n, len(features))`` raw training values.
+
+    Returns
+    -------
+    Preprocessor
+        The same parameters :func:`preprocessor_from_stats` gives for the statistics of ``X``.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != len(features):
+        raise ModelError(f"expected an array of shape (n, {len(features)}), got {X.shape}")
+    return preprocessor_from_stats(features, *sufficient_statistics(X))

@@ -1,0 +1,212 @@
+"""Pure parts of the batch job: feature selection, split rule, metrics, policy, training."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from batch import prepare
+from batch.__main__ import build_parser
+from batch.errors import BatchError, DataError
+from batch.evaluate import classification_metrics, evaluate_policy, majority_rate, roc_auc
+from batch.job import JobConfig
+from batch.spark import spark_error_reason
+from batch.train import TrainConfig, parse_hidden, train_classifier
+from models.preprocessing import fit_preprocessor, preprocessor_from_stats
+
+DTYPES = [("id", "string"), ("x", "double"), ("n", "bigint"), ("label", "string"),
+          ("ts", "bigint"), ("d", "decimal(10,2)")]
+
+
+def test_feature_columns_keep_numeric_columns_in_order_and_skip_metadata() -> None:
+    assert prepare.feature_columns(DTYPES, "id", "label") == ["x", "n", "d"]
+    assert prepare.feature_columns(DTYPES, "id", "label", exclude=()) == ["x", "n", "ts", "d"]
+
+
+def test_a_string_feature_column_is_named_in_the_error() -> None:
+    with pytest.raises(DataError, match=r"non-numeric column 'comment' \(string\)"):
+        prepare.feature_columns(DTYPES + [("comment", "string")], "id", "label")
+
+
+@pytest.mark.parametrize("dtypes, id_col, label_col, reason", [
+    (DTYPES, "id", "y", "no label column 'y'"),
+    (DTYPES, "key", "label", "no id column 'key'"),
+    ([("id", "string"), ("label", "double"), ("x", "double")], "id", "label",
+     "label column 'label' is double"),
+    ([("id", "string"), ("label", "string")], "id", "label", "no feature columns"),
+])
+def test_feature_columns_reject_unusable_datasets(dtypes, id_col, label_col, reason) -> None:
+    with pytest.raises(DataError, match=reason):
+        prepare.feature_columns(dtypes, id_col, label_col)
+
+
+def test_split_rule_gives_the_requested_fractions() -> None:
+    u = np.random.default_rng(0).random(100_000)
+    splits = prepare.assign_splits(u, test_fraction=0.2, val_fraction=0.1)
+    shares = {name: float(np.mean(splits == name)) for name in ("train", "val", "test")}
+    assert shares == pytest.approx({"train": 0.7, "val": 0.1, "test": 0.2}, abs=0.01)
+    assert prepare.split_thresholds(0.2, 0.0) == pytest.approx((0.8, 0.8))
+    for bad in ((0.0, 0.1), (0.6, 0.4), (0.2, -0.1)):
+        with pytest.raises(ValueError):
+            prepare.split_thresholds(*bad)
+
+
+def test_check_splits_returns_sorted_classes_or_says_what_is_missing() -> None:
+    counts = {"train": {"s": 5, "b": 9}, "val": {"b": 1}, "test": {"s": 2, "b": 3}}
+    assert prepare.check_splits(counts, "label") == ["b", "s"]
+    with pytest.raises(DataError, match="1 class"):
+        prepare.check_splits({"train": {"s": 5}, "val": {}, "test": {"s": 1}}, "label")
+    with pytest.raises(DataError, match="test split is empty"):
+        prepare.check_splits({"train": {"s": 5, "b": 1}, "val": {}, "test": {}}, "label")
+    with pytest.raises(DataError, match="holds only class 'b'"):
+        prepare.check_splits({"train": {"s": 5, "b": 1}, "val": {}, "test": {"b": 3}}, "label")
+
+
+def test_auc_matches_pairwise_counting_with_ties() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.random(300) < 0.4
+    s = np.round(rng.random(300) + 0.3 * y, 1)  # rounding makes many ties
+    pos, neg = s[y], s[~y]
+    pairs = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    assert roc_auc(y, s) == pytest.approx(pairs / (len(pos) * len(neg)))
+    assert roc_auc([0, 1], [0.2, 0.9]) == 1.0 and roc_auc([0, 1], [0.9, 0.2]) == 0.0
+    assert math.isnan(roc_auc([1, 1], [0.2, 0.9]))
+
+
+def test_auc_and_log_loss_agree_with_scikit_learn() -> None:
+    metrics_module = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 500)
+    p1 = np.clip(rng.random(500) * 0.6 + 0.4 * y, 0, 1)
+    proba = np.column_stack([1 - p1, p1])
+    m = classification_metrics(y, proba)
+    assert m["auc"] == pytest.approx(metrics_module.roc_auc_score(y, p1))
+    assert m["log_loss"] == pytest.approx(metrics_module.log_loss(y, proba), rel=1e-6)
+    assert m["accuracy"] == pytest.approx(metrics_module.accuracy_score(y, p1 > 0.5))
+
+
+def test_metrics_of_three_classes_and_a_confident_mistake() -> None:
+    proba = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [1.0, 0.0, 0.0]])
+    m = classification_metrics(np.array([0, 1, 2]), proba)
+    assert "auc" not in m and m["n"] == 3
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["log_loss"] == pytest.approx(-(np.log(0.7) + np.log(0.8) + np.log(1e-7)) / 3)
+
+
+def test_policy_publishes_only_what_beats_the_majority_class() -> None:
+    assert majority_rate({"b": 66, "s": 34}) == pytest.approx(0.66)
+    assert evaluate_policy({"accuracy": 0.84}, 0.66).accepted
+    rejected = evaluate_policy({"accuracy": 0.66}, 0.66)
+    assert not rejected.accepted and "does not beat" in rejected.reason
+
+
+def test_statistics_to_preprocessor_matches_the_numpy_fit() -> None:
+    rng = np.random.default_rng(3)
+    X = rng.normal(3.0, 2.0, size=(400, 2))
+    X[:50, 0] = -999.0
+    count = (X != -999.0).sum(axis=0)
+    present = np.where(X == -999.0, 0.0, X)
+    p = preprocessor_from_stats(["a", "b"], count, present.sum(axis=0),
+                                (present ** 2).sum(axis=0))
+    assert p == fit_preprocessor(["a", "b"], X)
+
+
+def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    X = rng.normal(size=(n, 4)).astype(np.float32) + 2.0 * y[:, None].astype(np.float32)
+    return X, y
+
+
+def test_training_learns_a_separable_problem_and_keeps_the_best_epoch() -> None:
+    X, y = _blobs(2000, 0)
+    Xv, yv = _blobs(400, 1)
+    lines: list[str] = []
+    result = train_classifier(X, y, 2, TrainConfig(hidden=(16,), dropout=0.0, epochs=3,
+                                                   batch_size=64, lr=1e-2),
+                              X_val=Xv, y_val=yv, progress=lines.append)
+    assert len(lines) == len(result.history) == 3 and "val loss" in lines[0]
+    with torch.inference_mode():
+        accuracy = (result.module(torch.from_numpy(Xv)).argmax(1).numpy() == yv).mean()
+    assert accuracy > 0.9
+    best = min(h["val_loss"] for h in result.history)
+    assert result.history[result.best_epoch - 1]["val_loss"] == best
+    assert not result.module.training
+
+
+def test_training_is_reproducible_and_stops_at_its_time_budget() -> None:
+    X, y = _blobs(500, 4)
+    config = TrainConfig(hidden=(8,), epochs=2, batch_size=50, seed=5)
+    a, b = train_classifier(X, y, 2, config), train_classifier(X, y, 2, config)
+    for pa, pb in zip(a.module.parameters(), b.module.parameters()):
+        assert torch.equal(pa, pb)
+    timed = train_classifier(X, y, 2, TrainConfig(hidden=(8,), epochs=1000, batch_size=10,
+                                                  max_seconds=0.3))
+    assert timed.stopped == "time budget" and timed.epochs_run < 1000
+
+
+def test_hidden_sizes_parse_from_the_command_line_format() -> None:
+    assert parse_hidden("500,1000,500") == (500, 1000, 500)
+    assert parse_hidden(" 64 , 32 ") == (64, 32) and parse_hidden("") == ()
+    for bad in ("a,b", "10,-1"):
+        with pytest.raises(ValueError):
+            parse_hidden(bad)
+
+
+def test_job_config_reads_the_environment_and_options_override_it() -> None:
+    env = {"BATCH_EPOCHS": "7", "BATCH_HIDDEN": "32,16", "BATCH_MAX_TRAIN_SECONDS": "20"}
+    config = JobConfig.from_env(env, epochs=2, model_name=None)
+    assert (config.epochs, config.hidden, config.max_train_seconds) == (2, (32, 16), 20.0)
+    assert JobConfig.from_env({}).hidden == (500, 1000, 500)
+    with pytest.raises(BatchError, match="BATCH_EPOCHS='many'"):
+        JobConfig.from_env({"BATCH_EPOCHS": "many"})
+
+
+def test_command_line_knows_the_contract_commands() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["run", "--data", "s3://b/x", "--model", "m", "--force",
+                              "--hidden", "8,4", "--epochs", "2", "--seed", "3"])
+    assert (args.command, args.data, args.model, args.force, args.hidden) == (
+        "run", "s3://b/x", "m", True, "8,4")
+    assert parser.parse_args(["run"]).force is None
+    assert parser.parse_args(["demo-data", "--rows", "10"]).rows == 10
+    assert parser.parse_args(["bootstrap"]).command == "bootstrap"
+    assert parser.parse_args(["schedule", "--epochs", "1"]).epochs == 1
+
+
+def test_spark_failures_are_reduced_to_the_python_error_line() -> None:
+    text = ("An exception was thrown from the Python worker.\n"
+            "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+            "batch.errors.StorageError: cannot open s3://b/k.parquet: timeout\n"
+            "\tat org.apache.spark.api.python.BasePythonRunner...\n")
+    assert spark_error_reason(RuntimeError(text)) == (
+        "batch.errors.StorageError: cannot open s3://b/k.parquet: timeout")
+
+
+def test_schedule_runs_at_cron_times_one_at_a_time_and_survives_failures() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from batch.schedule import run_schedule
+
+    clock = [datetime(2026, 11, 23, 1, 59, 30, tzinfo=timezone.utc)]
+    started: list[datetime] = []
+
+    def sleep(seconds: float) -> None:
+        clock[0] += timedelta(seconds=seconds)
+
+    def run() -> int:
+        started.append(clock[0])
+        if len(started) == 1:
+            clock[0] += timedelta(hours=25)  # overruns the next slot: it is skipped, not queued
+            return 0
+        raise RuntimeError("S3 down")
+
+    lines: list[str] = []
+    done = run_schedule("0 2 * * *", run, now=lambda: clock[0], sleep=sleep,
+                        progress=lines.append, max_runs=3)
+    assert done == 3
+    assert [t.isoformat() for t in started] == [
+        "2026-11-23T02:00:00+00:00", "2026-11-25T02:00:00+00:00", "2026-11-26T02:00:00+00:00"]
+    assert any("run failed: RuntimeError: S3 down" in line for line in lines)

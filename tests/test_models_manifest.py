@@ -1,0 +1,127 @@
+"""Manifest schema: a valid manifest round-trips, every kind of damage is named."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from typing import Any, Callable
+
+import pytest
+
+from models.errors import ManifestError
+from models.manifest import FORMAT_VERSION, Manifest
+
+SHA = "0" * 64
+
+
+def valid_dict() -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": "default",
+        "version": "20261123T140501Z-3fa2c1",
+        "created_at": "2026-11-23T14:05:01Z",
+        "parent_version": None,
+        "forced": False,
+        "features": ["x", "y"],
+        "classes": ["b", "s"],
+        "preprocessing": {"features": ["x", "y"], "fill": [0.0, 1.0], "mean": [0.0, 1.0],
+                          "std": [1.0, 2.0]},
+        "architecture": {"type": "mlp", "n_features": 2, "n_classes": 2, "hidden": [4],
+                         "dropout": 0.1},
+        "metrics": {"accuracy": 0.8, "log_loss": 0.4, "auc": 0.9, "n": 100},
+        "training": {"rows": 500},
+        "reference": {"inputs": [[1.0, None]], "probabilities": [[0.25, 0.75]], "atol": 1e-4},
+        "files": {"model.pt": SHA},
+    }
+
+
+def test_valid_manifest_round_trips_through_json() -> None:
+    manifest = Manifest.from_dict(valid_dict())
+    again = Manifest.from_json(manifest.to_json())
+    assert again == manifest
+    assert json.loads(manifest.to_json())["reference"]["inputs"] == [[1.0, None]]
+
+
+def test_nan_reference_inputs_are_written_as_null_and_read_back_as_nan() -> None:
+    manifest = Manifest.from_dict(valid_dict())
+    manifest.reference["inputs"] = [[float("nan"), 2.0]]
+    raw = manifest.to_json()
+    assert b"NaN" not in raw
+    inputs, probs, atol = Manifest.from_json(raw).reference_arrays()
+    assert math.isnan(inputs[0, 0]) and inputs[0, 1] == 2.0
+    assert probs.tolist() == [[0.25, 0.75]] and atol == 1e-4
+
+
+def test_unknown_keys_are_ignored_for_forward_compatibility() -> None:
+    data = valid_dict()
+    data["added_later"] = {"anything": 1}
+    assert Manifest.from_dict(data).name == "default"
+
+
+def _set(path: str, value: Any) -> Callable[[dict], None]:
+    def change(data: dict) -> None:
+        *parents, leaf = path.split(".")
+        target = data
+        for key in parents:
+            target = target[key]
+        target[leaf] = value
+    return change
+
+
+def _drop(key: str) -> Callable[[dict], None]:
+    return lambda data: data.pop(key)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (_drop("features"), "lacks 'features'"),
+    (_drop("files"), "lacks 'files'"),
+    (_drop("reference"), "lacks 'reference'"),
+    (_set("format_version", 2), "unsupported format_version"),
+    (_set("name", "a/b"), "model name 'a/b' is not a valid name"),
+    (_set("version", "../x"), "version '../x' is not a valid name"),
+    (_set("created_at", "yesterday"), "not ISO 8601"),
+    (_set("created_at", "2026-11-23T14:05:01+02:00"), "must be in UTC"),
+    (_set("features", ["x", "x"]), "duplicate names"),
+    (_set("classes", ["b"]), "at least two class labels"),
+    (_set("classes", ["b", 1]), "all strings or all integers"),
+    (_set("classes", ["b", "b"]), "duplicate labels"),
+    (_set("preprocessing.features", ["y", "x"]), "differ from 'features'"),
+    (_set("preprocessing.std", [1.0, 0.0]), "'preprocessing'.*positive"),
+    (_set("architecture.n_features", 3), "n_features 3 != 2"),
+    (_set("architecture.n_classes", 3), "n_classes 3 != 2"),
+    (_set("architecture.type", "cnn"), "not supported"),
+    (_set("architecture.hidden", [0]), "positive integers"),
+    (_set("architecture.dropout", 1.0), r"dropout must be a number in \[0, 1\)"),
+    (_set("metrics", {"accuracy": 0.8, "log_loss": 0.4}), "lacks 'auc'"),
+    (_set("metrics.accuracy", "high"), "metric 'accuracy' must be a finite number"),
+    (_set("reference.inputs", []), "non-empty list of rows"),
+    (_set("reference.inputs", [[1.0]]), "must hold 2 numbers or nulls"),
+    (_set("reference.probabilities", [[0.5, 1.5]]), r"numbers in \[0, 1\]"),
+    (_set("reference.atol", 0), r"atol must be a number in \(0, 1\)"),
+    (_set("files", {}), "at least one file"),
+    (_set("files", {"model.pt": "abc"}), "not a lowercase sha256"),
+    (_set("files", {"../model.pt": SHA}), "file name '../model.pt'"),
+    (_set("files", {"manifest.json": SHA}), "must not list manifest.json"),
+    (_set("forced", "yes"), "'forced' must be true or false"),
+])
+def test_schema_violations_are_reported_with_the_reason(change: Callable[[dict], None],
+                                                        reason: str) -> None:
+    data = copy.deepcopy(valid_dict())
+    change(data)
+    with pytest.raises(ManifestError, match=reason):
+        Manifest.from_dict(data)
+
+
+def test_three_classes_need_no_auc_and_integer_classes_are_fine() -> None:
+    data = valid_dict()
+    data["classes"] = [0, 1, 2]
+    data["architecture"]["n_classes"] = 3
+    data["metrics"] = {"accuracy": 0.5, "log_loss": 1.0}
+    data["reference"]["probabilities"] = [[0.2, 0.3, 0.5]]
+    assert Manifest.from_dict(data).classes == [0, 1, 2]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_garbage_is_a_manifest_error(raw: bytes) -> None:
+    with pytest.raises(ManifestError):
+        Manifest.from_json(raw)
