@@ -29,6 +29,13 @@ latest_predictions = app.Table(
     # Rows live in the partition of the prediction they come from, which the raw id bytes
     # picked; the router hashes the same bytes, so GET /predictions/{id}/ reaches the owner.
     "latest_predictions", key_type=bytes, value_type=bytes, partitions=N,
+    # Every id gets a row, so the changelog grows with the stream; recovery at start reads
+    # all of it. Compaction alone would keep every id forever: delete old segments too.
+    extra_topic_configs={
+        "cleanup.policy": "compact,delete",
+        "retention.ms": str(settings.latest_retention_s * 1000),
+        "segment.ms": str(max(settings.latest_retention_s * 1000 // 3, 60_000)),
+    },
     help="Latest prediction per event id (the JSON message as sent).")
 
 class_counts = app.Table(

@@ -77,6 +77,9 @@ class Settings:
         "SERVING_BATCH_MS", "Longest a micro-batch waits to fill, in milliseconds."))
     metrics_interval_s: float = field(default=10.0, metadata=_env(
         "METRICS_INTERVAL_S", "Seconds between broadcasts on the metrics topic."))
+    latest_retention_s: int = field(default=900, metadata=_env(
+        "LATEST_RETENTION_S",
+        "How long the latest-prediction table's changelog keeps a row; bounds restart time."))
     torch_threads: int = field(default=1, metadata=_env(
         "TORCH_THREADS", "Threads torch may use for scoring."))
 
@@ -120,6 +123,8 @@ class Settings:
                "expected milliseconds >= 0")
         _check(self.metrics_interval_s > 0, "METRICS_INTERVAL_S", self.metrics_interval_s,
                "expected seconds > 0")
+        _check(self.latest_retention_s >= 60, "LATEST_RETENTION_S", self.latest_retention_s,
+               "expected seconds >= 60")
         _check(self.torch_threads >= 1, "TORCH_THREADS", self.torch_threads,
                "expected a positive integer")
         _check(self.admin_token is None or len(self.admin_token) >= 8, "ADMIN_TOKEN",
