@@ -50,7 +50,7 @@ async def run_feed(settings: Settings, rate: float, labelled: float, count: int 
                     await producer.send(settings.events_topic, key=message["id"].encode(),
                                         value=json.dumps(message).encode())
                 sent += n
-                if sent // 1000 != (sent - n) // 1000:
+                if sent // 10000 != (sent - n) // 10000:
                     log.info("feed: %d events sent", sent)
             try:
                 await asyncio.wait_for(stop.wait(), tick)
