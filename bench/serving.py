@@ -102,6 +102,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=60000)
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--batch-ms", type=int, default=20, help="SERVING_BATCH_MS")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="TORCH_THREADS of the worker")
     args = parser.parse_args()
@@ -114,7 +115,8 @@ def main() -> int:
                "WEB_PORT": str(free_port()), "STRATUM_APP_ID": "bench",
                "STRATUM_DATA_DIR": str(work / "worker"),
                "TOPIC_PARTITIONS": str(args.partitions),
-               "SERVING_BATCH_SIZE": str(args.batch_size), "TORCH_THREADS": str(args.threads)}
+               "SERVING_BATCH_SIZE": str(args.batch_size),
+               "SERVING_BATCH_MS": str(args.batch_ms), "TORCH_THREADS": str(args.threads)}
         settings = Settings.from_env(env)
         registry = Registry(settings.registry_uri, settings.storage_options)
         ref = publish_small_model(registry, settings.model_name, list(FEATURES), ["b", "s"],
@@ -149,6 +151,7 @@ def main() -> int:
         "raw_inference_samples_per_s": round(raw),
         "e2e_to_raw_ratio": round(e2e / raw, 3),
         "batch_size": args.batch_size,
+        "batch_ms": args.batch_ms,
         "mean_micro_batch": round(args.events / batches, 1) if batches else None,
         "torch_threads": args.threads,
         "partitions": args.partitions,
