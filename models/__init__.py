@@ -11,14 +11,14 @@ import importlib
 from typing import Any
 
 __all__ = [
-    "ModelError", "ManifestError", "ArtifactError", "MessageError", "FeatureError",
+    "ModelError", "ManifestError", "ArtifactError", "MessageError",
     "MLPClassifier", "Preprocessor", "fit_preprocessor", "preprocessor_from_stats",
     "Manifest", "Registry", "ModelRef", "LoadedModel",
 ]
 
 _WHERE = {
     "ModelError": "errors", "ManifestError": "errors", "ArtifactError": "errors",
-    "MessageError": "errors", "FeatureError": "errors",
+    "MessageError": "errors",
     "MLPClassifier": "classifier",
     "Preprocessor": "preprocessing", "fit_preprocessor": "preprocessing",
     "preprocessor_from_stats": "preprocessing",

@@ -1,7 +1,7 @@
 """The exceptions :mod:`models` raises: one base class, so callers can catch them all."""
 from __future__ import annotations
 
-__all__ = ["ModelError", "ManifestError", "ArtifactError", "MessageError", "FeatureError"]
+__all__ = ["ModelError", "ManifestError", "ArtifactError", "MessageError"]
 
 
 class ModelError(Exception):
@@ -18,7 +18,3 @@ class ArtifactError(ModelError):
 
 class MessageError(ModelError):
     """A message on the update topic is not a valid MODEL-REF."""
-
-
-class FeatureError(ModelError):
-    """An input row cannot be turned into a feature vector for a model."""

@@ -10,58 +10,12 @@ import numpy as np
 import torch
 
 from models.classifier import MLPClassifier
-from models.errors import ArtifactError, FeatureError, ModelError
+from models.errors import ArtifactError, ModelError
 from models.manifest import Manifest
 
-__all__ = ["LoadedModel", "feature_vector"]
+__all__ = ["LoadedModel"]
 
 log = logging.getLogger(__name__)
-
-
-def feature_vector(features: Mapping[str, Any] | Sequence[Any],
-                   names: Sequence[str]) -> np.ndarray:
-    """Turn one input event's ``"features"`` into a raw vector in the model's feature order.
-
-    Parameters
-    ----------
-    features : mapping or sequence
-        ``{name: number}`` in any order (extra names are ignored), or a list of numbers in the
-        model's feature order. ``None`` means missing, as do NaN and ``-999.0``.
-    names : sequence of str
-        The model's ordered feature names (``manifest.features``).
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(len(names),)`` float64 raw values (missing as NaN or the original marker).
-
-    Raises
-    ------
-    FeatureError
-        A named feature is absent, a list has the wrong length, or a value is not a number.
-    """
-    if isinstance(features, Mapping):
-        values = []
-        for name in names:
-            if name not in features:
-                raise FeatureError(f"missing feature {name!r}")
-            values.append(features[name])
-    elif isinstance(features, (Sequence, np.ndarray)) and not isinstance(features, (str, bytes)):
-        if len(features) != len(names):
-            raise FeatureError(f"expected {len(names)} feature values, got {len(features)}")
-        values = list(features)
-        names = list(names)
-    else:
-        raise FeatureError("features must be an object of name: number or a list of numbers")
-    out = np.empty(len(names), dtype=np.float64)
-    for i, value in enumerate(values):
-        if value is None:
-            out[i] = math.nan
-        elif isinstance(value, Real) and not isinstance(value, bool):
-            out[i] = float(value)
-        else:
-            raise FeatureError(f"feature {names[i]!r} is not a number: {value!r}")
-    return out
 
 
 class LoadedModel:
@@ -144,10 +98,6 @@ class LoadedModel:
         """Most probable class label of each row (see :meth:`predict_proba`)."""
         idx = self.predict_proba(X).argmax(axis=1)
         return [self.classes[i] for i in idx]
-
-    def vectorize(self, features: Mapping[str, Any] | Sequence[Any]) -> np.ndarray:
-        """:func:`feature_vector` for this model's feature order."""
-        return feature_vector(features, self.features)
 
     def check_reference(self) -> None:
         """Raise :class:`ArtifactError` unless the manifest's reference rows reproduce."""

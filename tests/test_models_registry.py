@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from models.classifier import MLPClassifier
-from models.errors import ArtifactError, FeatureError, MessageError, ModelError
+from models.errors import ArtifactError, MessageError, ModelError
 from models.manifest import Manifest
 from models.preprocessing import MISSING_MARKER, fit_preprocessor
 from models.registry import ModelRef, Registry, new_version
-from models.serving import LoadedModel, feature_vector
+from models.serving import LoadedModel
 
 FEATURES = ["f0", "f1", "f2", "f3"]
 
@@ -223,24 +223,6 @@ def test_predict_proba_is_deterministic_in_eval_mode() -> None:
     model = LoadedModel(draft, module.train())  # LoadedModel must switch dropout off
     X = np.random.default_rng(3).normal(size=(64, 4))
     np.testing.assert_array_equal(model.predict_proba(X), model.predict_proba(X))
-
-
-def test_feature_vector_by_name_by_list_and_bad_input() -> None:
-    names = ["a", "b", "c"]
-    assert feature_vector({"c": 3, "a": 1.5, "b": None, "extra": "x"}, names)[[0, 2]].tolist() \
-        == [1.5, 3.0]
-    assert np.isnan(feature_vector({"a": 1, "b": None, "c": 2}, names)[1])
-    assert feature_vector([1, 2, -999.0], names).tolist() == [1.0, 2.0, -999.0]
-    with pytest.raises(FeatureError, match="missing feature 'b'"):
-        feature_vector({"a": 1, "c": 2}, names)
-    with pytest.raises(FeatureError, match="expected 3 feature values, got 2"):
-        feature_vector([1, 2], names)
-    with pytest.raises(FeatureError, match="feature 'a' is not a number: 'x'"):
-        feature_vector({"a": "x", "b": 1, "c": 2}, names)
-    with pytest.raises(FeatureError, match="not a number: True"):
-        feature_vector([True, 1, 2], names)
-    with pytest.raises(FeatureError, match="object of name"):
-        feature_vector("1,2,3", names)
 
 
 def test_classifier_rejects_nonsense_and_rebuilds_from_its_architecture() -> None:
