@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import logging
-import math
-from numbers import Real
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
