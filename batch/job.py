@@ -22,7 +22,6 @@ from batch import prepare
 from batch.errors import BatchError, DataError, StorageError
 from batch.evaluate import Decision, classification_metrics, evaluate_policy, majority_rate
 from batch.train import TrainConfig, parse_hidden
-from models.classifier import DEFAULT_DROPOUT, DEFAULT_HIDDEN
 from models.errors import ModelError
 
 if TYPE_CHECKING:
@@ -96,13 +95,14 @@ class JobConfig:
     id_col: str = "id"
     label_col: str = "label"
     exclude_cols: tuple[str, ...] = prepare.METADATA_COLUMNS
-    hidden: tuple[int, ...] = DEFAULT_HIDDEN
-    dropout: float = DEFAULT_DROPOUT
-    epochs: int = 3
-    batch_size: int = 512
-    lr: float = 1e-3
-    seed: int = 0
-    max_train_seconds: float | None = None
+    # Training defaults are TrainConfig's own, so the two cannot drift apart.
+    hidden: tuple[int, ...] = TrainConfig.hidden
+    dropout: float = TrainConfig.dropout
+    epochs: int = TrainConfig.epochs
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    seed: int = TrainConfig.seed
+    max_train_seconds: float | None = TrainConfig.max_seconds
     test_fraction: float = 0.2
     val_fraction: float = 0.1
     threads: int = 2
