@@ -28,7 +28,8 @@ EVENTS_SCORED = Counter("stratum_events_scored", "Valid events scored and sent a
 EVENTS_DEAD_LETTERED = Counter("stratum_events_dead_lettered",
                                "Input messages sent to the dead-letter topic",
                                registry=REGISTRY)
-BATCH_SECONDS = Histogram("stratum_batch_seconds", "Time to validate, score and send a batch",
+BATCH_SECONDS = Histogram("stratum_batch_seconds",
+                          "Time from taking a micro-batch to the broker storing all it produced",
                           buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5),
                           registry=REGISTRY)
 BATCH_SIZE = Histogram("stratum_batch_size", "Events per serving micro-batch",

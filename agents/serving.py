@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -55,41 +56,71 @@ def _init_scoring_thread() -> None:
 scoring_executor = ThreadPoolExecutor(1, thread_name_prefix="scoring", initializer=_init_scoring_thread)
 
 
+#: Micro-batches whose messages may be awaiting the broker's confirmation at once. The agent
+#: scores the next batch while earlier ones are in flight; each batch is acknowledged only
+#: when all of its own messages are stored.
+MAX_BATCHES_IN_FLIGHT = 4
+
+
 @app.agent(events_topic, concurrency=1)
 async def score_events(stream: Any) -> None:
     """Validate, score and answer every input event, in micro-batches."""
-    loop = asyncio.get_running_loop()
-    async for events in stream.take_events(settings.serving_batch_size,
-                                           within=settings.serving_batch_ms / 1000):
-        started = time.perf_counter()
-        model = await model_manager.wait_ready()
-        messages = [_source(e) for e in events]
-        valid, rejected = triage(messages, model.features, model.classes)
-        pending = []
-        if valid:
-            rows = feature_matrix([v for _, v in valid], len(model.features))
-            probabilities = await loop.run_in_executor(scoring_executor, model.predict_proba, rows)
-            predictions = predictions_from(model, [v for _, v in valid], probabilities,
-                                           int(time.time() * 1000))
-            for prediction in predictions:
-                pending.append(await _send(settings.predictions_topic, prediction["id"],
-                                           prediction))
-            for cls, n in class_counts(predictions).items():
-                pending.append(await class_count_deltas.send(key=cls, value=n))
-            pending.append(await version_count_deltas.send(key=model.version,
-                                                           value=len(predictions)))
-            EVENTS_SCORED.labels(model.version).inc(len(predictions))
-        for r in rejected:
-            log.warning("dead-lettered %s[%s]@%s: %s", r.message.topic, r.message.partition,
-                        r.message.offset, r.reason)
-            pending.append(await _send(settings.dlq_topic, None, dead_letter_message(
-                r.reason, r.message.value, r.message.topic, r.message.partition,
-                r.message.offset)))
-        EVENTS_DEAD_LETTERED.inc(len(rejected))
-        # Acknowledge the batch (when this iteration ends) only once the broker has it all.
-        await asyncio.gather(*pending)
-        BATCH_SIZE.observe(len(events))
-        BATCH_SECONDS.observe(time.perf_counter() - started)
+    in_flight: deque[asyncio.Future[None]] = deque()
+    try:
+        async for events in stream.noack_take(settings.serving_batch_size,
+                                              within=settings.serving_batch_ms / 1000):
+            started = time.perf_counter()
+            pending = await _answer(events)
+            in_flight.append(asyncio.ensure_future(
+                _acknowledge_when_stored(stream, events, pending, started)))
+            # Surface a failed send here (the agent stops and its events stay unacknowledged,
+            # so they are delivered again) and bound how much waits for the broker.
+            while in_flight and (in_flight[0].done()
+                                 or len(in_flight) > MAX_BATCHES_IN_FLIGHT):
+                await in_flight.popleft()
+    finally:
+        for future in in_flight:
+            future.cancel()
+
+
+async def _answer(events: list[EventT]) -> list[asyncio.Future[Any]]:
+    """Score one micro-batch and hand every prediction and dead letter to the producer."""
+    model = await model_manager.wait_ready()
+    messages = [_source(e) for e in events]
+    valid, rejected = triage(messages, model.features, model.classes)
+    pending = []
+    if valid:
+        rows = feature_matrix([v for _, v in valid], len(model.features))
+        probabilities = await asyncio.get_running_loop().run_in_executor(
+            scoring_executor, model.predict_proba, rows)
+        predictions = predictions_from(model, [v for _, v in valid], probabilities,
+                                       int(time.time() * 1000))
+        for prediction in predictions:
+            pending.append(await _send(settings.predictions_topic, prediction["id"], prediction))
+        for cls, n in class_counts(predictions).items():
+            pending.append(await class_count_deltas.send(key=cls, value=n))
+        pending.append(await version_count_deltas.send(key=model.version,
+                                                       value=len(predictions)))
+        EVENTS_SCORED.labels(model.version).inc(len(predictions))
+    for r in rejected:
+        log.warning("dead-lettered %s[%s]@%s: %s", r.message.topic, r.message.partition,
+                    r.message.offset, r.reason)
+        pending.append(await _send(settings.dlq_topic, None, dead_letter_message(
+            r.reason, r.message.value, r.message.topic, r.message.partition,
+            r.message.offset)))
+    EVENTS_DEAD_LETTERED.inc(len(rejected))
+    return pending
+
+
+async def _acknowledge_when_stored(stream: Any, events: list[EventT],
+                                   pending: list[asyncio.Future[Any]], started: float) -> None:
+    """Acknowledge ``events`` (so their offsets may be committed) once the broker has stored
+    every message they produced; a failed send raises and leaves them unacknowledged."""
+    await asyncio.gather(*pending)
+    for event in events:
+        await stream.ack(event)
+    BATCH_SIZE.observe(len(events))
+    BATCH_SECONDS.observe(time.perf_counter() - started)
 
 
 async def _send(topic: str, key: str | None, value: dict[str, Any]) -> asyncio.Future[Any]:

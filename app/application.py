@@ -72,6 +72,8 @@ def create_app(settings: Settings) -> StratumApp:
         web_tables_enabled=False,
         web_application_options={"middlewares": [json_errors]},
         producer_linger_ms=5,
+        # Room for a whole micro-batch of predictions per partition in one produce request.
+        producer_max_batch_size=512 * 1024,
         producer_acks=-1,
         stream_buffer_maxsize=8192,
         broker_commit_every=5000,
