@@ -18,7 +18,8 @@ from app import app
 settings = app.settings
 
 __all__ = ["REGISTRY", "EVENTS_SCORED", "EVENTS_DEAD_LETTERED", "BATCH_SECONDS",
-           "BATCH_SIZE", "MODEL_REFUSALS", "snapshot", "prometheus_text"]
+           "BATCH_SIZE", "MODEL_REFUSALS", "MODEL_REFUSAL_REASONS", "snapshot",
+           "prometheus_text"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ BATCH_SIZE = Histogram("stratum_batch_size", "Events per serving micro-batch",
                        buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 4096), registry=REGISTRY)
 MODEL_REFUSALS = Gauge("stratum_model_refusals", "Model versions refused by this worker",
                        registry=REGISTRY)
+MODEL_REFUSAL_REASONS = Counter("stratum_model_refusals_by_kind",
+                                "Refused update-topic messages by kind (model, update, pin, "
+                                "ignored)", ["kind"], registry=REGISTRY)
 ACTIVE_MODEL = Gauge("stratum_active_model_info", "The version serving now (value is 1)",
                      ["model", "version"], registry=REGISTRY)
 

@@ -1,10 +1,24 @@
 """Which model this worker serves, and how it changes.
 
 Every worker reads the whole update topic with a consumer of its own (no consumer group), so
-each one hears every announcement: an agent on the topic would reach only one worker of the
-group. At start it replays the history and loads the newest announced version that passes
-verification; afterwards each new MODEL-REF is loaded and verified in a thread and switched
-in atomically; the serving agent picks up :attr:`ModelManager.active` between micro-batches.
+each one hears every message: an agent on the topic would reach only one worker of the group.
+The topic is the single source of truth, shared by all workers and kept forever, so replaying it
+gives every worker, restarted or new, the same state. Its messages:
+
+``MODEL-REF``
+    A new base version from the batch layer. Unless a version is pinned, the worker loads it in
+    a thread, verifies it (checksums, schema, reference rows, features compatible with what is
+    serving) and switches to it between micro-batches; a version that fails is refused with its
+    reason and the old model keeps serving.
+``UP``
+    An incremental update from the speed layer (:class:`models.online.ModelUpdate`): applied
+    only to its base version, in ``seq`` order; stale ones (seq not above the last applied) are
+    dropped, and updates for another base are kept aside in case that base serves again.
+``PIN``
+    An operator's choice (``POST /models/pin`` or ``/models/rollback``): serve this version,
+    whatever is announced later, until a PIN with ``"version": null`` lifts it.
+
+Anything else is logged, counted and shown as a refusal in ``GET /models/``.
 """
 from __future__ import annotations
 
@@ -14,21 +28,36 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
+from agents.metrics import MODEL_REFUSAL_REASONS
 from app import app
 from models.errors import ModelError
 from models.registry import ModelRef, Registry
 from models.serving import LoadedModel
 
+if TYPE_CHECKING:
+    from models.online import ModelUpdate
+
 settings = app.settings
 
-__all__ = ["ModelManager", "model_manager", "SwapRecord"]
+__all__ = ["ModelManager", "model_manager", "SwapRecord", "PIN_TYPE", "pin_message"]
 
 log = logging.getLogger(__name__)
+
+PIN_TYPE = "PIN"
+
+
+def pin_message(version: str | None, *, rollback_from: str | None = None) -> dict[str, Any]:
+    """The update-topic message that pins ``version`` for every worker (None lifts the pin)."""
+    message: dict[str, Any] = {"type": PIN_TYPE, "model": settings.model_name,
+                               "version": version, "at": int(time.time() * 1000)}
+    if rollback_from is not None:
+        message["rollback_from"] = rollback_from
+    return message
 
 
 @dataclass
@@ -39,9 +68,10 @@ class SwapRecord:
     at: float
     reason: str | None = None
     load_s: float | None = None
+    kind: str = "swap"
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"version": self.version, "at": self.at}
+        out: dict[str, Any] = {"version": self.version, "at": self.at, "kind": self.kind}
         if self.reason is not None:
             out["reason"] = self.reason
         if self.load_s is not None:
@@ -53,12 +83,23 @@ class SwapRecord:
 class ModelLedger:
     """What the manager knows; only the event loop mutates it."""
 
+    #: What serves now: the base version, or the base with its newest applied update.
     active: LoadedModel | None = None
+    #: The base version of :attr:`active`, without updates.
+    base: LoadedModel | None = None
+    #: Every announced version of this model, in announcement order.
+    announced: dict[str, ModelRef] = field(default_factory=dict)
+    #: Versions that failed to load or verify, with the reason.
+    refused: dict[str, str] = field(default_factory=dict)
+    #: The newest valid update per base version (applied or kept for later).
+    updates: dict[str, ModelUpdate] = field(default_factory=dict)
+    pinned: str | None = None
     history: deque[SwapRecord] = field(default_factory=lambda: deque(maxlen=50))
     last_swap: SwapRecord | None = None
     last_refusal: SwapRecord | None = None
     refusals: int = 0
-    ignored_messages: int = 0
+    updates_applied: int = 0
+    updates_dropped: int = 0
 
 
 class ModelManager(Service):
@@ -70,17 +111,62 @@ class ModelManager(Service):
         self.registry = Registry(settings.registry_uri, settings.storage_options)
         self._ready = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
+        #: Offset of the next update message to handle; waiters watch it grow.
+        self.position = 0
+        self._moved = asyncio.Condition()
 
     @property
     def active(self) -> LoadedModel | None:
         """The model serving now, or None before the first one is loaded."""
         return self.ledger.active
 
+    @property
+    def base(self) -> LoadedModel | None:
+        """The base version serving now, without incremental updates."""
+        return self.ledger.base
+
+    def latest_update(self, base_version: str) -> ModelUpdate | None:
+        """The newest valid update seen for ``base_version``."""
+        return self.ledger.updates.get(base_version)
+
     async def wait_ready(self) -> LoadedModel:
         """Wait until a model is active and return it."""
         await self._ready.wait()
         assert self.ledger.active is not None
         return self.ledger.active
+
+    async def wait_for_offset(self, offset: int, timeout: float) -> bool:
+        """Wait until the update message at ``offset`` has been handled; False on timeout."""
+        async def reached() -> None:
+            async with self._moved:
+                await self._moved.wait_for(lambda: self.position > offset)
+        try:
+            await asyncio.wait_for(reached(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def rollback_target(self) -> str | None:
+        """The version a rollback goes to: the newest one announced before the serving base
+        that loads, verifies and is compatible; None when there is none."""
+        base = self.ledger.base
+        if base is None or base.version not in self.ledger.announced:
+            return None
+        versions = list(self.ledger.announced)
+        loop = asyncio.get_running_loop()
+        for version in reversed(versions[:versions.index(base.version)]):
+            if version in self.ledger.refused:
+                continue
+            ref = self.ledger.announced[version]
+            try:
+                model = await loop.run_in_executor(None, self.registry.load, ref.manifest_uri,
+                                                   ref.sha256)
+            except Exception as exc:  # noqa: BLE001 - any failure rules the version out
+                log.warning("rollback cannot use %s: %s", version, exc)
+                continue
+            if _incompatibility(base, model) is None:
+                return version
+        return None
 
     async def on_start(self) -> None:
         tp = TopicPartition(settings.updates_topic, 0)
@@ -101,99 +187,192 @@ class ModelManager(Service):
         assert consumer is not None
         tp = TopicPartition(settings.updates_topic, 0)
         end = (await consumer.end_offsets([tp]))[tp]
-        # Replay the history first: only the newest loadable announcement matters.
-        history: list[ModelRef] = []
+        # Replay the history without loading anything, then load what it says should serve.
         while await consumer.position(tp) < end:
             batch = await consumer.getmany(tp, timeout_ms=1000)
             for record in batch.get(tp, []):
-                ref = self._parse(record.value, record.offset)
-                if ref is not None:
-                    history.append(ref)
-        for ref in reversed(history):
-            if await self._load_and_swap(ref):
-                break
+                self._record(record.value, record.offset)
+        await self._converge(replaying=True)
+        await self._advance(end)
         if self.ledger.active is None:
             log.info("no model announced yet on %s; /ready answers 503 until one is",
                      settings.updates_topic)
         while not self.should_stop:
             batch = await consumer.getmany(tp, timeout_ms=1000)
             for record in batch.get(tp, []):
-                ref = self._parse(record.value, record.offset)
-                if ref is not None:
-                    await self._load_and_swap(ref)
+                if self._record(record.value, record.offset):
+                    await self._converge()
+                await self._advance(record.offset + 1)
 
-    def _parse(self, raw: bytes | None, offset: int) -> ModelRef | None:
-        """The MODEL-REF for our model in one update message, or None to skip it."""
+    async def _advance(self, position: int) -> None:
+        async with self._moved:
+            self.position = max(self.position, position)
+            self._moved.notify_all()
+
+    # -- the update topic's messages -------------------------------------------------------
+
+    def _record(self, raw: bytes | None, offset: int) -> bool:
+        """Take one update message into the ledger; True if what should serve may change."""
         try:
             message = json.loads(raw or b"")
-            kind = message.get("type") if isinstance(message, dict) else None
         except (UnicodeDecodeError, json.JSONDecodeError):
-            kind, message = None, None
-        if kind == "UP":
-            return None  # incremental updates are applied by the speed layer's follower
-        if kind != "MODEL-REF":
-            self.ledger.ignored_messages += 1
-            log.warning("ignored update message at %s offset %d: unknown type %r",
-                        settings.updates_topic, offset, kind)
-            return None
-        try:
-            ref = ModelRef.from_message(message)
-        except ModelError as exc:
-            self._refuse(str(message.get("version", "?")), f"bad announcement: {exc}")
-            return None
-        if ref.name != settings.model_name:
-            return None
-        return ref
-
-    async def _load_and_swap(self, ref: ModelRef) -> bool:
-        """Load and verify ``ref`` off the event loop; switch to it if it passes."""
-        current = self.ledger.active
-        if current is not None and current.version == ref.version:
+            message = None
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind not in ("MODEL-REF", "UP", PIN_TYPE):
+            self._refuse(str(message.get("version", "?")) if isinstance(message, dict) else "?",
+                         f"unknown message type {kind!r} at {settings.updates_topic} "
+                         f"offset {offset}", kind="ignored")
+            return False
+        assert isinstance(message, dict)
+        if message.get("model") != settings.model_name:
+            return False  # another model's traffic on a shared topic
+        if kind == "MODEL-REF":
+            try:
+                ref = ModelRef.from_message(message)
+            except ModelError as exc:
+                self._refuse(str(message.get("version", "?")), f"bad announcement: {exc}")
+                return False
+            self.ledger.announced.pop(ref.version, None)  # a re-announcement counts as newest
+            self.ledger.announced[ref.version] = ref
             return True
+        if kind == PIN_TYPE:
+            version = message.get("version")
+            if version is not None and not isinstance(version, str):
+                self._refuse(str(version), "bad pin: version must be a string or null")
+                return False
+            self.ledger.pinned = version
+            log.warning("version %s pinned by an operator%s", version,
+                        " (rollback)" if message.get("rollback_from") else "")
+            return True
+        from models.online import ModelUpdate
+
+        try:
+            update = ModelUpdate.from_message(message)
+        except ModelError as exc:
+            self._refuse(f"{message.get('base_version', '?')}+{message.get('seq', '?')}",
+                         f"bad update: {exc}", kind="update")
+            return False
+        known = self.ledger.updates.get(update.base_version)
+        if known is not None and update.seq <= known.seq:
+            self.ledger.updates_dropped += 1
+            log.info("dropped stale update %s+%d (have +%d)", update.base_version, update.seq,
+                     known.seq)
+            return False
+        self.ledger.updates[update.base_version] = update
+        return True
+
+    def _candidates(self) -> list[str]:
+        """Versions that should serve, best first: the pin, then the newest announced."""
+        newest = [v for v in reversed(self.ledger.announced) if v not in self.ledger.refused]
+        pinned = self.ledger.pinned
+        return [pinned, *(v for v in newest if v != pinned)] if pinned else newest
+
+    async def _converge(self, replaying: bool = False) -> None:
+        """Make :attr:`active` what the ledger says should serve, as far as verification
+        allows. At start a worker with nothing to serve falls back to older announcements
+        until one loads; once serving, a version that fails is refused and nothing changes."""
+        candidates = self._candidates()
+        if not replaying or self.ledger.active is not None:
+            candidates = candidates[:1]
+        for version in candidates:
+            if await self._serve_base(version):
+                break
+        await self._apply_update()
+
+    async def _serve_base(self, version: str) -> bool:
+        """Switch the base to ``version`` (loaded and verified off the event loop)."""
+        current = self.ledger.base
+        if current is not None and current.version == version:
+            return True
+        ref = self.ledger.announced.get(version)
+        if ref is None:
+            self._refuse(version, "pinned version was never announced for "
+                         f"{settings.model_name}", kind="pin")
+            return False
+        if version in self.ledger.refused:
+            self._refuse(version, f"pinned version was refused: {self.ledger.refused[version]}",
+                         kind="pin")
+            return False
         started = time.monotonic()
         try:
             model = await asyncio.get_running_loop().run_in_executor(
                 None, self.registry.load, ref.manifest_uri, ref.sha256)
         except ModelError as exc:
-            self._refuse(ref.version, str(exc))
+            self._refuse(version, str(exc), remember=True)
             return False
         except Exception as exc:  # S3 unreachable, corrupt bytes...: refuse, keep serving
-            self._refuse(ref.version, f"{type(exc).__name__}: {exc}")
+            self._refuse(version, f"{type(exc).__name__}: {exc}", remember=True)
             return False
         incompatible = _incompatibility(current, model)
         if incompatible:
-            self._refuse(ref.version, incompatible)
+            self._refuse(version, incompatible, remember=True)
             return False
-        record = SwapRecord(ref.version, time.time(), load_s=time.monotonic() - started)
-        self.ledger.active = model
+        self.ledger.base = model
+        self._switch(model, time.monotonic() - started)
+        return True
+
+    async def _apply_update(self) -> None:
+        """Apply the newest update of the serving base if it is newer than what serves."""
+        base, active = self.ledger.base, self.ledger.active
+        if base is None or active is None:
+            return
+        update = self.ledger.updates.get(base.version)
+        serving_seq = active.update_seq if active.base_version == base.version else 0
+        if update is None or update.seq <= serving_seq:
+            return
+        from models.online import apply_update
+
+        started = time.monotonic()
+        try:
+            model = await asyncio.get_running_loop().run_in_executor(
+                None, apply_update, base, update)
+        except ModelError as exc:
+            self._refuse(f"{base.version}+{update.seq}", f"bad update: {exc}", kind="update")
+            return
+        self.ledger.updates_applied += 1
+        self._switch(model, time.monotonic() - started, kind="update")
+
+    def _switch(self, model: LoadedModel, load_s: float, kind: str = "swap") -> None:
+        record = SwapRecord(model.version, time.time(), load_s=load_s, kind=kind)
+        self.ledger.active = model  # the serving agent picks it up at its next micro-batch
         self.ledger.last_swap = record
         self.ledger.history.append(record)
         self._ready.set()
-        log.info("serving model %s version %s (loaded in %.2fs)", ref.name, ref.version,
-                 record.load_s)
-        return True
+        log.info("serving model %s version %s (%s in %.3fs)", model.name, model.version, kind,
+                 load_s)
 
-    def _refuse(self, version: str, reason: str) -> None:
-        record = SwapRecord(version, time.time(), reason=reason)
+    def _refuse(self, version: str, reason: str, kind: str = "model",
+                remember: bool = False) -> None:
+        if remember:
+            self.ledger.refused[version] = reason
+        record = SwapRecord(version, time.time(), reason=reason, kind=f"refused {kind}")
         self.ledger.last_refusal = record
         self.ledger.refusals += 1
         self.ledger.history.append(record)
-        log.error("refused model version %s: %s", version, reason)
+        MODEL_REFUSAL_REASONS.labels(kind).inc()
+        log.error("refused %s %s: %s", kind, version, reason)
 
     def describe(self) -> dict[str, Any]:
         """The JSON body of ``GET /models/``."""
-        active = self.ledger.active
+        ledger = self.ledger
+        active = ledger.active
         return {
             "model": settings.model_name,
             "active": active.version if active else None,
+            "base_version": ledger.base.version if ledger.base else None,
+            "update_seq": active.update_seq if active else None,
+            "pinned": ledger.pinned,
             "features": list(active.features) if active else None,
             "classes": list(active.classes) if active else None,
             "metrics": active.metrics if active else None,
-            "last_swap": self.ledger.last_swap.as_dict() if self.ledger.last_swap else None,
-            "last_refusal": (self.ledger.last_refusal.as_dict()
-                             if self.ledger.last_refusal else None),
-            "refusals": self.ledger.refusals,
-            "history": [r.as_dict() for r in self.ledger.history],
+            "announced": list(ledger.announced),
+            "refused": dict(ledger.refused),
+            "last_swap": ledger.last_swap.as_dict() if ledger.last_swap else None,
+            "last_refusal": ledger.last_refusal.as_dict() if ledger.last_refusal else None,
+            "refusals": ledger.refusals,
+            "updates_applied": ledger.updates_applied,
+            "updates_dropped": ledger.updates_dropped,
+            "history": [r.as_dict() for r in ledger.history],
         }
 
 
@@ -205,6 +384,8 @@ def _incompatibility(current: LoadedModel | None, new: LoadedModel) -> str | Non
         missing = sorted(set(current.features) - set(new.features))
         extra = sorted(set(new.features) - set(current.features))
         return f"incompatible features: missing {missing[:5]}, unexpected {extra[:5]}"
+    if list(new.classes) != list(current.classes):
+        return f"incompatible classes: {list(new.classes)} instead of {list(current.classes)}"
     return None
 
 

@@ -5,6 +5,7 @@ Bad requests get a 4xx with a JSON ``{"error": ...}``; nothing answers with a st
 from __future__ import annotations
 
 import asyncio
+import hmac
 import html
 import json
 import logging
@@ -14,7 +15,7 @@ from typing import Any
 from faust import web
 
 from agents.metrics import prometheus_text
-from agents.model_manager import model_manager
+from agents.model_manager import model_manager, pin_message
 from agents.scoring import SourceMessage, feature_matrix, predictions_from, triage
 from agents.serving import scoring_executor
 from agents.tables import CLASS_WINDOW_S, latest_predictions, table_rows
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 MAX_PREDICT_ITEMS = 1024
 MAX_TABLE_ROWS = 1000
+#: How long a pin request waits for this worker to act on it.
+PIN_WAIT_S = 30.0
 
 
 class StratumView(web.View):
@@ -94,6 +97,79 @@ class Models(StratumView):
 
     async def get(self, request: web.Request) -> web.Response:
         return self.json(model_manager.describe())
+
+
+class AdminView(StratumView):
+    """An operator endpoint: 404 unless ADMIN_TOKEN is set, 401 without the right token."""
+
+    def refuse(self, request: web.Request) -> web.Response | None:
+        """The error response for a request that may not use this endpoint, or None."""
+        if not settings.admin_token:
+            return self.error(404, "admin endpoints are disabled (ADMIN_TOKEN is not set)")
+        given = request.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), settings.admin_token.encode()):
+            return self.error(401, "missing or wrong bearer token",
+                              headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    async def publish_pin(self, version: str | None,
+                          rollback_from: str | None = None) -> web.Response:
+        """Publish a PIN for every worker and answer once this worker has handled it."""
+        sent = await app.producer.send_and_wait(
+            settings.updates_topic, None,
+            json.dumps(pin_message(version, rollback_from=rollback_from)).encode(),
+            partition=0, timestamp=None, headers=None)
+        handled = await model_manager.wait_for_offset(sent.offset, timeout=PIN_WAIT_S)
+        body = model_manager.describe()
+        if not handled:
+            return self.error(504, f"pin published at offset {sent.offset} but not handled "
+                              f"within {PIN_WAIT_S}s; see GET /models/", **body)
+        return self.json(body)
+
+
+@app.page("/models/pin")
+class Pin(AdminView):
+    """Pin a version on every worker (``{"version": null}`` lifts the pin)."""
+
+    async def post(self, request: web.Request) -> web.Response:
+        refused = self.refuse(request)
+        if refused is not None:
+            return refused
+        try:
+            payload = json.loads(await request.read())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return self.error(400, f"body is not JSON: {exc}")
+        if not isinstance(payload, dict) or "version" not in payload:
+            return self.error(400, 'body must be {"version": "<version>"} or {"version": null}')
+        version = payload["version"]
+        if version is not None and not isinstance(version, str):
+            return self.error(400, "version must be a string or null")
+        if version is not None:
+            if version not in model_manager.ledger.announced:
+                return self.error(404, f"version {version!r} was never announced",
+                                  announced=list(model_manager.ledger.announced))
+            if version in model_manager.ledger.refused:
+                return self.error(409, f"version {version!r} was refused: "
+                                  f"{model_manager.ledger.refused[version]}")
+        return await self.publish_pin(version)
+
+
+@app.page("/models/rollback")
+class Rollback(AdminView):
+    """Pin, on every worker, the version announced before the one serving now."""
+
+    async def post(self, request: web.Request) -> web.Response:
+        refused = self.refuse(request)
+        if refused is not None:
+            return refused
+        base = model_manager.base
+        target = await model_manager.rollback_target()
+        if base is None or target is None:
+            return self.error(409, "nothing to roll back to: no version was announced "
+                              "before the one serving" if base else "no model is serving")
+        return await self.publish_pin(target, rollback_from=base.version)
 
 
 @app.page("/predict")

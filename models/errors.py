@@ -17,4 +17,4 @@ class ArtifactError(ModelError):
 
 
 class MessageError(ModelError):
-    """A message on the update topic is not a valid MODEL-REF."""
+    """A message on the update topic is malformed (a MODEL-REF or an UP)."""

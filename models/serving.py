@@ -35,7 +35,11 @@ class LoadedModel:
     Attributes
     ----------
     name, version : str
-        Model name and version id.
+        Model name and version id (``<base_version>+<update_seq>`` once an update applies).
+    base_version : str
+        The published version (manifest version).
+    update_seq : int
+        Sequence number of the applied speed-layer update, 0 for the base version itself.
     features : list of str
         Ordered feature names: the column order :meth:`predict_proba` expects.
     classes : list of str or int
@@ -49,6 +53,10 @@ class LoadedModel:
         self.manifest = manifest
         self.name = manifest.name
         self.version = manifest.version
+        #: The published version this model is (or, with an update applied, derives from).
+        self.base_version = manifest.version
+        #: ``seq`` of the speed-layer update applied on top of the base version (0: none).
+        self.update_seq = 0
         self.features: list[str] = list(manifest.features)
         self.classes: list[Any] = list(manifest.classes)
         self.metrics: dict[str, float] = dict(manifest.metrics)

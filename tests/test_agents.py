@@ -60,21 +60,28 @@ def test_score_names_the_version_and_most_probable_class() -> None:
     assert class_counts(predictions) == {"yes": 1, "no": 1}
 
 
-def test_update_messages_are_parsed_or_refused() -> None:
+def test_update_messages_are_recorded_or_refused() -> None:
     manager = ModelManager()
-    assert manager._parse(b'{"type": "UP", "model": "default"}', 0) is None
-    assert manager._parse(b'{"type": "SOMETHING"}', 1) is None
-    assert manager._parse(b"not json", 2) is None
-    assert manager.ledger.ignored_messages == 2
-    assert manager._parse(b'{"type": "MODEL-REF", "model": "default"}', 3) is None
-    assert manager.ledger.refusals == 1 and "bad announcement" in manager.ledger.last_refusal.reason
+    ledger = manager.ledger
+    assert manager._record(b'{"type": "SOMETHING", "model": "default"}', 1) is False
+    assert manager._record(b"not json", 2) is False
+    assert ledger.refusals == 2 and "unknown message type" in ledger.last_refusal.reason
+    assert manager._record(b'{"type": "MODEL-REF", "model": "default"}', 3) is False
+    assert ledger.refusals == 3 and "bad announcement" in ledger.last_refusal.reason
     ok = {"type": "MODEL-REF", "model": "default", "version": "20261123T000000Z-abcdef",
           "manifest": "s3://b/models/default/20261123T000000Z-abcdef/manifest.json",
           "sha256": "0" * 64, "metrics": {"accuracy": 0.9}}
-    ref = manager._parse(json.dumps(ok).encode(), 4)
-    assert ref is not None and ref.version == ok["version"]
-    other = manager._parse(json.dumps({**ok, "model": "other"}).encode(), 5)
-    assert other is None
+    assert manager._record(json.dumps(ok).encode(), 4) is True
+    assert list(ledger.announced) == [ok["version"]]
+    assert manager._record(json.dumps({**ok, "model": "other"}).encode(), 5) is False
+    assert list(ledger.announced) == [ok["version"]]
+    pin = {"type": "PIN", "model": "default", "version": ok["version"]}
+    assert manager._record(json.dumps(pin).encode(), 6) is True
+    assert ledger.pinned == ok["version"] and manager._candidates() == [ok["version"]]
+    assert manager._record(json.dumps({**pin, "version": 7}).encode(), 7) is False
+    assert ledger.pinned == ok["version"] and "bad pin" in ledger.last_refusal.reason
+    assert manager._record(json.dumps({**pin, "version": None}).encode(), 8) is True
+    assert ledger.pinned is None
 
 
 async def test_count_versions_agent_adds_batch_counts(test_app: Any) -> None:

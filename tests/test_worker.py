@@ -6,6 +6,7 @@ the web endpoints; serving tables recovered from their changelogs after a restar
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -105,12 +106,12 @@ def test_web_endpoints(deployment: Deployment) -> None:
     run(consume_until(d.bootstrap, d.settings.predictions_topic,
                       lambda vs: sum(v["id"].startswith("web-") for v in vs) >= 5))
 
-    status, body, _ = http("GET", f"{url}/predictions/web-3/")
-    # The table row is written just after the prediction is sent: poll briefly for it.
-    for _ in range(100):
-        if status == 200:
-            break
-        status, body, _ = http("GET", f"{url}/predictions/web-3/")
+    # The table row is written just after the prediction is sent: poll for it.
+    deadline = time.monotonic() + 30
+    while (answer := http("GET", f"{url}/predictions/web-3/"))[0] != 200:
+        assert time.monotonic() < deadline, answer
+        time.sleep(0.1)
+    status, body, _ = answer
     assert status == 200 and body["id"] == "web-3" and body["model_version"] == d.ref.version
     status, body, ctype = http("GET", f"{url}/predictions/never-seen/")
     assert status == 404 and "error" in body and ctype.startswith("application/json")
@@ -138,6 +139,10 @@ def test_web_endpoints(deployment: Deployment) -> None:
 
     status, body, _ = http("GET", f"{url}/models/")
     assert body["active"] == d.ref.version and body["last_swap"]["version"] == d.ref.version
+    # No ADMIN_TOKEN here: the admin endpoints do not exist.
+    status, body, _ = http("POST", f"{url}/models/pin", {"version": d.ref.version}, token="x")
+    assert status == 404 and "ADMIN_TOKEN" in body["error"]
+    assert http("POST", f"{url}/models/rollback")[0] == 404
     status, text, ctype = http("GET", f"{url}/metrics")
     assert status == 200 and ctype.startswith("text/plain")
     assert f'stratum_events_scored_total{{model_version="{d.ref.version}"}}' in text
@@ -155,11 +160,13 @@ def test_tables_recovered_after_restart(deployment: Deployment) -> None:
     # Tables are written just after predictions are sent; wait until they caught up with
     # every prediction on the topic.
     total = len(before)
-    for _ in range(400):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
         rows = http("GET", f"{d.worker.url}/tables/scored_by_version/")[1]["rows"]
         if rows and rows[0]["value"] == total and http(
                 "GET", f"{d.worker.url}/predictions/restart-7/")[0] == 200:
             break
+        time.sleep(0.1)
     assert rows == [{"key": d.ref.version, "value": total}]
     assert d.worker.stop() == 0
 
