@@ -46,13 +46,17 @@ class StratumView(web.View):
 
 @app.page("/ready")
 class Ready(StratumView):
-    """200 with the serving version once a model is loaded, 503 before."""
+    """200 with the serving version once a model is loaded and the worker consumes its
+    partitions; 503 before, and while the group rebalances or tables recover."""
 
     async def get(self, request: web.Request) -> web.Response:
         model = model_manager.active
         if model is None:
             return self.json({"error": "no model loaded yet", "model_version": None},
                              status=503)
+        if app.rebalancing or not app.tables.recovery.completed.is_set():
+            return self.json({"error": "partitions are being assigned or tables recovered",
+                              "model_version": model.version}, status=503)
         return self.json({"model_version": model.version})
 
 
@@ -237,6 +241,11 @@ def render_home() -> str:
     versions = table_rows("scored_by_version", 50)["rows"]
     version_rows = "".join(f"<tr><td>{e(str(r['key']))}</td><td>{r['value']}</td></tr>"
                            for r in versions)
+    quality_rows = "".join(
+        f"<tr><td>{e(str(r['key']))}</td><td>{r['value']['n']}</td>"
+        + "".join(f"<td>{_figure(r['value'].get(k))}</td>" for k in (
+            "accuracy", "rolling_accuracy", "log_loss", "rolling_log_loss")) + "</tr>"
+        for r in table_rows("quality_by_version", 20)["rows"])
     latest = table_rows("latest_predictions", 20)
     latest_rows = "".join(
         f"<tr><td>{e(str(r['key']))}</td><td>{e(str(r['value'].get('predicted')))}</td>"
@@ -261,12 +270,21 @@ th{{background:#eee}}.warn{{color:#a00}}</style></head><body>
 {window_rows or '<tr><td>no predictions yet</td></tr>'}</table>
 <h2>Events scored per model version (table scored_by_version)</h2>
 <table><tr><th>version</th><th>events</th></tr>{version_rows}</table>
+<h2>Quality per model version on labelled events, predicted before learned
+(table quality_by_version)</h2>
+<table><tr><th>version</th><th>labelled</th><th>accuracy</th><th>rolling accuracy</th>
+<th>log loss</th><th>rolling log loss</th></tr>
+{quality_rows or '<tr><td>no labelled events yet</td></tr>'}</table>
 <h2>Latest predictions (table latest_predictions, {latest['size']} ids on this worker)</h2>
 <table><tr><th>id</th><th>predicted</th><th>probabilities</th><th>version</th>
 <th>at (UTC)</th></tr>{latest_rows}</table>
 <p>JSON: <a href="/tables/">/tables/</a> &middot; <a href="/models/">/models/</a> &middot;
 <a href="/metrics">/metrics</a> &middot; <a href="/ready">/ready</a></p>
 </body></html>"""
+
+
+def _figure(value: float | None) -> str:
+    return "&ndash;" if value is None else f"{value:.3f}"
 
 
 def _clock(epoch_s: float) -> str:

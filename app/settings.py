@@ -75,6 +75,12 @@ class Settings:
         "SERVING_BATCH_SIZE", "Largest micro-batch the serving agent scores at once."))
     serving_batch_ms: int = field(default=20, metadata=_env(
         "SERVING_BATCH_MS", "Longest a micro-batch waits to fill, in milliseconds."))
+    archive: int = field(default=1, metadata=_env(
+        "ARCHIVE", "1: workers archive valid input events to LAKE_URI as Parquet; 0: off."))
+    archive_flush_s: float = field(default=60.0, metadata=_env(
+        "ARCHIVE_FLUSH_S", "Longest an archived event waits in memory before its file is written."))
+    archive_max_rows: int = field(default=100000, metadata=_env(
+        "ARCHIVE_MAX_ROWS", "Most events of one input partition per archive file."))
     metrics_interval_s: float = field(default=10.0, metadata=_env(
         "METRICS_INTERVAL_S", "Seconds between broadcasts on the metrics topic."))
     latest_retention_s: int = field(default=900, metadata=_env(
@@ -82,6 +88,73 @@ class Settings:
         "How long the latest-prediction table's changelog keeps a row; bounds restart time."))
     torch_threads: int = field(default=1, metadata=_env(
         "TORCH_THREADS", "Threads torch may use for scoring."))
+    # ---- speed layer (agents/speed.py): incremental output-layer updates between rebuilds.
+    speed_layer: int = field(default=1, metadata=_env(
+        "SPEED_LAYER", "1: learn from labelled events and publish UP updates; 0: off."))
+    speed_window_s: float = field(default=5.0, metadata=_env(
+        "SPEED_WINDOW_S", "Seconds between two speed-layer updates (when enough is new)."))
+    speed_buffer: int = field(default=3000, metadata=_env(
+        "SPEED_BUFFER", "Most recent labelled examples the speed layer learns from."))
+    speed_half_life: float = field(default=500.0, metadata=_env(
+        "SPEED_HALF_LIFE", "Recency half-life of an example's weight, in examples."))
+    speed_min_examples: int = field(default=100, metadata=_env(
+        "SPEED_MIN_EXAMPLES", "New labelled examples needed before the next update."))
+    # ---- batch layer (python -m batch); hyper-parameters accept a value, alternatives
+    # separated by '|' (e.g. "64,32|128") or a range "low:high", searched over by candidates.
+    batch_epochs: str = field(default="3", metadata=_env(
+        "BATCH_EPOCHS", "Maximum training epochs (or alternatives/range to search)."))
+    batch_hidden: str = field(default="500,1000,500", metadata=_env(
+        "BATCH_HIDDEN", "Hidden layer sizes, e.g. 500,1000,500 (alternatives with '|')."))
+    batch_dropout: str = field(default="0.4", metadata=_env(
+        "BATCH_DROPOUT", "Dropout (or alternatives/range to search)."))
+    batch_batch_size: str = field(default="512", metadata=_env(
+        "BATCH_BATCH_SIZE", "Mini-batch rows (or alternatives/range to search)."))
+    batch_lr: str = field(default="0.001", metadata=_env(
+        "BATCH_LR", "Adam learning rate (or alternatives/range, searched log-uniformly)."))
+    batch_seed: int = field(default=0, metadata=_env(
+        "BATCH_SEED", "Seed of the split, the search, initialisation and shuffling."))
+    batch_max_train_seconds: float = field(default=0.0, metadata=_env(
+        "BATCH_MAX_TRAIN_SECONDS", "Training time budget per candidate; 0 = none."))
+    batch_threads: int = field(default=2, metadata=_env(
+        "BATCH_THREADS", "torch threads the batch job may use in all."))
+    batch_candidates: int = field(default=1, metadata=_env(
+        "BATCH_CANDIDATES", "Hyper-parameter candidates to train and compare."))
+    batch_search: str = field(default="random", metadata=_env(
+        "BATCH_SEARCH", "Hyper-parameter search: random or grid."))
+    batch_parallelism: int = field(default=0, metadata=_env(
+        "BATCH_PARALLELISM", "Candidates trained at once; 0 = as many as the threads allow."))
+    batch_test_fraction: float = field(default=0.2, metadata=_env(
+        "BATCH_TEST_FRACTION", "Share of the rows held out for the test metrics."))
+    batch_val_fraction: float = field(default=0.1, metadata=_env(
+        "BATCH_VAL_FRACTION", "Share of the rows for early stopping and candidate choice."))
+    batch_patience: int = field(default=2, metadata=_env(
+        "BATCH_PATIENCE", "Epochs without a better validation loss before stopping; 0 = never."))
+    batch_window_days: int = field(default=0, metadata=_env(
+        "BATCH_WINDOW_DAYS", "Train on the last N days of the lake only; 0 = all history."))
+    batch_id_col: str = field(default="id", metadata=_env(
+        "BATCH_ID_COL", "Id column of the batch input."))
+    batch_label_col: str = field(default="label", metadata=_env(
+        "BATCH_LABEL_COL", "Label column of the batch input."))
+    batch_metric: str = field(default="accuracy", metadata=_env(
+        "BATCH_METRIC", "Test metric a candidate is compared on: accuracy, auc or log_loss."))
+    batch_min_accuracy: float = field(default=0.0, metadata=_env(
+        "BATCH_MIN_ACCURACY", "Least test accuracy to publish (the majority rate always applies)."))
+    batch_compare_active: int = field(default=1, metadata=_env(
+        "BATCH_COMPARE_ACTIVE", "1: publish only if not worse than the active model; 0: skip."))
+    batch_compare_tolerance: float = field(default=0.0, metadata=_env(
+        "BATCH_COMPARE_TOLERANCE", "How much worse than the active model still counts as not worse."))
+    batch_keep_versions: int = field(default=5, metadata=_env(
+        "BATCH_KEEP_VERSIONS", "Model generations kept in the registry; 0 = keep all."))
+    batch_lock_ttl_s: int = field(default=3600, metadata=_env(
+        "BATCH_LOCK_TTL_S", "Expiry of the registry lock of a run (renewed while it runs)."))
+    batch_distributed: int = field(default=0, metadata=_env(
+        "BATCH_DISTRIBUTED", "Train with TorchDistributor on this many Spark tasks; 0 = driver."))
+    batch_demo_rows: int = field(default=100000, metadata=_env(
+        "BATCH_DEMO_ROWS", "Rows of demo data the bootstrap writes into an empty lake."))
+    spark_master: str = field(default="local[2]", metadata=_env(
+        "SPARK_MASTER", "Spark master URL of the batch job."))
+    spark_driver_memory: str = field(default="1g", metadata=_env(
+        "SPARK_DRIVER_MEMORY", "Driver heap of the batch job's Spark session."))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -121,12 +194,57 @@ class Settings:
                "expected a positive integer")
         _check(self.serving_batch_ms >= 0, "SERVING_BATCH_MS", self.serving_batch_ms,
                "expected milliseconds >= 0")
+        _check(self.archive in (0, 1), "ARCHIVE", self.archive, "expected 0 or 1")
+        _check(self.archive_flush_s > 0, "ARCHIVE_FLUSH_S", self.archive_flush_s,
+               "expected seconds > 0")
+        _check(self.archive_max_rows >= 1, "ARCHIVE_MAX_ROWS", self.archive_max_rows,
+               "expected a positive integer")
         _check(self.metrics_interval_s > 0, "METRICS_INTERVAL_S", self.metrics_interval_s,
                "expected seconds > 0")
         _check(self.latest_retention_s >= 60, "LATEST_RETENTION_S", self.latest_retention_s,
                "expected seconds >= 60")
         _check(self.torch_threads >= 1, "TORCH_THREADS", self.torch_threads,
                "expected a positive integer")
+        _check(self.speed_layer in (0, 1), "SPEED_LAYER", self.speed_layer, "expected 0 or 1")
+        _check(self.speed_window_s > 0, "SPEED_WINDOW_S", self.speed_window_s,
+               "expected seconds > 0")
+        _check(self.speed_buffer >= 1, "SPEED_BUFFER", self.speed_buffer,
+               "expected a positive integer")
+        _check(self.speed_half_life > 0, "SPEED_HALF_LIFE", self.speed_half_life,
+               "expected a number of examples > 0")
+        _check(self.speed_min_examples >= 1, "SPEED_MIN_EXAMPLES", self.speed_min_examples,
+               "expected a positive integer")
+        for env, value, least in (
+                ("BATCH_SEED", self.batch_seed, 0), ("BATCH_THREADS", self.batch_threads, 1),
+                ("BATCH_CANDIDATES", self.batch_candidates, 1),
+                ("BATCH_PARALLELISM", self.batch_parallelism, 0),
+                ("BATCH_PATIENCE", self.batch_patience, 0),
+                ("BATCH_WINDOW_DAYS", self.batch_window_days, 0),
+                ("BATCH_KEEP_VERSIONS", self.batch_keep_versions, 0),
+                ("BATCH_LOCK_TTL_S", self.batch_lock_ttl_s, 30),
+                ("BATCH_DISTRIBUTED", self.batch_distributed, 0),
+                ("BATCH_DEMO_ROWS", self.batch_demo_rows, 1)):
+            _check(value >= least, env, value, f"expected an integer >= {least}")
+        _check(self.batch_max_train_seconds >= 0, "BATCH_MAX_TRAIN_SECONDS",
+               self.batch_max_train_seconds, "expected seconds >= 0 (0 = no budget)")
+        _check(self.batch_search in ("random", "grid"), "BATCH_SEARCH", self.batch_search,
+               "expected random or grid")
+        _check(0 < self.batch_test_fraction < 1, "BATCH_TEST_FRACTION",
+               self.batch_test_fraction, "expected a fraction in (0, 1)")
+        _check(0 <= self.batch_val_fraction < 1 - self.batch_test_fraction,
+               "BATCH_VAL_FRACTION", self.batch_val_fraction,
+               "expected a fraction >= 0 that leaves rows to train on with BATCH_TEST_FRACTION")
+        _check(self.batch_metric in ("accuracy", "auc", "log_loss"), "BATCH_METRIC",
+               self.batch_metric, "expected accuracy, auc or log_loss")
+        _check(0 <= self.batch_min_accuracy <= 1, "BATCH_MIN_ACCURACY",
+               self.batch_min_accuracy, "expected a number in [0, 1]")
+        _check(self.batch_compare_active in (0, 1), "BATCH_COMPARE_ACTIVE",
+               self.batch_compare_active, "expected 0 or 1")
+        _check(self.batch_compare_tolerance >= 0, "BATCH_COMPARE_TOLERANCE",
+               self.batch_compare_tolerance, "expected a number >= 0")
+        for env, value in (("BATCH_ID_COL", self.batch_id_col),
+                           ("BATCH_LABEL_COL", self.batch_label_col)):
+            _check(bool(value.strip()), env, value, "expected a column name")
         _check(self.admin_token is None or len(self.admin_token) >= 8, "ADMIN_TOKEN",
                "<hidden>", "expected at least 8 characters")
         _check(bool(self.model_name) and "/" not in self.model_name, "MODEL_NAME",

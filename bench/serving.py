@@ -6,7 +6,7 @@ topic, starts one worker (``faust -A app worker``) and measures how fast predict
 output topic. In the same run it measures raw ``predict_proba`` samples/s at the worker's
 micro-batch size and thread count, and reports the ratio.
 
-    .venv/bin/python bench/serving.py [--events 60000] [--batch-size 512]
+    .venv/bin/python bench/serving.py [--events 60000] [--batch-size 512] [--archive 0|1]
 
 Ends with one line holding a JSON object of the figures.
 """
@@ -105,6 +105,8 @@ def main() -> int:
     parser.add_argument("--batch-ms", type=int, default=20, help="SERVING_BATCH_MS")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="TORCH_THREADS of the worker")
+    parser.add_argument("--archive", type=int, choices=(0, 1), default=1,
+                        help="ARCHIVE of the worker (1: also archive the events to the lake)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="stratum-bench-"))
@@ -116,7 +118,8 @@ def main() -> int:
                "STRATUM_DATA_DIR": str(work / "worker"),
                "TOPIC_PARTITIONS": str(args.partitions),
                "SERVING_BATCH_SIZE": str(args.batch_size),
-               "SERVING_BATCH_MS": str(args.batch_ms), "TORCH_THREADS": str(args.threads)}
+               "SERVING_BATCH_MS": str(args.batch_ms), "TORCH_THREADS": str(args.threads),
+               "ARCHIVE": str(args.archive)}
         settings = Settings.from_env(env)
         registry = Registry(settings.registry_uri, settings.storage_options)
         ref = publish_small_model(registry, settings.model_name, list(FEATURES), ["b", "s"],
@@ -133,6 +136,7 @@ def main() -> int:
             worker.wait_ready()
             cpu_before = cpu_seconds(worker.proc.pid)
             ts = asyncio.run(collect_predictions(settings, args.events, timeout=600))
+            table_lag_s = wait_for_table(worker.url, args.events, since_ms=max(ts))
             cpu_used = cpu_seconds(worker.proc.pid) - cpu_before
             metrics = http("GET", f"{worker.url}/metrics")[1]
         finally:
@@ -154,13 +158,29 @@ def main() -> int:
         "batch_ms": args.batch_ms,
         "mean_micro_batch": round(args.events / batches, 1) if batches else None,
         "torch_threads": args.threads,
+        "archive": args.archive,
         "partitions": args.partitions,
         "producer_events_per_s": round(produce_rate),
+        # Seconds after the last prediction until latest_predictions held a row per event.
+        "table_lag_s": table_lag_s,
         # CPU the worker process spent per event: steadier than wall time on a busy machine.
         "worker_cpu_us_per_event": round(1e6 * cpu_used / args.events, 1),
     }
     print(json.dumps(figures), flush=True)
     return 0
+
+
+def wait_for_table(url: str, rows: int, since_ms: int, timeout_s: float = 120) -> float:
+    """Seconds from ``since_ms`` until ``latest_predictions`` holds ``rows`` rows."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tables = http("GET", f"{url}/tables/")[1]["tables"]
+        size = next(t["size"] for t in tables if t["name"] == "latest_predictions")
+        if size >= rows:
+            return round(time.time() - since_ms / 1000, 2)
+        if time.monotonic() > deadline:
+            raise SystemExit(f"latest_predictions holds {size} of {rows} rows after {timeout_s}s")
+        time.sleep(0.1)
 
 
 def cpu_seconds(pid: int) -> float:

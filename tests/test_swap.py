@@ -75,7 +75,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(settings_env: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    env = settings_env(ADMIN_TOKEN=TOKEN, SPEED_LAYER="0", ARCHIVE="0")
+    env = settings_env(ADMIN_TOKEN=TOKEN, SPEED_LAYER="0")
     c = Cluster(env, tmp_path_factory.mktemp("swap"))
     run(ensure_topics(c.settings))
     c.announce(c.publish("v1").to_message())

@@ -1,0 +1,779 @@
+"""Archive the input stream to the lake: every valid event exactly once, as Parquet.
+
+Each worker runs a consumer of its own in the group ``<app id>-archiver`` on the input topic,
+so Kafka shares the partitions among the workers independently of the serving agent. Events
+are validated like the serving agent does (invalid ones are the serving agent's to
+dead-letter), kept in memory as columns per partition, and written to
+``LAKE_URI/dt=YYYY-MM-DD/hour=HH/`` (the UTC hour of the event's ``ts``, else of its Kafka
+timestamp) when a partition holds ``ARCHIVE_MAX_ROWS`` events or its oldest one has waited
+``ARCHIVE_FLUSH_S`` seconds. Offsets are committed only after the files are written.
+
+Exactly once across crashes: a file is named after its partition and the offset range it
+covers (``part-<topic>-p<partition>-<first>-<last>.parquet``; a range whose events span hours
+gives one such file per hour directory). Before writing a range the archiver records it in a
+small intent object, ``LAKE_URI/_archive/<topic>/p<partition>.json`` (readers skip ``_``
+paths). A worker that crashes after writing but before committing leaves an intent beyond the
+committed offset; whoever gets the partition next re-reads exactly that range and writes it
+again under the same names, replacing rather than duplicating. On a rebalance the revoked
+partitions are flushed and committed before the group moves on, and a write or commit that
+fails is retried (the partition paused meanwhile), never skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, ConsumerStoppedError
+from fsspec import AbstractFileSystem
+from mode import Service
+from prometheus_client import Counter
+
+from agents.metrics import REGISTRY
+from app import app
+from app.schemas import InvalidEvent, parse_event, validate_event
+from app.settings import Settings
+from app.topics import ensure_topics
+from models.storage import LOCAL_PROTOCOLS, ensure_bucket, filesystem
+
+__all__ = [
+    "ArchiveRows", "Flush", "PartitionBuffer", "PartitionState", "LakeArchiver",
+    "event_rows", "build_table", "split_by_hour", "hour_directory", "file_name",
+    "parse_file_name", "intent_path", "read_intent", "write_flush", "prepare_flush",
+    "label_type", "lake_files", "ArchiveService", "archive_service", "MAX_TS_MS",
+]
+
+log = logging.getLogger(__name__)
+
+HOUR_MS = 3_600_000
+#: The last millisecond of year 9999: a larger ``ts`` has no calendar date, so such an event
+#: is filed (and its ``ts`` column set) by its Kafka timestamp instead.
+MAX_TS_MS = 253_402_300_799_999
+# Records per getmany: bounds how long one ingest holds the event loop.
+_MAX_RECORDS = 1000
+_MAX_BACKOFF_S = 30.0
+
+Schema = tuple[Sequence[str], Sequence[Any]]
+
+
+# --- pure parts: rows, tables, names -------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArchiveRows:
+    """Valid events of one run of consecutive records, as columns.
+
+    ``features`` and ``classes`` are the model's when the rows were validated; ``values`` holds
+    the features in that order (NaN where the event gave ``null``).
+    """
+
+    features: tuple[str, ...]
+    classes: tuple[Any, ...]
+    ids: list[str]
+    values: np.ndarray
+    labels: list[Any]
+    ts: np.ndarray
+    invalid: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def event_rows(messages: Iterable[tuple[bytes | None, int]], features: Sequence[str],
+               classes: Sequence[Any]) -> ArchiveRows:
+    """Validate raw messages and keep the valid ones as columns.
+
+    Parameters
+    ----------
+    messages
+        ``(value, kafka_timestamp_ms)`` pairs in offset order.
+    features, classes
+        The active model's ordered feature names and class labels.
+
+    Returns
+    -------
+    ArchiveRows
+        One row per valid event: its ``id``, features in model order (by name or as a list,
+        as :func:`app.schemas.validate_event` accepts them), ``label`` (None when absent) and
+        ``ts`` (the event's, else the Kafka timestamp). ``invalid`` counts the others.
+    """
+    ids: list[str] = []
+    vectors: list[np.ndarray] = []
+    labels: list[Any] = []
+    ts: list[int] = []
+    invalid = 0
+    for value, kafka_ts in messages:
+        try:
+            event = validate_event(parse_event(value), features, classes)
+        except InvalidEvent:
+            invalid += 1
+            continue
+        ids.append(event.id)
+        vectors.append(event.features)
+        labels.append(event.label)
+        event_ts = event.ts
+        # Kafka >= 0.10 stamps every record; -1 would only come from ancient producers.
+        ts.append(event_ts if event_ts is not None and event_ts <= MAX_TS_MS
+                  else max(int(kafka_ts), 0))
+    values = (np.stack(vectors) if vectors
+              else np.empty((0, len(features)), dtype=np.float64))
+    return ArchiveRows(tuple(features), tuple(classes), ids, values, labels,
+                       np.asarray(ts, dtype=np.int64), invalid)
+
+
+def label_type(classes: Sequence[Any], labels: Sequence[Any] = ()) -> pa.DataType:
+    """Parquet type of the ``label`` column: int64 for integer classes, else string.
+
+    One type per model keeps every file of the lake readable together; ``labels`` that do not
+    fit integer classes (after a model changed its classes) make the file's labels strings.
+    """
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if classes and all(is_int(c) for c in classes) and all(
+            label is None or is_int(label) for label in labels):
+        return pa.int64()
+    return pa.string()
+
+
+def build_table(parts: Sequence[ArchiveRows]) -> pa.Table:
+    """The lake table of ``parts`` (in order): ``id``, one column per feature, ``label``, ``ts``.
+
+    Feature columns follow the newest part's model order; a part validated under another order
+    is rearranged by name. Features are float64 with ``null`` where the event gave ``null``
+    (raw values such as ``-999.0`` markers are kept as they are).
+    """
+    if not parts:
+        raise ValueError("no rows to build a table from")
+    features = parts[-1].features
+    matrices = []
+    for part in parts:
+        if part.features == features:
+            matrices.append(part.values)
+            continue
+        index = {name: i for i, name in enumerate(part.features)}
+        matrix = np.full((len(part), len(features)), np.nan)
+        for j, name in enumerate(features):
+            if name in index:
+                matrix[:, j] = part.values[:, index[name]]
+        matrices.append(matrix)
+    values = np.concatenate(matrices) if len(matrices) > 1 else matrices[0]
+    ids = [i for part in parts for i in part.ids]
+    labels = [label for part in parts for label in part.labels]
+    kind = label_type(parts[-1].classes, labels)
+    if kind == pa.string():
+        labels = [None if label is None else str(label) for label in labels]
+    columns: dict[str, pa.Array] = {"id": pa.array(ids, type=pa.string())}
+    # One contiguous array per feature; from_pandas turns NaN (a null feature) into null.
+    for name, column in zip(features, np.ascontiguousarray(values.T)):
+        columns[name] = pa.array(column, type=pa.float64(), from_pandas=True)
+    columns["label"] = pa.array(labels, type=kind)
+    ts = np.concatenate([part.ts for part in parts]) if len(parts) > 1 else parts[0].ts
+    columns["ts"] = pa.array(ts, type=pa.int64())
+    return pa.table(columns)
+
+
+def hour_directory(hour: int) -> str:
+    """``dt=YYYY-MM-DD/hour=HH`` of the UTC hour number ``hour`` (epoch ms // 3,600,000)."""
+    when = datetime.fromtimestamp(hour * 3600, tz=timezone.utc)
+    return f"dt={when:%Y-%m-%d}/hour={when:%H}"
+
+
+def split_by_hour(table: pa.Table) -> list[tuple[str, pa.Table]]:
+    """Split a lake table by the UTC hour of its ``ts``: ``(hour directory, rows)``, in time
+    order, each keeping the rows' original order."""
+    hours = table.column("ts").to_numpy() // HOUR_MS
+    distinct = np.unique(hours)
+    if len(distinct) == 1:
+        return [(hour_directory(int(distinct[0])), table)]
+    return [(hour_directory(int(h)), table.take(pa.array(np.flatnonzero(hours == h))))
+            for h in distinct]
+
+
+def file_name(topic: str, partition: int, first: int, last: int) -> str:
+    """The name of the file holding ``topic[partition]`` offsets ``first..last``.
+
+    Zero-padded so names sort by offset; derived from the range alone, so writing the same
+    range again replaces the file instead of adding one.
+    """
+    return f"part-{topic}-p{partition}-{first:019d}-{last:019d}.parquet"
+
+
+def parse_file_name(name: str) -> tuple[str, int, int, int] | None:
+    """``(topic, partition, first, last)`` of a :func:`file_name`, or None for another name."""
+    name = name.rsplit("/", 1)[-1]
+    if not (name.startswith("part-") and name.endswith(".parquet")):
+        return None
+    head, _, last = name[len("part-"):-len(".parquet")].rpartition("-")
+    head, _, first = head.rpartition("-")
+    topic, _, partition = head.rpartition("-p")
+    if not (topic and partition.isdigit() and first.isdigit() and last.isdigit()):
+        return None
+    return topic, int(partition), int(first), int(last)
+
+
+def intent_path(root: str, topic: str, partition: int) -> str:
+    """Where the last range written for ``topic[partition]`` is recorded (under ``_archive``,
+    which lake readers skip)."""
+    return f"{root.rstrip('/')}/_archive/{topic}/p{partition}.json"
+
+
+# --- a partition's buffers and the exactly-once bookkeeping ---------------------------------
+
+@dataclass
+class PartitionBuffer:
+    """Consecutive records of one partition waiting to be written as one offset range."""
+
+    first: int
+    last: int
+    opened_at: float
+    records: int = 0
+    parts: list[ArchiveRows] = field(default_factory=list)
+    #: While replaying: 0 before the planned range, 1 inside it, 2 after it.
+    zone: int | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+
+@dataclass
+class PartitionState:
+    """What the archiver holds for one assigned partition.
+
+    ``plan`` is a range already (perhaps partly) written but not committed: until it has been
+    written again, buffers are cut exactly at its ends so that it gets the same file names.
+    """
+
+    tp: TopicPartition
+    ready: bool = False
+    next_offset: int = 0
+    plan: tuple[int, int] | None = None
+    current: PartitionBuffer | None = None
+    sealed: deque[PartitionBuffer] = field(default_factory=deque)
+    pending: "Flush | None" = None
+    commit_due: int | None = None
+    retry_at: float = 0.0
+    backoff_s: float = 0.0
+    closing: bool = False
+
+    def add(self, offsets: Sequence[int], rows: Callable[[int, int], ArchiveRows],
+            now: float, max_records: int | None = None) -> None:
+        """Add records with ``offsets`` (ascending); ``rows(i, j)`` validates records i..j-1.
+
+        Cuts buffers at the planned range's ends (sealing the planned range as soon as its
+        last offset is in) and, outside it, every ``max_records`` records.
+        """
+        if not offsets:
+            return
+        i, n = 0, len(offsets)
+        while i < n:
+            zone = None
+            j = n
+            if self.plan is not None:
+                start, end = self.plan
+                o = offsets[i]
+                zone = 0 if o < start else (1 if o <= end else 2)
+                if zone == 0:
+                    j = bisect.bisect_left(offsets, start, i, n)
+                elif zone == 1:
+                    j = bisect.bisect_right(offsets, end, i, n)
+                else:
+                    # Past the planned range (the log lost its end): it cannot be rewritten.
+                    if self.current is not None and self.current.zone == 1:
+                        self.seal()
+                    self.plan, zone = None, None
+            if self.current is not None and self.current.zone != zone:
+                self.seal()
+            if max_records is not None and zone != 1:
+                if self.current is not None and self.current.records >= max_records:
+                    self.seal()
+                room = max_records - (self.current.records if self.current else 0)
+                j = min(j, i + room)
+            part = rows(i, j)
+            if self.current is None:
+                self.current = PartitionBuffer(offsets[i], offsets[j - 1], now, zone=zone)
+            buffer = self.current
+            buffer.last = offsets[j - 1]
+            buffer.records += j - i
+            if len(part):
+                buffer.parts.append(part)
+            if self.plan is not None and zone == 1 and buffer.last >= self.plan[1]:
+                self.seal()
+                self.plan = None
+            i = j
+        self.next_offset = offsets[-1] + 1
+
+    def seal(self) -> None:
+        """Close the current buffer: it is written as one range at the next flush."""
+        if self.current is not None:
+            self.sealed.append(self.current)
+            self.current = None
+
+    def due(self, now: float, flush_s: float, max_rows: int) -> bool:
+        """Whether the current buffer should be sealed now (never inside a planned range)."""
+        buffer = self.current
+        if buffer is None or buffer.zone == 1:
+            return False
+        return buffer.records >= max_rows or now - buffer.opened_at >= flush_s
+
+    def has_work(self) -> bool:
+        return bool(self.sealed) or self.pending is not None or self.commit_due is not None
+
+
+@dataclass
+class Flush:
+    """One offset range of one partition, ready to write: its files and their tables."""
+
+    topic: str
+    partition: int
+    first: int
+    last: int
+    records: int
+    files: list[tuple[str, pa.Table]]
+
+    @property
+    def rows(self) -> int:
+        return sum(t.num_rows for _, t in self.files)
+
+
+def prepare_flush(topic: str, partition: int, buffer: PartitionBuffer) -> Flush:
+    """Build the per-hour tables of ``buffer`` (relative paths under the lake root)."""
+    files: list[tuple[str, pa.Table]] = []
+    if buffer.rows:
+        name = file_name(topic, partition, buffer.first, buffer.last)
+        for directory, table in split_by_hour(build_table(buffer.parts)):
+            files.append((f"{directory}/{name}", table))
+    return Flush(topic, partition, buffer.first, buffer.last, buffer.records, files)
+
+
+def read_intent(fs: AbstractFileSystem, root: str, topic: str,
+                partition: int) -> tuple[int, int] | None:
+    """The last range recorded for ``topic[partition]``, or None."""
+    path = intent_path(root, topic, partition)
+    try:
+        raw = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    try:
+        intent = orjson.loads(raw)
+        return int(intent["first"]), int(intent["last"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        log.warning("ignored unreadable archive intent %s", path)
+        return None
+
+
+def write_flush(fs: AbstractFileSystem, root: str, flush: Flush,
+                max_files: int | None = None) -> list[str]:
+    """Record ``flush``'s range as the partition's intent, then write its files.
+
+    ``max_files`` stops after that many files (a crash half-way, for tests). Returns the paths
+    written.
+    """
+    root = root.rstrip("/")
+    intent = {"topic": flush.topic, "partition": flush.partition, "first": flush.first,
+              "last": flush.last, "files": [path for path, _ in flush.files],
+              "written_at": int(time.time() * 1000)}
+    _write_bytes(fs, intent_path(root, flush.topic, flush.partition), orjson.dumps(intent))
+    written = []
+    for path, table in flush.files[:max_files]:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="snappy")
+        _write_bytes(fs, f"{root}/{path}", sink.getvalue().to_pybytes())
+        written.append(f"{root}/{path}")
+    return written
+
+
+def _write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write a whole object: one PUT on S3 (atomic); a rename on a local disk."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in LOCAL_PROTOCOLS:
+        parent, _, name = path.rpartition("/")
+        fs.makedirs(parent, exist_ok=True)
+        # A dot-name is skipped by lake readers until the rename makes it whole.
+        temporary = f"{parent}/.{name}.tmp"
+        fs.pipe_file(temporary, data)
+        fs.mv(temporary, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+# --- the consumer ----------------------------------------------------------------------------
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, archiver: "LakeArchiver") -> None:
+        self.archiver = archiver
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.archiver.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.archiver.on_assigned(assigned)
+
+
+class LakeArchiver:
+    """Consume the input topic in its own group and archive every valid event to the lake.
+
+    Parameters
+    ----------
+    settings : Settings
+        Broker, topic, lake and archive settings (``ARCHIVE_FLUSH_S``, ``ARCHIVE_MAX_ROWS``).
+    schema : callable
+        Returns the active model's ``(features, classes)``; called for every batch read.
+    on_flush : callable, optional
+        Called with each :class:`Flush` once its files are written (metrics).
+    """
+
+    def __init__(self, settings: Settings, schema: Callable[[], Schema],
+                 on_flush: Callable[[Flush], None] | None = None) -> None:
+        self.settings = settings
+        self.topic = settings.events_topic
+        self.group_id = f"{settings.app_id}-archiver"
+        self.flush_s = settings.archive_flush_s
+        self.max_rows = settings.archive_max_rows
+        self.schema = schema
+        self.on_flush = on_flush
+        self.fs, self.root = filesystem(settings.lake_uri, settings.storage_options)
+        self.states: dict[int, PartitionState] = {}
+        self.consumer: AIOKafkaConsumer | None = None
+        self.failures = 0
+        self._lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="archive")
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Join the archiver group (the input topic must exist)."""
+        await self._io(ensure_bucket, self.fs, self.root)
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap_servers, group_id=self.group_id,
+            client_id=self.group_id, enable_auto_commit=False, auto_offset_reset="earliest")
+        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        await self.consumer.start()
+
+    async def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Read, buffer and flush until ``should_stop()`` or :meth:`stop`."""
+        assert self.consumer is not None, "start() first"
+        while not (should_stop() or self._stopping):
+            try:
+                await self.poll()
+                await self.flush_due()
+            except ConsumerStoppedError:
+                return
+            except Exception:
+                if self._stopping:
+                    return
+                # Whatever half-done state a bug left behind, nothing past the committed
+                # offsets counts: drop the buffers and read again from there.
+                log.exception("archive of %s failed; resuming from the committed offsets",
+                              self.topic)
+                await asyncio.sleep(1.0)
+                try:
+                    await self._restart_partitions()
+                except Exception:
+                    log.exception("archive of %s cannot resume yet", self.topic)
+
+    async def stop(self, flush: bool = True) -> None:
+        """Write what is buffered (unless ``flush`` is False), commit it and leave the group."""
+        self._stopping = True
+        if self.consumer is None:
+            return
+        async with self._lock:
+            if flush:
+                for state in list(self.states.values()):
+                    self._close(state)
+                    await self._flush_state(state, retry=False)
+            self.states.clear()
+            await self.consumer.stop()
+        self._executor.shutdown(wait=False)
+
+    async def abandon(self) -> None:
+        """Leave the group without writing or committing anything (a crash, for tests)."""
+        self._stopping = True
+        if self.consumer is not None:
+            await self.consumer.stop()
+        self._executor.shutdown(wait=False)
+
+    # -- reading
+
+    async def poll(self, timeout_ms: int | None = None) -> int:
+        """Read one batch of records into the buffers; return how many were read."""
+        assert self.consumer is not None, "start() first"
+        batches = await self.consumer.getmany(
+            timeout_ms=self._poll_ms() if timeout_ms is None else timeout_ms,
+            max_records=_MAX_RECORDS)
+        for tp, records in batches.items():
+            self._ingest(tp, records)
+        return sum(len(records) for records in batches.values())
+
+    def _ingest(self, tp: TopicPartition, records: Sequence[Any]) -> None:
+        state = self.states.get(tp.partition)
+        if state is None or not state.ready or state.closing:
+            # Not set up yet (the assignment callback is still running) or being revoked:
+            # read these again later rather than lose them.
+            if state is not None and not state.closing and records:
+                self.consumer.seek(tp, records[0].offset)  # type: ignore[union-attr]
+            return
+        records = [r for r in records if r.offset >= state.next_offset]
+        if not records:
+            return
+        features, classes = self.schema()
+        offsets = [r.offset for r in records]
+
+        def rows(i: int, j: int) -> ArchiveRows:
+            return event_rows(((r.value, r.timestamp) for r in records[i:j]), features, classes)
+
+        state.add(offsets, rows, time.monotonic(), self.max_rows)
+
+    def _poll_ms(self) -> int:
+        now = time.monotonic()
+        wait = 1.0
+        for state in self.states.values():
+            if state.current is not None:
+                wait = min(wait, state.current.opened_at + self.flush_s - now)
+            if state.has_work() or (not state.ready and state.backoff_s):
+                wait = min(wait, state.retry_at - now)
+        return int(1000 * min(max(wait, 0.01), 1.0))
+
+    # -- writing
+
+    async def flush_due(self) -> None:
+        """Seal buffers that are full or old enough and write what is sealed."""
+        async with self._lock:
+            now = time.monotonic()
+            for state in list(self.states.values()):
+                if state.closing or now < state.retry_at:
+                    continue
+                if not state.ready:
+                    if state.backoff_s:  # its set-up failed: try again
+                        await self._set_up(state)
+                    continue
+                if state.due(now, self.flush_s, self.max_rows):
+                    state.seal()
+                if state.has_work():
+                    await self._flush_state(state)
+
+    async def _flush_state(self, state: PartitionState, retry: bool = True) -> None:
+        """Write the state's sealed buffers in order, committing after each range."""
+        try:
+            if state.commit_due is not None:
+                await self._commit(state, state.commit_due)
+            while state.pending is not None or state.sealed:
+                if state.pending is None:
+                    buffer = state.sealed.popleft()
+                    state.pending = await self._io(prepare_flush, self.topic,
+                                                   state.tp.partition, buffer)
+                flush = state.pending
+                if flush.files:
+                    await self._io(write_flush, self.fs, self.root, flush)
+                state.pending = None
+                state.commit_due = flush.last + 1
+                if flush.files:
+                    log.info("archived %s[%d] offsets %d-%d: %d rows in %d file(s)",
+                             self.topic, flush.partition, flush.first, flush.last,
+                             flush.rows, len(flush.files))
+                    if self.on_flush is not None:
+                        self.on_flush(flush)
+                await self._commit(state, state.commit_due)
+        except CommitFailedError:
+            # The group moved on: this partition is being revoked, and its next owner
+            # rewrites the uncommitted range under the same names.
+            log.warning("archive commit of %s[%d] refused after a rebalance; the partition's "
+                        "next owner writes its last range again", self.topic,
+                        state.tp.partition)
+            state.closing = True
+        except Exception as exc:
+            self.failures += 1
+            state.backoff_s = min(max(2 * state.backoff_s, 1.0), _MAX_BACKOFF_S)
+            state.retry_at = time.monotonic() + state.backoff_s
+            log.error("archive of %s[%d] failed (retrying in %.0fs): %s: %s", self.topic,
+                      state.tp.partition, state.backoff_s, type(exc).__name__, exc)
+            if retry and self.consumer is not None and not state.closing:
+                # Stop reading the partition until its buffers are written.
+                self.consumer.pause(state.tp)
+        else:
+            if state.backoff_s and self.consumer is not None:
+                self.consumer.resume(state.tp)
+            state.backoff_s = 0.0
+
+    async def _commit(self, state: PartitionState, offset: int) -> None:
+        assert self.consumer is not None
+        await self.consumer.commit({state.tp: offset})
+        state.commit_due = None
+
+    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- rebalances
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Flush and commit what was read of the revoked partitions, then forget them.
+
+        Holding the lock makes a flush in progress finish first, and the group waits for
+        this callback: the next owner starts from offsets committed here.
+        """
+        async with self._lock:
+            for tp in revoked:
+                state = self.states.get(tp.partition)
+                if state is None or tp.topic != self.topic:
+                    continue
+                self._close(state)
+                if not self._stopping:
+                    await self._flush_state(state, retry=False)
+                del self.states[tp.partition]
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Set up each new partition, with a replay plan when its last range is uncommitted."""
+        mine = [tp for tp in assigned if tp.topic == self.topic]
+        for tp in mine:  # before any await: records that arrive meanwhile are read again
+            self.states[tp.partition] = PartitionState(tp)
+        for tp in mine:
+            state = self.states.get(tp.partition)
+            if state is not None:
+                await self._set_up(state)
+
+    async def _set_up(self, state: PartitionState) -> None:
+        """Find where ``state``'s partition resumes and whether a range must be rewritten.
+
+        Without the intent the partition cannot be archived safely: on failure it stays
+        paused and is set up again after a backoff.
+        """
+        assert self.consumer is not None
+        tp = state.tp
+        try:
+            position = await self.consumer.position(tp)
+            intent = await self._io(read_intent, self.fs, self.root, self.topic, tp.partition)
+        except Exception as exc:
+            self.failures += 1
+            state.backoff_s = min(max(2 * state.backoff_s, 1.0), _MAX_BACKOFF_S)
+            state.retry_at = time.monotonic() + state.backoff_s
+            log.error("cannot set up the archive of %s[%d] (retrying in %.0fs): %s: %s",
+                      self.topic, tp.partition, state.backoff_s, type(exc).__name__, exc)
+            self.consumer.pause(tp)
+            return
+        if intent is not None and intent[1] >= position:
+            state.plan = intent
+            if intent[0] < position:
+                self.consumer.seek(tp, intent[0])
+                position = intent[0]
+            log.info("archive of %s[%d]: offsets %d-%d were written but not committed; "
+                     "writing them again under the same names", self.topic, tp.partition,
+                     intent[0], intent[1])
+        state.next_offset = position
+        state.ready = True
+        if state.backoff_s:
+            self.consumer.resume(tp)
+            state.backoff_s = 0.0
+
+    async def _restart_partitions(self) -> None:
+        assert self.consumer is not None
+        assignment = set(self.consumer.assignment())
+        async with self._lock:
+            self.states.clear()
+        for tp in assignment:
+            committed = await self.consumer.committed(tp)
+            if committed is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
+            self.consumer.resume(tp)
+        await self.on_assigned(assignment)
+
+    def _close(self, state: PartitionState) -> None:
+        """Stop reading into ``state``; its unfinished planned range is dropped, not written
+        under other names."""
+        state.closing = True
+        if state.current is not None and state.current.zone == 1:
+            state.current = None
+        state.seal()
+
+
+def lake_files(fs: AbstractFileSystem, root: str) -> list[str]:
+    """Every archive file under the lake root (for checks and tests)."""
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in found if parse_file_name(p) is not None
+                  and "/_" not in p[len(root):])
+
+
+
+# --- wiring: one archiver per worker ---------------------------------------------------------
+
+class ArchiveService(Service):
+    """Runs this worker's :class:`LakeArchiver` once a model is active (its schema decides
+    which events are valid)."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.archiver: LakeArchiver | None = None
+
+    @Service.task
+    async def _archive(self) -> None:
+        from agents.model_manager import model_manager
+
+        await model_manager.wait_ready()
+
+        def schema() -> Schema:
+            model = model_manager.active
+            assert model is not None  # never unset once a model was loaded
+            return model.features, model.classes
+
+        backoff_s = 1.0
+        while not self.should_stop:
+            archiver = LakeArchiver(self.settings, schema, on_flush=_count_flush)
+            try:
+                # Subscribing to a missing topic would make the broker create it with one
+                # partition.
+                await ensure_topics(self.settings, [self.settings.events_topic])
+                await archiver.start()
+            except Exception as exc:
+                log.error("cannot start the archive (retrying in %.0fs): %s: %s", backoff_s,
+                          type(exc).__name__, exc)
+                with contextlib.suppress(Exception):
+                    await archiver.abandon()
+                await self.sleep(backoff_s)
+                backoff_s = min(2 * backoff_s, _MAX_BACKOFF_S)
+                continue
+            self.archiver = archiver
+            break
+        if self.archiver is None:
+            return
+        log.info("archiving %s to %s (flush every %gs or %d events per partition)",
+                 self.settings.events_topic, self.settings.lake_uri,
+                 self.settings.archive_flush_s, self.settings.archive_max_rows)
+        await self.archiver.run(lambda: self.should_stop)
+
+    async def on_stop(self) -> None:
+        if self.archiver is not None:
+            await self.archiver.stop()
+
+
+ARCHIVED_ROWS = Counter("stratum_archived_rows", "Events written to the lake",
+                        registry=REGISTRY)
+ARCHIVE_FILES = Counter("stratum_archive_files", "Parquet files written to the lake",
+                        registry=REGISTRY)
+
+
+def _count_flush(flush: Flush) -> None:
+    ARCHIVED_ROWS.inc(flush.rows)
+    ARCHIVE_FILES.inc(len(flush.files))
+
+
+settings = app.settings
+archive_service: ArchiveService | None = None
+if settings.archive:
+    archive_service = ArchiveService(settings)
+    app.service(archive_service)

@@ -1,0 +1,440 @@
+"""The archive: pure parts (rows, tables, names, hours, replay plans), then exactly-once into
+the lake against the real broker and S3 server, in process and with a worker killed -9."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from agents.archive import (HOUR_MS, MAX_TS_MS, LakeArchiver, PartitionState,
+                            build_table, event_rows, file_name, hour_directory, lake_files,
+                            label_type, parse_file_name, prepare_flush, read_intent,
+                            split_by_hour, write_flush)
+from app.settings import Settings, SettingsError
+from app.topics import ensure_topics
+from batch.demo_data import FEATURES as HIGGS
+from models.registry import Registry
+from models.storage import filesystem
+from tests.support import WorkerProcess, announce, produce, publish_small_model, run
+
+FEATURES = ["a", "b", "c"]
+CLASSES = ["b", "s"]
+# 2026-11-23 14:00 UTC: an hour number, and its start in epoch ms.
+HOUR = 1_795_442_400_000 // HOUR_MS
+T0 = HOUR * HOUR_MS
+
+
+def raw(event: dict[str, Any]) -> bytes:
+    return json.dumps(event).encode()
+
+
+# --- pure parts --------------------------------------------------------------------------
+
+def test_file_names_sort_by_offset_and_parse_back() -> None:
+    names = [file_name("my-pipe-p1-events", 3, first, last)
+             for first, last in [(1000, 1999), (0, 999), (2000, 10**12)]]
+    assert sorted(names) == [names[1], names[0], names[2]]
+    assert names[1] == "part-my-pipe-p1-events-p3-0000000000000000000-0000000000000000999.parquet"
+    assert parse_file_name(f"bucket/lake/dt=2026-11-23/hour=14/{names[0]}") == (
+        "my-pipe-p1-events", 3, 1000, 1999)
+    for other in ("part-x.parquet", "data.parquet", "part-events-p3-1-2.json", "_SUCCESS"):
+        assert parse_file_name(other) is None
+
+
+def test_hour_directories_and_a_range_spanning_an_hour_boundary() -> None:
+    assert hour_directory(HOUR) == "dt=2026-11-23/hour=14"
+    assert hour_directory(HOUR + 10) == "dt=2026-11-24/hour=00"
+    # Interleaved on both sides of 15:00: each side keeps its rows, in their order.
+    ts = [T0 + HOUR_MS - 1, T0 + HOUR_MS, T0 + 5, T0 + 2 * HOUR_MS - 1]
+    rows = event_rows([(raw({"id": f"e{i}", "features": [i, 0, 0], "ts": t}), 0)
+                       for i, t in enumerate(ts)], FEATURES, CLASSES)
+    parts = split_by_hour(build_table([rows]))
+    assert [(d, t.column("id").to_pylist()) for d, t in parts] == [
+        ("dt=2026-11-23/hour=14", ["e0", "e2"]), ("dt=2026-11-23/hour=15", ["e1", "e3"])]
+
+
+def test_event_rows_validate_like_serving_and_take_ts_from_the_event_or_kafka() -> None:
+    messages = [
+        (raw({"id": "by-name", "features": {"c": 3, "a": 1.5, "b": None}, "label": "s",
+              "ts": T0}), 7),
+        (raw({"id": "as-list", "features": [1.5, None, 3]}), T0 + 42),
+        (b"{not json", T0),
+        (raw({"id": "bad-label", "features": [1, 2, 3], "label": "x"}), T0),
+        (raw({"id": "far-future", "features": [0, 0, 0], "ts": MAX_TS_MS + 1}), T0 + 9),
+        (None, T0),
+    ]
+    rows = event_rows(messages, FEATURES, CLASSES)
+    assert rows.ids == ["by-name", "as-list", "far-future"] and rows.invalid == 3
+    assert rows.labels == ["s", None, None]
+    assert rows.ts.tolist() == [T0, T0 + 42, T0 + 9]
+    np.testing.assert_array_equal(rows.values[0], rows.values[1])
+    assert np.isnan(rows.values[0, 1]) and rows.values[0, 2] == 3.0
+
+
+def test_lake_table_columns_and_types() -> None:
+    rows = event_rows([(raw({"id": "x", "features": [1, -999.0, None], "label": 1}), T0),
+                       (raw({"id": "y", "features": [2, 3, 4]}), T0)], FEATURES, [0, 1])
+    table = build_table([rows])
+    assert table.schema.names == ["id", *FEATURES, "label", "ts"]
+    assert table.schema.field("label").type == pa.int64()
+    assert table.schema.field("ts").type == pa.int64()
+    assert table.to_pylist()[0] == {"id": "x", "a": 1.0, "b": -999.0, "c": None, "label": 1,
+                                    "ts": T0}
+    assert label_type(["b", "s"]) == pa.string() and label_type([0, 1]) == pa.int64()
+    assert label_type([0, 1], [1, "2"]) == pa.string()
+    # No label anywhere still gives the model's label type, never Arrow's null type.
+    unlabelled = event_rows([(raw({"id": "z", "features": [1, 2, 3]}), T0)], FEATURES, CLASSES)
+    assert build_table([unlabelled]).schema.field("label").type == pa.string()
+
+
+def test_rows_validated_under_another_feature_order_are_rearranged_by_name() -> None:
+    old = event_rows([(raw({"id": "old", "features": [1, 2, 3]}), T0)], FEATURES, CLASSES)
+    new = event_rows([(raw({"id": "new", "features": [3, 2, 1]}), T0)], ["c", "b", "a"],
+                     CLASSES)
+    table = build_table([old, new])
+    assert table.schema.names == ["id", "c", "b", "a", "label", "ts"]
+    assert [(r["id"], r["a"], r["c"]) for r in table.to_pylist()] == [
+        ("old", 1.0, 3.0), ("new", 1.0, 3.0)]
+
+
+def _records(offsets: list[int]) -> list[Any]:
+    return [SimpleNamespace(offset=o, value=raw({"id": f"o{o}", "features": [o, 0, 0],
+                                                 "ts": T0}), timestamp=T0) for o in offsets]
+
+
+def _feed(state: PartitionState, offsets: list[int], now: float = 0.0,
+          max_records: int | None = None) -> None:
+    records = _records(offsets)
+    state.add(offsets, lambda i, j: event_rows(((r.value, r.timestamp) for r in records[i:j]),
+                                               FEATURES, CLASSES), now, max_records)
+
+
+def test_a_replay_cuts_buffers_exactly_at_the_uncommitted_range() -> None:
+    state = PartitionState(TopicPartition("events", 0), ready=True, plan=(10, 19))
+    _feed(state, list(range(5, 14)))
+    # Inside the planned range nothing is due, however old or full.
+    assert not state.due(now=1e9, flush_s=1, max_rows=1)
+    _feed(state, list(range(14, 25)))
+    assert [(b.first, b.last, b.records) for b in state.sealed] == [(5, 9, 5), (10, 19, 10)]
+    assert state.plan is None and state.current is not None
+    assert (state.current.first, state.current.last) == (20, 24)
+    assert state.due(now=100.0, flush_s=60, max_rows=1000)
+    assert state.due(now=0.0, flush_s=60, max_rows=5)
+    assert not state.due(now=0.0, flush_s=60, max_rows=6)
+    flushed = prepare_flush("events", 0, state.sealed[1])
+    assert [path for path, _ in flushed.files] == [
+        f"dt=2026-11-23/hour=14/{file_name('events', 0, 10, 19)}"]
+    assert flushed.files[0][1].column("id").to_pylist() == [f"o{o}" for o in range(10, 20)]
+
+
+def test_buffers_are_cut_at_the_row_limit_but_never_inside_a_planned_range() -> None:
+    state = PartitionState(TopicPartition("events", 0), ready=True)
+    _feed(state, list(range(0, 7)), max_records=3)
+    _feed(state, list(range(7, 12)), max_records=3)
+    assert [(b.first, b.last, b.rows) for b in state.sealed] == [(0, 2, 3), (3, 5, 3), (6, 8, 3)]
+    assert (state.current.first, state.current.last) == (9, 11)
+    replay = PartitionState(TopicPartition("events", 0), ready=True, plan=(0, 9))
+    _feed(replay, list(range(0, 12)), max_records=3)
+    assert [(b.first, b.last) for b in replay.sealed] == [(0, 9)]
+    assert (replay.current.first, replay.current.last) == (10, 11)
+
+
+def test_a_planned_range_the_log_no_longer_has_is_given_up() -> None:
+    state = PartitionState(TopicPartition("events", 0), ready=True, plan=(10, 19))
+    _feed(state, [15, 16])
+    _feed(state, [30, 31])  # 17..19 are gone (retention): the range cannot be rewritten
+    assert [(b.first, b.last) for b in state.sealed] == [(15, 16)]
+    assert state.plan is None and (state.current.first, state.current.last) == (30, 31)
+
+
+def test_archive_settings_are_checked() -> None:
+    settings = Settings.from_env({})
+    assert (settings.archive, settings.archive_flush_s, settings.archive_max_rows) == (
+        1, 60.0, 100000)
+    for env, value in (("ARCHIVE", "yes"), ("ARCHIVE", "2"), ("ARCHIVE_FLUSH_S", "0"),
+                       ("ARCHIVE_MAX_ROWS", "0"), ("ARCHIVE_MAX_ROWS", "many")):
+        with pytest.raises(SettingsError, match=env):
+            Settings.from_env({env: value})
+
+
+def test_a_local_lake_gets_whole_files_and_an_intent(tmp_path: Path) -> None:
+    from batch.lake import list_parquet_files, read_schema
+
+    fs, root = filesystem(f"file://{tmp_path}/lake")
+    rows = event_rows([(raw({"id": f"e{i}", "features": [i, 0, 0], "ts": T0 + i * HOUR_MS}),
+                        0) for i in range(3)], FEATURES, CLASSES)
+    state = PartitionState(TopicPartition("events", 2), ready=True)
+    state.add([7, 8, 9], lambda i, j: rows, 0.0)
+    state.seal()
+    flush = prepare_flush("events", 2, state.sealed.popleft())
+    written = write_flush(fs, root, flush)
+    assert len(written) == 3 and read_intent(fs, root, "events", 2) == (7, 9)
+    assert read_intent(fs, root, "events", 3) is None
+    listed = list_parquet_files(f"file://{tmp_path}/lake")
+    assert [parse_file_name(p) for p in listed] == [("events", 2, 7, 9)] * 3
+    assert read_schema(listed).names == ["id", *FEATURES, "label", "ts"]
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+# --- against the real broker and S3 server ------------------------------------------------
+
+def events(n: int, prefix: str, features: list[str] = FEATURES, start: int = 0
+           ) -> list[bytes]:
+    """Valid events: features by name and as lists, some labelled, ``ts`` alternating between
+    two hours, some without ``ts`` (filed by their Kafka timestamp)."""
+    out = []
+    for i in range(start, start + n):
+        values = [float((i * 7 + j) % 13) for j in range(len(features))]
+        event: dict[str, Any] = {"id": f"{prefix}-{i}",
+                                 "features": dict(zip(features, values)) if i % 2 else values}
+        if i % 3 == 0:
+            event["label"] = CLASSES[i % 2]
+        if i % 5:
+            event["ts"] = T0 + (i % 2) * HOUR_MS + i
+        out.append(raw(event))
+    return out
+
+
+def read_lake(settings: Settings) -> tuple[pa.Table, list[str]]:
+    """Every archived row with the file it is in."""
+    fs, root = filesystem(settings.lake_uri, settings.storage_options)
+    files = lake_files(fs, root)
+    tables = []
+    for path in files:
+        table = pq.read_table(path, filesystem=fs)
+        tables.append(table.append_column("path", pa.array([path] * table.num_rows)))
+    return (pa.concat_tables(tables) if tables else pa.table({"id": pa.array([], pa.string())}),
+            files)
+
+
+def written_ranges(files: list[str]) -> dict[int, list[tuple[int, int]]]:
+    """Offset ranges per partition named by the lake's files (one per range, sorted)."""
+    ranges: dict[int, set[tuple[int, int]]] = {}
+    for path in files:
+        _, partition, first, last = parse_file_name(path)  # type: ignore[misc]
+        ranges.setdefault(partition, set()).add((first, last))
+    return {p: sorted(r) for p, r in ranges.items()}
+
+
+def assert_disjoint(ranges: dict[int, list[tuple[int, int]]]) -> None:
+    for partition, spans in ranges.items():
+        for (_, last), (first, _) in zip(spans, spans[1:]):
+            assert last < first, f"partition {partition}: overlapping ranges {spans}"
+
+
+async def end_offsets(settings: Settings) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(settings.events_topic, p)
+               for p in consumer.partitions_for_topic(settings.events_topic) or ()]
+        if not tps:
+            await consumer._client.force_metadata_update()  # first sight of the topic
+            tps = [TopicPartition(settings.events_topic, p)
+                   for p in consumer.partitions_for_topic(settings.events_topic) or ()]
+        return {tp.partition: offset for tp, offset in (await consumer.end_offsets(tps)).items()}
+    finally:
+        await consumer.stop()
+
+
+async def committed_offsets(settings: Settings) -> dict[int, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(f"{settings.app_id}-archiver")
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items()
+            if tp.topic == settings.events_topic}
+
+
+async def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> None:
+    """Poll a condition (a plain or an async callable) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not await _value(condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {timeout}s")
+        await asyncio.sleep(0.2)
+
+
+async def _value(result: Any) -> Any:
+    return await result if asyncio.iscoroutine(result) else result
+
+
+def read_up_to(archivers: list[LakeArchiver], ends: dict[int, int]) -> bool:
+    """Whether ``archivers`` together have read every partition up to ``ends``."""
+    positions = {p: s.next_offset for a in archivers for p, s in a.states.items()}
+    return positions == ends
+
+
+async def test_a_crash_before_the_commit_rewrites_the_same_files_and_a_rebalance_loses_nothing(
+        settings_env: Callable[..., dict[str, str]]) -> None:
+    settings = Settings.from_env(settings_env(TOPIC_PARTITIONS="2", ARCHIVE_FLUSH_S="0.3"))
+    schema = lambda: (FEATURES, CLASSES)  # noqa: E731
+    await ensure_topics(settings, [settings.events_topic])
+    ids: set[str] = set()
+
+    async def send(batch: list[bytes]) -> dict[int, int]:
+        ids.update(json.loads(v)["id"] for v in batch)
+        await produce(settings.bootstrap_servers, settings.events_topic,
+                      batch + [b"{not an event"])
+        return await end_offsets(settings)
+
+    async def all_committed(ends: dict[int, int]) -> bool:
+        return await committed_offsets(settings) == ends
+
+    # 1. Read everything, then die half-way through writing: partition 0 gets its intent and
+    #    the first of its hour files, partition 1 all of its files; nothing is committed.
+    ends = await send(events(400, "one"))
+    crashed = LakeArchiver(settings, schema)
+    await crashed.start()
+    deadline = time.monotonic() + 60
+    while not read_up_to([crashed], ends):
+        assert time.monotonic() < deadline, "the archiver did not read the backlog"
+        await crashed.poll(200)
+    before_crash = []
+    for partition, state in sorted(crashed.states.items()):
+        state.seal()
+        flush = prepare_flush(settings.events_topic, partition, state.sealed.popleft())
+        assert len(flush.files) >= 2  # the range spans hours
+        before_crash += await asyncio.to_thread(write_flush, crashed.fs, crashed.root, flush,
+                                                1 if partition == 0 else None)
+    await crashed.abandon()
+    assert await committed_offsets(settings) == {}
+
+    # 2. The next owner rewrites both ranges under the same names.
+    slow = dataclasses.replace(settings, archive_flush_s=30.0)
+    survivor = LakeArchiver(slow, schema)
+    await survivor.start()
+    survivor_task = asyncio.create_task(survivor.run())
+    await wait_for(lambda: all_committed(ends), "the replayed ranges committed")
+    table, files = await asyncio.to_thread(read_lake, settings)
+    assert set(before_crash) < set(files)
+    assert table.num_rows == len(ids) == len(set(table.column("id").to_pylist()))
+
+    # 3. A second member joins while the survivor holds unwritten events (it flushes every
+    #    30 s): the revoked partition is written and committed before it moves.
+    ends = await send(events(300, "two", start=400))
+    await wait_for(lambda: read_up_to([survivor], ends), "the survivor read batch two")
+    assert await committed_offsets(settings) != ends
+    joiner = LakeArchiver(settings, schema)
+    await joiner.start()
+    joiner_task = asyncio.create_task(joiner.run())
+    await wait_for(lambda: len(joiner.states) == 1, "the joiner's share")
+    await wait_for(lambda: all_committed(ends), "batch two committed", timeout=20)
+    assert len(survivor.states) == 1
+
+    # 4. Both keep archiving their share; stopping writes what they hold.
+    ends = await send(events(300, "three", start=700))
+    await wait_for(lambda: read_up_to([survivor, joiner], ends), "both read batch three")
+    await survivor.stop()
+    await joiner.stop()
+    await asyncio.gather(survivor_task, joiner_task)
+    assert await committed_offsets(settings) == ends
+
+    table, files = await asyncio.to_thread(read_lake, settings)
+    archived = table.column("id").to_pylist()
+    assert len(archived) == len(ids) == 1000 and set(archived) == ids
+    assert_disjoint(written_ranges(files))
+    for row in table.select(["ts", "path"]).to_pylist():
+        assert f"/{hour_directory(row['ts'] // HOUR_MS)}/" in row["path"]
+
+
+# --- a worker killed -9 half-way ------------------------------------------------------------
+
+N_EVENTS = 30_000
+N_BEFORE_KILL = 20_000
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[Any]:
+    from batch.spark import get_session
+
+    session = get_session(app_name="stratum-archive-tests")
+    yield session
+    session.stop()
+
+
+def test_a_worker_killed_half_way_leaves_every_event_in_the_lake_exactly_once(
+        settings_env: Callable[..., dict[str, str]], tmp_path: Path, spark: Any) -> None:
+    env = settings_env(ARCHIVE_FLUSH_S="1", ARCHIVE_MAX_ROWS="2000")
+    settings = Settings.from_env(env)
+    registry = Registry(settings.registry_uri, settings.storage_options)
+    ref = publish_small_model(registry, settings.model_name, list(HIGGS), CLASSES)
+    run(ensure_topics(settings))
+    run(announce(settings.bootstrap_servers, settings.updates_topic, ref.to_message()))
+    valid = events(N_EVENTS, "k", features=list(HIGGS))
+    invalid = [raw({"id": "no-features"}), raw({"id": "bad-label", "features": [0.0] * 30,
+                                                 "label": "x"}), b"\xff\xfe"]
+    run(produce(settings.bootstrap_servers, settings.events_topic,
+                valid[:N_BEFORE_KILL // 2] + invalid + valid[N_BEFORE_KILL // 2:N_BEFORE_KILL]))
+
+    worker = WorkerProcess(env, tmp_path / "worker.log").start()
+    try:
+        worker.wait_ready()
+        fs, root = filesystem(settings.lake_uri, settings.storage_options)
+        deadline = time.monotonic() + 120
+        covered = 0
+        while covered < N_BEFORE_KILL // 3:
+            assert time.monotonic() < deadline, f"too slow:\n{worker.log_tail()}"
+            covered = sum(last - first + 1 for spans in written_ranges(lake_files(fs, root))
+                          .values() for first, last in spans)
+            time.sleep(0.2)
+        worker.stop(signal.SIGKILL)
+        assert covered < N_BEFORE_KILL, "the archive was complete before the kill"
+    finally:
+        worker.stop()
+
+    run(produce(settings.bootstrap_servers, settings.events_topic, valid[N_BEFORE_KILL:]))
+    worker = WorkerProcess(env, tmp_path / "worker-2.log").start()
+    try:
+        worker.wait_ready()
+        ends = run(end_offsets(settings))
+
+        async def done() -> bool:
+            return await committed_offsets(settings) == ends
+
+        run(wait_for(done, "the archive caught up", timeout=240))
+    finally:
+        worker.stop()
+
+    table, files = read_lake(settings)
+    archived = table.column("id").to_pylist()
+    assert len(archived) == N_EVENTS and len(set(archived)) == N_EVENTS
+    assert set(archived) == {json.loads(v)["id"] for v in valid}
+    assert_disjoint(written_ranges(files))
+    rows = {r["id"]: r for r in table.to_pylist()}
+    for i in (0, 1, 3, 5, 12345, N_EVENTS - 1):
+        event = json.loads(valid[i])
+        row = rows[event["id"]]
+        values = (event["features"] if isinstance(event["features"], list)
+                  else [event["features"][f] for f in HIGGS])
+        assert [row[f] for f in HIGGS] == values
+        assert row["label"] == event.get("label")
+        assert f"/{hour_directory(row['ts'] // HOUR_MS)}/" in row["path"]
+        if "ts" in event:
+            assert row["ts"] == event["ts"]
+
+    # The batch job reads the archive together with the demo data.
+    from batch import prepare
+    from batch.demo_data import write_lake
+    from batch.lake import read_parquet
+
+    write_lake(settings.lake_uri, settings.storage_options, 1000, seed=3, start_id=10**6)
+    df = read_parquet(spark, settings.lake_uri, settings.storage_options)
+    assert prepare.feature_columns(df.dtypes, "id", "label") == list(HIGGS)
+    labelled = sum(1 for v in valid if "label" in json.loads(v))
+    cleaned = prepare.clean(df, list(HIGGS), "id", "label")
+    assert df.count() == N_EVENTS + 1000 and cleaned.count() == labelled + 1000
