@@ -3,13 +3,16 @@
 Usage::
 
     python -m batch run [--data URI] [--model NAME] [--force] [--id-col id] [--label-col label]
-                        [--epochs N] [--hidden 500,1000,500] [--seed N] ...
+                        [--epochs N] [--hidden 500,1000,500] [--lr 0.0003:0.01] [--seed N]
+                        [--candidates N] [--search random|grid] [--distributed N] ...
     python -m batch schedule [run options]     # run at BATCH_CRON, never overlapping
     python -m batch demo-data [--rows N] [--seed N] [--data URI]
     python -m batch bootstrap [--rows N] [run options]
 
 Exit status of ``run``: 0 published, 3 rejected by the evaluation policy, 1 on failure (with a
-one-line ``batch: error: ...`` on stderr); ``bootstrap`` exits 0 when a model exists afterwards.
+one-line ``batch: error: ...`` on stderr), another run holding the model's lock included; every
+run also sends a record of itself to the metrics topic (:mod:`batch.runlog`). ``bootstrap``
+exits 0 when a model exists afterwards.
 """
 from __future__ import annotations
 
@@ -32,23 +35,42 @@ def _say(line: str) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    spec = "a value, alternatives a|b or a range low:high"
     parser.add_argument("--data", metavar="URI",
                         help="Parquet dataset to train on (default: LAKE_URI)")
     parser.add_argument("--model", metavar="NAME", help="model name (default: MODEL_NAME)")
     parser.add_argument("--force", action="store_true", default=None,
                         help="publish even if the evaluation policy rejects the candidate")
-    parser.add_argument("--id-col", default=None, help="id column (default: id)")
-    parser.add_argument("--label-col", default=None, help="label column (default: label)")
-    parser.add_argument("--epochs", type=int, help="maximum epochs (BATCH_EPOCHS, default 3)")
+    parser.add_argument("--id-col", default=None, help="id column (BATCH_ID_COL, default id)")
+    parser.add_argument("--label-col", default=None,
+                        help="label column (BATCH_LABEL_COL, default label)")
+    parser.add_argument("--epochs", help=f"maximum epochs: {spec} (BATCH_EPOCHS, default 3)")
     parser.add_argument("--hidden", metavar="SIZES",
-                        help="hidden layer sizes, e.g. 500,1000,500 (BATCH_HIDDEN)")
-    parser.add_argument("--dropout", type=float, help="dropout (BATCH_DROPOUT, default 0.4)")
-    parser.add_argument("--batch-size", type=int,
-                        help="mini-batch rows (BATCH_BATCH_SIZE, default 512)")
-    parser.add_argument("--lr", type=float, help="Adam learning rate (BATCH_LR, default 1e-3)")
-    parser.add_argument("--seed", type=int, help="seed of split and training (BATCH_SEED)")
+                        help="hidden layer sizes, e.g. 500,1000,500; alternatives 64,32|128 "
+                             "(BATCH_HIDDEN)")
+    parser.add_argument("--dropout", help=f"dropout: {spec} (BATCH_DROPOUT, default 0.4)")
+    parser.add_argument("--batch-size", help=f"mini-batch rows: {spec} (BATCH_BATCH_SIZE)")
+    parser.add_argument("--lr", help=f"Adam learning rate: {spec} (BATCH_LR, default 1e-3)")
+    parser.add_argument("--seed", type=int, help="seed of split, search and training "
+                                                 "(BATCH_SEED)")
+    parser.add_argument("--candidates", type=int,
+                        help="hyper-parameter candidates to train (BATCH_CANDIDATES)")
+    parser.add_argument("--search", choices=("random", "grid"),
+                        help="hyper-parameter search (BATCH_SEARCH, default random)")
+    parser.add_argument("--parallelism", type=int,
+                        help="candidates trained at once (BATCH_PARALLELISM; 0 = by threads)")
+    parser.add_argument("--threads", type=int, help="torch threads in all (BATCH_THREADS)")
+    parser.add_argument("--distributed", type=int, metavar="N",
+                        help="train on N Spark tasks with TorchDistributor (BATCH_DISTRIBUTED)")
+    parser.add_argument("--window-days", type=int,
+                        help="train on the last N days only (BATCH_WINDOW_DAYS; 0 = all)")
     parser.add_argument("--max-train-seconds", type=float,
-                        help="training time budget (BATCH_MAX_TRAIN_SECONDS)")
+                        help="training time budget per candidate (BATCH_MAX_TRAIN_SECONDS)")
+    parser.add_argument("--keep-versions", type=int,
+                        help="generations to keep in the registry (BATCH_KEEP_VERSIONS)")
+    parser.add_argument("--no-compare", dest="compare_active", action="store_false",
+                        default=None, help="do not require the candidate to be at least as "
+                                           "good as the active model")
     parser.add_argument("--no-announce", dest="announce", action="store_false", default=None,
                         help="publish without sending a MODEL-REF to Kafka")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -80,19 +102,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _job_config(args: argparse.Namespace) -> Any:
+def _job_config(args: argparse.Namespace, settings: Any) -> Any:
     from batch.job import JobConfig
-    from batch.train import parse_hidden
 
-    hidden = parse_hidden(args.hidden) if args.hidden is not None else None
-    return JobConfig.from_env(
-        data_uri=args.data, model_name=args.model, force=args.force, id_col=args.id_col,
-        label_col=args.label_col, epochs=args.epochs, hidden=hidden, dropout=args.dropout,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        max_train_seconds=args.max_train_seconds, announce=args.announce)
+    return JobConfig.from_settings(
+        settings, data_uri=args.data, model_name=args.model, force=args.force,
+        id_col=args.id_col, label_col=args.label_col, epochs=args.epochs, hidden=args.hidden,
+        dropout=args.dropout, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        candidates=args.candidates, search=args.search, parallelism=args.parallelism,
+        threads=args.threads, distributed=args.distributed, window_days=args.window_days,
+        max_train_seconds=args.max_train_seconds, keep_versions=args.keep_versions,
+        compare_active=args.compare_active, announce=args.announce)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    line = indent + "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    out = [line, indent + "  ".join("-" * w for w in widths)]
+    out += [indent + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return out
 
 
 def _summary(result: Any) -> None:
+    """The end-of-run table: data, candidates, decision, version and time per stage."""
+    from batch.search import describe
+
+    rows = result.rows
     lines = [
         "summary",
         f"  model       {result.model_name}"
@@ -100,39 +144,84 @@ def _summary(result: Any) -> None:
         f"  decision    {'published' if result.published else 'rejected'}"
         + (" (forced)" if result.forced else "") + f": {result.decision.reason}",
         f"  data        {result.data_uri}",
-        f"  rows        read {result.rows['read']}, usable {result.rows['usable']} (train "
-        f"{result.rows['train']}, val {result.rows['val']}, test {result.rows['test']})",
-        f"  features    {len(result.features)}",
-        f"  classes     {result.classes}",
-        "  metrics     " + ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-            for k, v in result.metrics.items()),
-        f"  training    {result.training['epochs_run']} epochs ({result.training['stopped']}), "
-        f"hidden {list(result.manifest.architecture['hidden']) if result.manifest else '?'}",
-        "  seconds     " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()),
+        f"  rows        read {rows['read']}, usable {rows['usable']} (train {rows['train']}, "
+        f"val {rows['val']}, test {rows['test']})",
+        f"  features    {len(result.features)}"
+        + (f" ({len(result.constant_features)} constant)" if result.constant_features else ""),
+        f"  classes     {len(result.classes)}: {result.classes}",
+        f"  active      {result.active_version or 'none'}"
+        + (" (on the same test rows: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in result.active_metrics.items() if isinstance(v, float))
+           + ")" if result.active_metrics else ""),
     ]
     if result.ref:
         lines.insert(2, f"  manifest    {result.ref.manifest_uri}")
+    if result.pruned:
+        lines.append(f"  pruned      {', '.join(result.pruned)}")
+    lines.append("  candidates")
+    table = []
+    for c in result.candidates:
+        table.append([("*" if c.chosen else " ") + str(c.index), describe(c.params),
+                      _fmt(c.epochs_run, 2), c.stopped, _fmt(c.val_loss),
+                      _fmt(c.test.get("accuracy")), _fmt(c.test.get("log_loss")),
+                      _fmt(c.test.get("auc")), _fmt(c.seconds, 1)])
+    lines += _table(["#", "hyper-parameters", "epochs", "stopped", "val loss", "test acc",
+                     "log loss", "auc", "seconds"], table, indent="    ")
+    lines.append("  seconds per stage")
+    lines += _table(list(result.timings), [[_fmt(v, 1) for v in result.timings.values()]],
+                    indent="    ")
     print("\n".join(lines), flush=True)
+
+
+def _utc_now() -> str:
+    from datetime import timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _record(settings: Any, record: dict[str, Any]) -> None:
+    from batch.runlog import publish_run_record
+
+    if not publish_run_record(settings, record):
+        _say(f"could not send the run record to {settings.metrics_topic!r} "
+             f"at {settings.bootstrap_servers}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from app.settings import Settings
-    from batch.job import run_job
+    from batch.errors import LockError
+    from batch.job import EXIT_FAILED, run_job
 
-    result = run_job(Settings.from_env(), _job_config(args), progress=_say)
+    settings = Settings.from_env()
+    config = _job_config(args, settings)
+    started = _utc_now()
+    model = config.model_name or settings.model_name
+    try:
+        result = run_job(settings, config, progress=_say)
+    except Exception as exc:
+        status = "skipped" if isinstance(exc, LockError) else "failed"
+        _record(settings, {
+            "model": model, "status": status, "exit_code": EXIT_FAILED, "reason": _reason(exc),
+            "version": None, "timings": getattr(exc, "timings", {}), "started_at": started,
+            "ended_at": _utc_now()})
+        raise
     _summary(result)
+    _record(settings, {
+        "model": model, "status": "published" if result.published else "rejected",
+        "exit_code": result.exit_code, "reason": result.decision.reason,
+        "forced": result.forced, "version": result.ref.version if result.ref else None,
+        "metrics": result.metrics, "rows": result.rows, "timings": result.timings,
+        "candidates": len(result.candidates), "started_at": started, "ended_at": _utc_now()})
     return result.exit_code
 
 
 def _cmd_bootstrap(args: argparse.Namespace) -> int:
-    import os
-
     from app.settings import Settings
-    from batch.job import DEFAULT_DEMO_ROWS, bootstrap
+    from batch.job import bootstrap
 
-    rows = args.rows or int(os.environ.get("BATCH_DEMO_ROWS", DEFAULT_DEMO_ROWS))
-    result = bootstrap(Settings.from_env(), _job_config(args), rows=rows,
+    settings = Settings.from_env()
+    rows = args.rows or settings.batch_demo_rows
+    result = bootstrap(settings, _job_config(args, settings), rows=rows,
                        seed=args.seed or 0, progress=_say)
     if result is not None:
         _summary(result)
@@ -140,13 +229,11 @@ def _cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    import os
-
     from app.settings import Settings
     from batch.demo_data import write_lake
 
     settings = Settings.from_env()
-    rows = args.rows or int(os.environ.get("BATCH_DEMO_ROWS", 100_000))
+    rows = args.rows or settings.batch_demo_rows
     uri = args.data or settings.lake_uri
     start = time.monotonic()
     files = write_lake(uri, settings.storage_options, rows, seed=args.seed,
@@ -175,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # py4j logs every connection at INFO; it drowns everything else.
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    if not args.verbose:
+        # aiokafka logs every failed connection attempt; the job says once what it means.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         if args.command == "run":
             return _cmd_run(args)

@@ -1,7 +1,8 @@
 """The exceptions the batch job raises; the CLI turns them into one-line errors."""
 from __future__ import annotations
 
-__all__ = ["BatchError", "DataError", "StorageError", "AnnounceError"]
+__all__ = ["BatchError", "DataError", "StorageError", "AnnounceError", "TrainingError",
+           "LockError"]
 
 
 class BatchError(Exception):
@@ -18,3 +19,11 @@ class StorageError(BatchError):
 
 class AnnounceError(BatchError):
     """The model was published but its MODEL-REF could not be sent to Kafka."""
+
+
+class TrainingError(BatchError):
+    """Training failed (for example a distributed run lost a process)."""
+
+
+class LockError(BatchError):
+    """Another run holds the registry lock of the model: this run did not start."""

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["classification_metrics", "roc_auc", "majority_rate", "Decision", "evaluate_policy"]
+__all__ = ["classification_metrics", "roc_auc", "majority_rate", "Decision", "evaluate_policy",
+           "LOWER_IS_BETTER"]
 
 # Probabilities are clipped before the log so one confident mistake costs a lot, not infinity.
 _EPS = 1e-7
@@ -102,23 +103,60 @@ class Decision:
     reason: str
 
 
-def evaluate_policy(metrics: Mapping[str, float], baseline_accuracy: float) -> Decision:
-    """Publish only a candidate that beats the majority-class rate on the test split.
+#: Metrics where lower is better.
+LOWER_IS_BETTER = frozenset({"log_loss"})
+
+
+def evaluate_policy(metrics: Mapping[str, float], baseline_accuracy: float,
+                    min_accuracy: float = 0.0, metric: str = "accuracy",
+                    active_metrics: Mapping[str, float] | None = None,
+                    active_version: str | None = None, tolerance: float = 0.0) -> Decision:
+    """Decide whether a candidate is good enough to publish.
+
+    The candidate must (1) beat the majority-class rate on the test split, (2) reach
+    ``min_accuracy`` on it and (3), when the active model's metrics on the same test rows are
+    given, not be worse than the active model on ``metric`` by more than ``tolerance``.
 
     Parameters
     ----------
     metrics : mapping
-        Test metrics of the candidate (needs ``accuracy``).
+        Test metrics of the candidate (needs ``accuracy`` and ``metric``).
     baseline_accuracy : float
         Majority-class rate on the same test split.
+    min_accuracy : float
+        Least test accuracy to publish.
+    metric : str
+        ``accuracy``, ``auc`` (higher is better) or ``log_loss`` (lower is better).
+    active_metrics : mapping, optional
+        The active model's metrics on the same test rows; None skips the comparison.
+    active_version : str, optional
+        The active model's version, for the reason.
+    tolerance : float
+        How much worse than the active model still counts as not worse.
 
     Returns
     -------
     Decision
     """
     accuracy = float(metrics["accuracy"])
-    if accuracy > baseline_accuracy:
-        return Decision(True, f"test accuracy {accuracy:.4f} beats the majority-class rate "
-                              f"{baseline_accuracy:.4f}")
-    return Decision(False, f"test accuracy {accuracy:.4f} does not beat the majority-class "
-                           f"rate {baseline_accuracy:.4f}")
+    if not accuracy > baseline_accuracy:
+        return Decision(False, f"test accuracy {accuracy:.4f} does not beat the majority-class "
+                               f"rate {baseline_accuracy:.4f}")
+    if accuracy < min_accuracy:
+        return Decision(False, f"test accuracy {accuracy:.4f} is below the threshold "
+                               f"{min_accuracy:.4f} (BATCH_MIN_ACCURACY)")
+    reason = (f"test accuracy {accuracy:.4f} beats the majority-class rate "
+              f"{baseline_accuracy:.4f}")
+    if active_metrics is None or metric not in active_metrics or metric not in metrics:
+        return Decision(True, reason)
+    mine, theirs = float(metrics[metric]), float(active_metrics[metric])
+    name = f"the active model {active_version}" if active_version else "the active model"
+    if metric in LOWER_IS_BETTER:
+        worse, sign = mine > theirs + tolerance, "<=" if mine <= theirs else ">"
+    else:
+        worse, sign = mine < theirs - tolerance, ">=" if mine >= theirs else "<"
+    comparison = f"{metric} {mine:.4f} {sign} {theirs:.4f} of {name} on the same test rows"
+    if worse:
+        return Decision(False, f"worse than {name}: {comparison}"
+                               + (f" (tolerance {tolerance:g})" if tolerance else ""))
+    return Decision(True, f"{reason}; not worse than {name}: {comparison}")

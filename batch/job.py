@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,9 +18,9 @@ import numpy as np
 
 from app.settings import Settings
 from batch import prepare
-from batch.errors import BatchError, DataError, StorageError
+from batch.errors import DataError, StorageError
 from batch.evaluate import Decision, classification_metrics, evaluate_policy, majority_rate
-from batch.train import TrainConfig, parse_hidden
+from batch.train import TrainConfig
 from models.errors import ModelError
 
 if TYPE_CHECKING:
@@ -29,8 +28,9 @@ if TYPE_CHECKING:
 
     from models.manifest import Manifest
     from models.registry import ModelRef
+    from models.serving import LoadedModel
 
-__all__ = ["JobConfig", "JobResult", "run_job", "bootstrap", "EXIT_PUBLISHED", "EXIT_REJECTED",
+__all__ = ["JobConfig", "JobResult", "CandidateReport", "run_job", "bootstrap", "EXIT_PUBLISHED", "EXIT_REJECTED",
            "EXIT_FAILED", "DEFAULT_DEMO_ROWS", "BOOTSTRAP_TRAIN_SECONDS"]
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class JobConfig:
-    """What to train on and how; every field has an environment default (``from_env``).
+    """What to train on and how; :meth:`from_settings` fills it from the ``BATCH_*`` settings.
 
     Attributes
     ----------
@@ -64,30 +64,51 @@ class JobConfig:
         Id and label columns of the dataset.
     exclude_cols : tuple of str
         Columns that are metadata, not features.
-    hidden : tuple of int
-        Hidden layer sizes (``BATCH_HIDDEN``, e.g. ``500,1000,500``).
-    dropout : float
-        Dropout (``BATCH_DROPOUT``).
-    epochs : int
-        Maximum epochs (``BATCH_EPOCHS``).
-    batch_size : int
-        Mini-batch rows (``BATCH_BATCH_SIZE``).
-    lr : float
-        Adam learning rate (``BATCH_LR``).
+    hidden, dropout, epochs, batch_size, lr : value or str
+        Hyper-parameters: a value, or a search specification of :mod:`batch.search`
+        (``"64,32|128"``, ``"0.0003:0.01"``, ...).
     seed : int
-        Seed of the split, initialisation and shuffling (``BATCH_SEED``).
+        Seed of the split, the search, initialisation and shuffling.
     max_train_seconds : float or None
-        Training time budget (``BATCH_MAX_TRAIN_SECONDS``; unset: none).
+        Training time budget per candidate (None: none).
+    patience : int
+        Early-stopping patience in epochs (0: never stop early).
     test_fraction, val_fraction : float
-        Held-out test share and validation share (early stopping) of the rows.
+        Held-out test share and validation share (early stopping, candidate choice).
     threads : int
-        torch threads for training (``BATCH_THREADS``).
+        torch threads for training, in all.
+    candidates : int
+        Hyper-parameter candidates to train; the best on the validation split is chosen.
+    search : str
+        ``random`` or ``grid``.
+    parallelism : int
+        Candidates trained at once (0: as many as ``threads`` allow).
+    distributed : int
+        Train on this many Spark tasks with TorchDistributor (0: in the driver).
+    window_days : int
+        Train on the last N days only (0: all history).
+    metric : str
+        Test metric compared with the active model (``accuracy``, ``auc``, ``log_loss``).
+    min_accuracy : float
+        Least test accuracy to publish.
+    compare_active : bool
+        Publish only a candidate not worse than the active model on the same test rows.
+    compare_tolerance : float
+        How much worse than the active model still counts as not worse.
+    keep_versions : int
+        Generations kept in the registry after publishing (0: all).
+    lock, lock_ttl_s : bool, float
+        Take the registry's run lock of the model (and its expiry).
     force : bool
         Publish even when the evaluation policy rejects the candidate.
     announce : bool
         Send the MODEL-REF to Kafka after publishing.
     onnx : bool
         Also write an ONNX export of the network.
+    staging_uri : str or None
+        Where distributed training stages its arrays (default ``REGISTRY_URI/_staging``).
+    keep_arrays : bool
+        Keep the preprocessed arrays in the result (benchmarks compare against them).
     """
 
     data_uri: str | None = None
@@ -96,51 +117,119 @@ class JobConfig:
     label_col: str = "label"
     exclude_cols: tuple[str, ...] = prepare.METADATA_COLUMNS
     # Training defaults are TrainConfig's own, so the two cannot drift apart.
-    hidden: tuple[int, ...] = TrainConfig.hidden
-    dropout: float = TrainConfig.dropout
-    epochs: int = TrainConfig.epochs
-    batch_size: int = TrainConfig.batch_size
-    lr: float = TrainConfig.lr
+    hidden: Any = TrainConfig.hidden
+    dropout: Any = TrainConfig.dropout
+    epochs: Any = TrainConfig.epochs
+    batch_size: Any = TrainConfig.batch_size
+    lr: Any = TrainConfig.lr
     seed: int = TrainConfig.seed
     max_train_seconds: float | None = TrainConfig.max_seconds
+    patience: int = TrainConfig.patience
     test_fraction: float = 0.2
     val_fraction: float = 0.1
     threads: int = 2
+    candidates: int = 1
+    search: str = "random"
+    parallelism: int = 0
+    distributed: int = 0
+    window_days: int = 0
+    metric: str = "accuracy"
+    min_accuracy: float = 0.0
+    compare_active: bool = True
+    compare_tolerance: float = 0.0
+    keep_versions: int = 5
+    lock: bool = True
+    lock_ttl_s: float = 3600.0
     force: bool = False
     announce: bool = True
     onnx: bool = True
+    staging_uri: str | None = None
+    keep_arrays: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> "JobConfig":
+        """The ``BATCH_*`` settings, then ``overrides`` (None values ignored).
+
+        Raises
+        ------
+        app.settings.SettingsError
+            A hyper-parameter setting cannot be parsed; the message names the variable.
+        """
+        from app.settings import SettingsError
+        from batch.search import parse_param
+
+        values: dict[str, Any] = {
+            "id_col": settings.batch_id_col, "label_col": settings.batch_label_col,
+            "hidden": settings.batch_hidden, "dropout": settings.batch_dropout,
+            "epochs": settings.batch_epochs, "batch_size": settings.batch_batch_size,
+            "lr": settings.batch_lr, "seed": settings.batch_seed,
+            "max_train_seconds": settings.batch_max_train_seconds or None,
+            "patience": settings.batch_patience,
+            "test_fraction": settings.batch_test_fraction,
+            "val_fraction": settings.batch_val_fraction, "threads": settings.batch_threads,
+            "candidates": settings.batch_candidates, "search": settings.batch_search,
+            "parallelism": settings.batch_parallelism,
+            "distributed": settings.batch_distributed,
+            "window_days": settings.batch_window_days, "metric": settings.batch_metric,
+            "min_accuracy": settings.batch_min_accuracy,
+            "compare_active": bool(settings.batch_compare_active),
+            "compare_tolerance": settings.batch_compare_tolerance,
+            "keep_versions": settings.batch_keep_versions,
+            "lock_ttl_s": float(settings.batch_lock_ttl_s),
+        }
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values.update(given)
+        for name in ("hidden", "dropout", "epochs", "batch_size", "lr"):
+            where = (f"option --{name.replace('_', '-')}" if name in given
+                     else f"setting BATCH_{name.upper()}")
+            try:
+                parse_param(name, values[name])
+            except ValueError as exc:
+                raise SettingsError(f"bad {where}={values[name]!r}: {exc}") from None
+        return cls(**values)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any
                  ) -> "JobConfig":
-        """Defaults from ``BATCH_*`` variables, then ``overrides`` (None values ignored)."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        readers: dict[str, tuple[str, Callable[[str], Any]]] = {
-            "hidden": ("BATCH_HIDDEN", parse_hidden),
-            "dropout": ("BATCH_DROPOUT", float),
-            "epochs": ("BATCH_EPOCHS", int),
-            "batch_size": ("BATCH_BATCH_SIZE", int),
-            "lr": ("BATCH_LR", float),
-            "seed": ("BATCH_SEED", int),
-            "max_train_seconds": ("BATCH_MAX_TRAIN_SECONDS", float),
-            "threads": ("BATCH_THREADS", int),
-        }
-        for name, (env, convert) in readers.items():
-            raw = environ.get(env, "").strip()
-            if raw:
-                try:
-                    values[name] = convert(raw)
-                except ValueError as exc:
-                    raise BatchError(f"bad setting {env}={raw!r}: {exc}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        """:meth:`from_settings` of ``Settings.from_env(environ)``."""
+        return cls.from_settings(Settings.from_env(environ), **overrides)
+
+    def search_space(self) -> dict[str, Any]:
+        """The :func:`batch.search.parse_space` of the hyper-parameters."""
+        from batch.search import parse_space
+
+        return parse_space({"lr": self.lr, "hidden": self.hidden, "dropout": self.dropout,
+                            "epochs": self.epochs, "batch_size": self.batch_size})
+
+    def train_configs(self) -> list[TrainConfig]:
+        """One :class:`~batch.train.TrainConfig` per search candidate."""
+        from batch.search import candidates
+
+        return [TrainConfig(hidden=tuple(c["hidden"]), dropout=c["dropout"],
+                            epochs=c["epochs"], batch_size=c["batch_size"], lr=c["lr"],
+                            seed=self.seed, patience=self.patience,
+                            max_seconds=self.max_train_seconds)
+                for c in candidates(self.search_space(), self.candidates, self.search,
+                                    seed=self.seed)]
 
     def train_config(self) -> TrainConfig:
-        """The :class:`~batch.train.TrainConfig` part of this configuration."""
-        return TrainConfig(hidden=tuple(self.hidden), dropout=self.dropout, epochs=self.epochs,
-                           batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-                           max_seconds=self.max_train_seconds)
+        """The first candidate's :class:`~batch.train.TrainConfig`."""
+        return self.train_configs()[0]
+
+
+@dataclass
+class CandidateReport:
+    """One trained candidate: its hyper-parameters, how training went and its metrics."""
+
+    index: int
+    params: dict[str, Any]
+    epochs_run: float
+    stopped: str
+    seconds: float
+    val_loss: float | None
+    val_accuracy: float | None
+    test: dict[str, float]
+    chosen: bool = False
 
 
 @dataclass
@@ -160,6 +249,12 @@ class JobResult:
     timings: dict[str, float] = field(default_factory=dict)
     ref: "ModelRef | None" = None
     manifest: "Manifest | None" = None
+    candidates: list[CandidateReport] = field(default_factory=list)
+    active_version: str | None = None
+    active_metrics: dict[str, float] | None = None
+    pruned: list[str] = field(default_factory=list)
+    constant_features: list[str] = field(default_factory=list)
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def exit_code(self) -> int:
@@ -178,13 +273,59 @@ class _Stages:
     def stage(self, name: str) -> Iterator[None]:
         self.progress(f"{name} ...")
         start = time.monotonic()
-        yield
-        self.timings[name] = round(time.monotonic() - start, 3)
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.monotonic() - start, 3)
+
+
+def _predict_proba(module: Any, X: np.ndarray) -> np.ndarray:
+    import torch
+
+    if len(X) == 0:
+        return np.empty((0, module.n_classes), np.float32)
+    with torch.inference_mode():
+        # Chunks bound the activations' memory on large splits.
+        return np.concatenate([
+            torch.softmax(module(torch.from_numpy(X[i:i + 8192])), dim=1).numpy()
+            for i in range(0, len(X), 8192)])
+
+
+def _validation_figures(module: Any, X: np.ndarray, y: np.ndarray
+                        ) -> tuple[float | None, float | None]:
+    if len(X) == 0:
+        return None, None
+    metrics = classification_metrics(y, _predict_proba(module, X))
+    return metrics["log_loss"], metrics["accuracy"]
+
+
+def _active_on_test(active: "LoadedModel", features: list[str], classes: list[Any],
+                    X_raw: np.ndarray, y_test: np.ndarray) -> tuple[dict[str, float] | None, str]:
+    """The active model's metrics on the candidate's test rows, or None and why not."""
+    if sorted(map(str, active.classes)) != sorted(map(str, classes)) or len(
+            active.classes) != len(classes):
+        return None, (f"the active model's classes {active.classes} differ from the data's "
+                      f"{classes}")
+    missing = [f for f in active.features if f not in features]
+    if missing:
+        return None, f"the data lacks the active model's features {missing[:5]}"
+    columns = [features.index(f) for f in active.features]
+    proba = active.predict_proba(X_raw[:, columns])
+    # Reorder the active model's probability columns into the candidate's class order.
+    by_label = {str(c): i for i, c in enumerate(active.classes)}
+    proba = proba[:, [by_label[str(c)] for c in classes]]
+    return classification_metrics(y_test, proba), "compared on the same test rows"
 
 
 def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" = None,
             progress: Progress | None = None) -> JobResult:
     """Rebuild a model from a Parquet dataset, and publish and announce it if it is good enough.
+
+    Steps: take the registry's run lock of the model; list (and window) the dataset; read it
+    in Spark; clean and split; fit preprocessing on the training split; collect; find the
+    active model; train the search's candidates; choose the best on the validation split;
+    evaluate it and the active model on the same test rows; apply the policy; publish (every
+    file, then the manifest), announce, and prune old generations.
 
     Parameters
     ----------
@@ -207,44 +348,79 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
     ------
     BatchError
         Bad data (:class:`~batch.errors.DataError`), unreachable storage
-        (:class:`~batch.errors.StorageError`) or Kafka (:class:`~batch.errors.AnnounceError`).
-    models.errors.ModelError
-        The candidate could not be published.
+        (:class:`~batch.errors.StorageError`), Kafka (:class:`~batch.errors.AnnounceError`),
+        another run in progress (:class:`~batch.errors.LockError`). The exception carries the
+        stage timings so far as ``timings``.
     """
+    from batch.lock import RegistryLock
+
+    say = progress or log.info
+    stages = _Stages(say)
+    model_name = config.model_name or settings.model_name
+    job_start = time.monotonic()
+    try:
+        if config.lock:
+            with stages.stage("lock"):
+                lock = RegistryLock(settings.registry_uri, settings.storage_options,
+                                    model_name, ttl_s=config.lock_ttl_s)
+                lock.acquire()
+            try:
+                return _run_locked(settings, config, spark, say, stages, model_name)
+            finally:
+                lock.release()
+        return _run_locked(settings, config, spark, say, stages, model_name)
+    except BaseException as exc:
+        stages.timings["total"] = round(time.monotonic() - job_start, 3)
+        exc.timings = dict(stages.timings)  # type: ignore[attr-defined]
+        raise
+    finally:
+        stages.timings["total"] = round(time.monotonic() - job_start, 3)
+
+
+def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | None",
+                say: Progress, stages: _Stages, model_name: str) -> JobResult:
     import torch
 
+    from batch.active import UpdateState, read_update_state
     from batch.announce import announce
-    from batch.lake import list_parquet_files, read_parquet
+    from batch.candidates import Arrays, train_candidates
+    from batch.lake import list_parquet_files, read_parquet, window_start, within_window
+    from batch.search import describe
     from models.manifest import Manifest
     from models.preprocessing import preprocessor_from_stats
     from models.registry import Registry
     from models.serving import LoadedModel
 
-    say = progress or log.info
-    stages = _Stages(say)
     data_uri = config.data_uri or settings.lake_uri
-    model_name = config.model_name or settings.model_name
     storage = settings.storage_options
     registry = Registry(settings.registry_uri, storage)
     own_session = spark is None
-    job_start = time.monotonic()
+    configs = config.train_configs()
     try:
+        since = window_start(config.window_days)
         # Listing first fails fast (before Spark starts) when the store is down or empty.
         with stages.stage("list"):
-            files = list_parquet_files(data_uri, storage)
+            all_files = list_parquet_files(data_uri, storage)
+            files = within_window(all_files, since)
             if not files:
-                raise DataError(f"no Parquet files under {data_uri}")
-        say(f"{len(files)} Parquet files under {data_uri}")
+                raise DataError(f"no Parquet files under {data_uri}"
+                                + (f" in the last {config.window_days} days" if since else ""))
+        say(f"{len(files)} Parquet files under {data_uri}"
+            + (f" (last {config.window_days} days: {len(all_files) - len(files)} older files "
+               "skipped)" if since else ""))
 
         with stages.stage("spark session"):
             if spark is None:
                 from batch.spark import get_session
-                spark = get_session()
+                spark = get_session(master=settings.spark_master,
+                                    driver_memory=settings.spark_driver_memory)
 
         with stages.stage("read"):
             raw = read_parquet(spark, data_uri, storage, files=files)
             features = prepare.feature_columns(raw.dtypes, config.id_col, config.label_col,
                                                config.exclude_cols)
+            if since is not None and "ts" in raw.columns and "ts" not in features:
+                raw = prepare.filter_since(raw, "ts", int(since.timestamp() * 1000))
             # Cached so that the store is read once; every later step starts from here.
             raw = raw.persist()
             rows_read = raw.count()
@@ -263,56 +439,114 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
         rows.update({split: sum(c.values()) for split, c in counts.items()})
         rows["usable"] = rows[prepare.TRAIN] + rows[prepare.VALIDATION] + rows[prepare.TEST]
         say(f"{rows['usable']} usable rows (train {rows['train']}, val {rows['val']}, "
-            f"test {rows['test']}); classes {classes}")
+            f"test {rows['test']}; {rows['read'] - rows['usable']} dropped: unlabelled or "
+            f"duplicate ids); classes {classes}")
+
+        state = UpdateState(active=None, pinned=None)
+        active: LoadedModel | None = None
+        if config.compare_active or config.keep_versions > 0:
+            with stages.stage("active model"):
+                state = read_update_state(settings, model_name, registry=registry)
+                version = state.active_version
+                if version and config.compare_active:
+                    try:
+                        ref = (state.active if state.active and state.active.version == version
+                               else registry.ref(model_name, version))
+                        active = registry.load_ref(ref)
+                    except ModelError as exc:
+                        say(f"cannot load the active model {version} to compare with: {exc}")
+            say(f"active model: {state.active_version or 'none'} (from the {state.source})"
+                + (f", pinned {state.pinned}" if state.pinned else ""))
 
         try:
             with stages.stage("fit preprocessing"):
                 train_rows = data.where(data[prepare.SPLIT_COL] == prepare.TRAIN)
-                preprocessor = preprocessor_from_stats(
-                    features, *prepare.feature_statistics(train_rows, features))
+                stats = prepare.feature_statistics(train_rows, features)
+                preprocessor = preprocessor_from_stats(features, *stats)
+                constant = prepare.constant_features(features, *stats)
+            if constant:
+                say(f"{len(constant)} constant feature(s) carry no information (kept, "
+                    f"standardised to 0): {constant[:10]}")
             with stages.stage("collect"):
                 arrays = prepare.collect_preprocessed(data, features, preprocessor, classes,
                                                       config.id_col, config.label_col)
                 reference_inputs = prepare.reference_rows(data, features, _REFERENCE_ROWS)
+                X_raw_test = (prepare.collect_raw(data, features, config.id_col)
+                              if active is not None else None)
         finally:
             data.unpersist()
 
+        X_train, y_train = arrays[prepare.TRAIN]
+        X_val, y_val = arrays[prepare.VALIDATION]
+        X_test, y_test = arrays[prepare.TEST]
+        say(f"{len(configs)} candidate{'s' if len(configs) > 1 else ''} "
+            f"({config.search if len(configs) > 1 else 'as configured'}): "
+            + "; ".join(describe(_params(c)) for c in configs))
         with stages.stage("train"):
             torch.set_num_threads(config.threads)
-            X_train, y_train = arrays[prepare.TRAIN]
-            X_val, y_val = arrays[prepare.VALIDATION]
-            from batch.train import train_classifier
-            result = train_classifier(X_train, y_train, len(classes), config.train_config(),
-                                      X_val=X_val, y_val=y_val, progress=say)
+            staging = config.staging_uri or f"{settings.registry_uri.rstrip('/')}/_staging"
+            results = train_candidates(
+                Arrays(X_train, y_train, X_val, y_val, len(classes)), configs,
+                threads=config.threads, parallelism=config.parallelism,
+                distributed=config.distributed, spark=spark,
+                staging_uri=staging if config.distributed else None,
+                storage_options=storage, progress=say)
 
         with stages.stage("evaluate"):
-            X_test, y_test = arrays[prepare.TEST]
-            with torch.inference_mode():
-                # Chunks bound the activations' memory on large test splits.
-                proba = np.concatenate([
-                    torch.softmax(result.module(torch.from_numpy(X_test[i:i + 8192])),
-                                  dim=1).numpy()
-                    for i in range(0, len(X_test), 8192)])
-            metrics = classification_metrics(y_test, proba)
+            reports = []
+            for i, (train_config, trained) in enumerate(zip(configs, results)):
+                val_loss, val_accuracy = _validation_figures(trained.module, X_val, y_val)
+                test = classification_metrics(y_test, _predict_proba(trained.module, X_test))
+                reports.append(CandidateReport(
+                    index=i + 1, params=_params(train_config), epochs_run=trained.epochs_run,
+                    stopped=trained.stopped, seconds=round(trained.seconds, 3),
+                    val_loss=val_loss, val_accuracy=val_accuracy, test=test))
+            # The choice uses the validation split only: the test split stays unseen by it.
+            best = min(range(len(reports)), key=lambda i: (
+                reports[i].val_loss if reports[i].val_loss is not None
+                else reports[i].test["log_loss"], i))
+            reports[best].chosen = True
+            result, metrics = results[best], dict(reports[best].test)
             baseline = majority_rate(counts[prepare.TEST])
             metrics["baseline_accuracy"] = baseline
-            decision = evaluate_policy(metrics, baseline)
+            active_metrics, comparison = None, "no active model"
+            if active is not None and X_raw_test is not None:
+                active_metrics, comparison = _active_on_test(active, list(features), classes,
+                                                             X_raw_test, y_test)
+                if active_metrics is None:
+                    say(f"not comparing with the active model {active.version}: {comparison}")
+            decision = evaluate_policy(
+                metrics, baseline, min_accuracy=config.min_accuracy, metric=config.metric,
+                active_metrics=active_metrics if config.compare_active else None,
+                active_version=active.version if active is not None else None,
+                tolerance=config.compare_tolerance)
+        if len(reports) > 1:
+            say(f"chose candidate {best + 1}/{len(reports)} (lowest validation loss)")
         say("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                             if isinstance(v, float)) + f"; {decision.reason}")
 
         training = {
             "data": data_uri, "id_col": config.id_col, "label_col": config.label_col,
-            "rows": rows,
+            "rows": rows, "window_days": config.window_days,
             "class_counts": {split: {str(c): n for c, n in sorted(cc.items())}
                              for split, cc in counts.items()},
+            "constant_features": constant,
             "seed": config.seed, "test_fraction": config.test_fraction,
-            "val_fraction": config.val_fraction, "epochs": config.epochs,
+            "val_fraction": config.val_fraction, "epochs": configs[best].epochs,
             "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-            "stopped": result.stopped, "batch_size": result.batch_size, "lr": config.lr,
-            "optimizer": "adam", "loss": "cross_entropy",
+            "stopped": result.stopped, "batch_size": result.batch_size,
+            "lr": configs[best].lr, "optimizer": "adam", "loss": "cross_entropy",
             "train_seconds": round(result.seconds, 3),
             "history": [{k: round(v, 6) for k, v in h.items()} for h in result.history],
-            "policy": decision.reason, "torch": torch.__version__,
+            "search": {"method": config.search, "candidates": len(reports),
+                       "chosen": best + 1,
+                       "results": [{"params": r.params, "val_loss": r.val_loss,
+                                    "val_accuracy": r.val_accuracy, "test": r.test,
+                                    "seconds": r.seconds} for r in reports]},
+            "distributed_processes": config.distributed,
+            "active_version": active.version if active is not None else None,
+            "active_metrics": active_metrics, "policy": decision.reason,
+            "torch": torch.__version__,
         }
         draft = Manifest(
             name=model_name, features=list(features), classes=list(classes),
@@ -327,7 +561,10 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
         job = JobResult(published=False, decision=decision, forced=False, model_name=model_name,
                         data_uri=data_uri, features=list(features), classes=list(classes),
                         rows=rows, metrics=metrics, training=training, manifest=draft,
-                        timings=stages.timings)
+                        timings=stages.timings, candidates=reports,
+                        active_version=active.version if active is not None else None,
+                        active_metrics=active_metrics, constant_features=constant,
+                        arrays=arrays if config.keep_arrays else None)
         if not decision.accepted and not config.force:
             say(f"candidate rejected: {decision.reason}")
             return job
@@ -345,11 +582,28 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
             with stages.stage("announce"):
                 announce(settings, job.ref)
             say(f"announced MODEL-REF on {settings.updates_topic!r}")
+        if config.keep_versions > 0:
+            with stages.stage("prune"):
+                # The new version becomes the active one once workers hear it; until then
+                # the one serving now must stay too, as must a pinned one.
+                protect = state.protected() | {job.ref.version}
+                try:
+                    job.pruned = registry.prune(model_name, config.keep_versions, protect)
+                except ModelError as exc:  # a leftover generation is no reason to fail
+                    say(f"could not prune old versions: {exc}")
+            if job.pruned:
+                say(f"removed {len(job.pruned)} old version(s), keeping "
+                    f"{config.keep_versions} and {sorted(protect - {job.ref.version})}: "
+                    f"{job.pruned}")
         return job
     finally:
-        stages.timings["total"] = round(time.monotonic() - job_start, 3)
         if own_session and spark is not None:
             spark.stop()
+
+
+def _params(config: TrainConfig) -> dict[str, Any]:
+    return {"lr": config.lr, "hidden": list(config.hidden), "dropout": config.dropout,
+            "epochs": config.epochs, "batch_size": config.batch_size}
 
 
 def bootstrap(settings: Settings, config: JobConfig, rows: int = DEFAULT_DEMO_ROWS,

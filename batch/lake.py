@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import pyarrow as pa
@@ -20,7 +22,8 @@ from models.storage import filesystem
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["list_parquet_files", "read_schema", "read_parquet", "read_files"]
+__all__ = ["list_parquet_files", "read_schema", "read_parquet", "read_files", "within_window",
+           "window_start"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,31 @@ log = logging.getLogger(__name__)
 # (the first and last ones: oldest and newest partitions) decides the schema.
 _MAX_SCHEMA_FILES = 200
 _BATCH_ROWS = 65_536
+_DT_RE = re.compile(r"/dt=(\d{4}-\d{2}-\d{2})(?:/|$)")
+
+
+def window_start(days: int, now: datetime | None = None) -> datetime | None:
+    """Start of the window of the last ``days`` days (UTC), or None for all history."""
+    if days <= 0:
+        return None
+    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc) - timedelta(days=days)
+
+
+def within_window(files: list[str], since: datetime | None) -> list[str]:
+    """The files whose ``dt=YYYY-MM-DD`` partition may hold rows at or after ``since``.
+
+    Partition pruning only: files of days before ``since``'s day are dropped without being
+    read; files without a ``dt=`` partition are kept (their rows are filtered by time later).
+    """
+    if since is None:
+        return list(files)
+    first_day = since.astimezone(timezone.utc).date().isoformat()
+    kept = []
+    for uri in files:
+        match = _DT_RE.search(uri)
+        if match is None or match.group(1) >= first_day:
+            kept.append(uri)
+    return kept
 
 
 def list_parquet_files(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:

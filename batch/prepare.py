@@ -24,7 +24,7 @@ __all__ = [
     "METADATA_COLUMNS", "SPLIT_COL", "TRAIN", "VALIDATION", "TEST",
     "feature_columns", "label_kind", "clean", "split_thresholds", "assign_splits",
     "add_split", "split_class_counts", "feature_statistics", "collect_preprocessed",
-    "reference_rows", "check_splits",
+    "reference_rows", "check_splits", "filter_since", "collect_raw", "constant_features",
 ]
 
 log = logging.getLogger(__name__)
@@ -279,10 +279,15 @@ def collect_preprocessed(df: "DataFrame", features: Sequence[str], preprocessor:
         [StructField("id", StringType()), StructField("split", StringType()),
          StructField("y", IntegerType())]
         + [StructField(f"x{i}", FloatType()) for i in range(len(features))])
-    body = functools.partial(_preprocess_batches, features=list(features),
+    # Positional names: mapInArrow resolves its input columns by name without quoting, so a
+    # feature called "a.b" would be read as a struct field.
+    names = [f"__f{i}" for i in range(len(features))]
+    body = functools.partial(_preprocess_batches, features=names,
                              preprocessing=preprocessor.to_dict(), classes=list(classes),
-                             id_col=id_col, label_col=label_col)
-    table = df.select(_col(id_col), *[_col(f) for f in features], _col(label_col),
+                             id_col="__id", label_col="__label")
+    table = df.select(_col(id_col).alias("__id"),
+                      *[_col(f).alias(n) for f, n in zip(features, names)],
+                      _col(label_col).alias("__label"),
                       SPLIT_COL).mapInArrow(body, schema).toArrow()
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     order = np.argsort(ids, kind="stable")
@@ -303,3 +308,44 @@ def reference_rows(df: "DataFrame", features: Sequence[str], n: int = 8) -> np.n
             .limit(n).collect())
     return np.array([[np.nan if v is None else float(v) for v in row] for row in rows],
                     dtype=np.float64).reshape(-1, len(features))
+
+
+def filter_since(df: "DataFrame", ts_col: str, since_ms: int) -> "DataFrame":
+    """Rows whose event time ``ts_col`` (epoch milliseconds) is at or after ``since_ms``."""
+    from pyspark.sql import functions as F
+
+    return df.where(_col(ts_col) >= F.lit(int(since_ms)))
+
+
+def collect_raw(df: "DataFrame", features: Sequence[str], id_col: str, split: str = TEST
+                ) -> np.ndarray:
+    """Cleaned raw feature rows of one split, float64 (missing = NaN), sorted by id.
+
+    Sorted as :func:`collect_preprocessed` sorts, so row ``i`` here is row ``i`` of its split
+    there: another model can be scored on exactly the candidate's test rows.
+    """
+    from pyspark.sql import functions as F
+
+    table = (df.where(F.col(SPLIT_COL) == split)
+             .select(_col(id_col).alias("__id"), *[_col(f) for f in features]).toArrow())
+    if len(table) == 0:
+        return np.empty((0, len(features)), np.float64)
+    ids = np.asarray(table.column("__id").to_pylist(), dtype=object)
+    order = np.argsort(ids, kind="stable")
+    X = np.column_stack([table.column(i + 1).to_numpy(zero_copy_only=False).astype(np.float64)
+                         for i in range(len(features))])
+    return X[order]
+
+
+def constant_features(features: Sequence[str], count: np.ndarray, total: np.ndarray,
+                      sumsq: np.ndarray) -> list[str]:
+    """Features with fewer than two present training values or no spread among them.
+
+    They carry no information; they stay in the model (standardised to 0, so serving can
+    keep sending them) and the run reports them.
+    """
+    count = np.asarray(count, np.float64)
+    mean = np.where(count > 0, np.asarray(total) / np.maximum(count, 1.0), 0.0)
+    var = np.asarray(sumsq) / np.maximum(count, 1.0) - mean ** 2
+    flat = (count < 2) | (var <= 1e-12 * np.maximum(mean ** 2, 1.0))
+    return [name for name, is_flat in zip(features, flat) if is_flat]

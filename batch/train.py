@@ -92,10 +92,36 @@ def _mean_loss(module: nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int =
     return total / max(len(X), 1)
 
 
+def _global_sum(value: float, world: int) -> float:
+    """Sum of ``value`` over the processes of the group (``value`` itself alone)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor[0])
+
+
+def _any_process(flag: bool, world: int) -> bool:
+    """True when ``flag`` is true in any process of the group."""
+    return _global_sum(1.0 if flag else 0.0, world) > 0 if world > 1 else flag
+
+
+def _global_mean_loss(module: nn.Module, X: torch.Tensor, y: torch.Tensor, world: int
+                      ) -> float:
+    """Mean loss over the rows of every process (each holds its own share)."""
+    if world == 1:
+        return _mean_loss(module, X, y)
+    local = _mean_loss(module, X, y) * len(X)
+    return _global_sum(local, world) / max(_global_sum(float(len(X)), world), 1.0)
+
+
 def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
                      config: TrainConfig = TrainConfig(),
                      X_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
-                     progress: Callable[[str], None] | None = None) -> TrainResult:
+                     progress: Callable[[str], None] | None = None,
+                     distributed: bool = False) -> TrainResult:
     """Train an :class:`~models.classifier.MLPClassifier` on preprocessed rows.
 
     Parameters
@@ -113,6 +139,12 @@ def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
         and training stops after ``config.patience`` epochs without improvement.
     progress : callable, optional
         Receives one line per epoch.
+    distributed : bool
+        Data-parallel training in an initialised :mod:`torch.distributed` process group: every
+        process holds the same rows and draws the same shuffled order; each global mini-batch is
+        split between the processes and DDP averages the gradients, so an optimiser step is the
+        one single-process training takes on the same batch. Losses and the stopping decisions
+        are reduced across processes, so every process stops at the same step.
 
     Returns
     -------
@@ -134,6 +166,15 @@ def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
         Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32))
         yv = torch.from_numpy(np.asarray(y_val, dtype=np.int64))
     module = MLPClassifier(X.shape[1], n_classes, hidden=config.hidden, dropout=config.dropout)
+    rank, world, network = 0, 1, module
+    if distributed:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        network = DistributedDataParallel(module)
+        if has_val:
+            Xv, yv = Xv[rank::world], yv[rank::world]
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
     loss_fn = nn.CrossEntropyLoss()
     n = len(X)
@@ -154,24 +195,30 @@ def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
         total, steps, out_of_time = 0.0, 0, False
         for step in range(steps_per_epoch):
             idx = order[step * bs:(step + 1) * bs]
+            if world > 1:
+                # Each process takes every world-th row of the global batch (a last batch
+                # smaller than the world repeats its first row: every process must step).
+                idx = idx[rank::world] if len(idx) > rank else idx[:1]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(module(X[idx]), y[idx])
+            loss = loss_fn(network(X[idx]), y[idx])
             loss.backward()
             optimizer.step()
             total += loss.item() * len(idx)
             steps += 1
-            if config.max_seconds is not None and time.monotonic() - start > config.max_seconds:
-                out_of_time = True
-                break
+            if config.max_seconds is not None:
+                late = time.monotonic() - start > config.max_seconds
+                if _any_process(late, world):
+                    out_of_time = True
+                    break
         seen = min(steps * bs, n)
         epochs_run += seen / n
-        record = {"epoch": float(epoch), "train_loss": total / seen,
+        record = {"epoch": float(epoch), "train_loss": _global_sum(total, world) / seen,
                   "seconds": time.monotonic() - start}
         if has_val:
-            record["val_loss"] = _mean_loss(module, Xv, yv)
+            record["val_loss"] = _global_mean_loss(module, Xv, yv, world)
         history.append(record)
         score = record.get("val_loss", record["train_loss"])
-        if progress:
+        if progress and rank == 0:
             progress(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}"
                      + (f", val loss {record['val_loss']:.4f}" if has_val else "")
                      + f" ({record['seconds']:.1f}s)" + (" [time budget]" if out_of_time else ""))

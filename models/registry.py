@@ -345,6 +345,57 @@ class Registry:
                                 f"is {model.name}/{model.version}")
         return model
 
+    # ---------------------------------------------------------------------------- generations
+    def delete_version(self, name: str, version: str) -> None:
+        """Remove one version: its manifest first (the version disappears at once, as a whole),
+        then the rest of its files.
+
+        Raises
+        ------
+        ArtifactError
+            The store cannot be written.
+        """
+        check_path_segment("model name", name)
+        check_path_segment("version", version)
+        directory = self._dir(name, version)
+        try:
+            if self._fs.exists(f"{directory}/{MANIFEST_FILE}"):
+                self._fs.rm_file(f"{directory}/{MANIFEST_FILE}")
+            if self._fs.exists(directory):
+                self._fs.rm(directory, recursive=True)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise ArtifactError(f"cannot delete {name}/{version}: {_describe(exc)}") from exc
+        log.info("deleted %s/%s", name, version)
+
+    def prune(self, name: str, keep: int, protect: "set[str] | frozenset[str]" = frozenset()
+              ) -> list[str]:
+        """Delete all but the newest ``keep`` complete versions of ``name``.
+
+        Parameters
+        ----------
+        name : str
+            Model name.
+        keep : int
+            Generations to keep; 0 or less keeps everything.
+        protect : set of str
+            Versions never deleted whatever their age: the active and the pinned one.
+
+        Returns
+        -------
+        list of str
+            The deleted versions, oldest first.
+        """
+        if keep <= 0:
+            return []
+        versions = self.versions(name)
+        kept = set(versions[-keep:]) | set(protect)
+        doomed = [v for v in versions if v not in kept]
+        for version in doomed:
+            self.delete_version(name, version)
+        return doomed
+
     # ------------------------------------------------------------------------------ internals
     def _path_of(self, uri: str) -> str:
         protocol = fsspec.core.split_protocol(uri)[0] or "file"

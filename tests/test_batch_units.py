@@ -9,7 +9,7 @@ import torch
 
 from batch import prepare
 from batch.__main__ import build_parser
-from batch.errors import BatchError, DataError
+from batch.errors import DataError
 from batch.evaluate import classification_metrics, evaluate_policy, majority_rate, roc_auc
 from batch.job import JobConfig
 from batch.spark import spark_error_reason
@@ -155,13 +155,23 @@ def test_hidden_sizes_parse_from_the_command_line_format() -> None:
             parse_hidden(bad)
 
 
-def test_job_config_reads_the_environment_and_options_override_it() -> None:
-    env = {"BATCH_EPOCHS": "7", "BATCH_HIDDEN": "32,16", "BATCH_MAX_TRAIN_SECONDS": "20"}
+def test_job_config_reads_the_settings_and_options_override_them() -> None:
+    from app.settings import SettingsError
+
+    env = {"BATCH_EPOCHS": "7", "BATCH_HIDDEN": "32,16", "BATCH_MAX_TRAIN_SECONDS": "20",
+           "BATCH_CANDIDATES": "3", "BATCH_WINDOW_DAYS": "14"}
     config = JobConfig.from_env(env, epochs=2, model_name=None)
-    assert (config.epochs, config.hidden, config.max_train_seconds) == (2, (32, 16), 20.0)
-    assert JobConfig.from_env({}).hidden == (500, 1000, 500)
-    with pytest.raises(BatchError, match="BATCH_EPOCHS='many'"):
+    (train,) = config.train_configs()[:1]
+    assert (train.epochs, train.hidden, train.max_seconds) == (2, (32, 16), 20.0)
+    assert (config.candidates, config.window_days, config.model_name) == (3, 14, None)
+    assert JobConfig.from_env({}).train_config().hidden == (500, 1000, 500)
+    assert JobConfig.from_env({}).max_train_seconds is None
+    with pytest.raises(SettingsError, match="BATCH_EPOCHS='many'"):
         JobConfig.from_env({"BATCH_EPOCHS": "many"})
+    with pytest.raises(SettingsError, match="BATCH_LR='0.01:0.001'.*low < high"):
+        JobConfig.from_env({"BATCH_LR": "0.01:0.001"})
+    with pytest.raises(SettingsError, match="BATCH_SEARCH"):
+        JobConfig.from_env({"BATCH_SEARCH": "bayes"})
 
 
 def test_command_line_knows_the_contract_commands() -> None:
@@ -173,7 +183,11 @@ def test_command_line_knows_the_contract_commands() -> None:
     assert parser.parse_args(["run"]).force is None
     assert parser.parse_args(["demo-data", "--rows", "10"]).rows == 10
     assert parser.parse_args(["bootstrap"]).command == "bootstrap"
-    assert parser.parse_args(["schedule", "--epochs", "1"]).epochs == 1
+    assert parser.parse_args(["schedule", "--epochs", "1"]).epochs == "1"
+    searched = parser.parse_args(["run", "--lr", "0.0003:0.01", "--hidden", "64,32|128",
+                                  "--candidates", "4", "--search", "grid", "--distributed", "2"])
+    assert (searched.lr, searched.hidden, searched.candidates, searched.search,
+            searched.distributed) == ("0.0003:0.01", "64,32|128", 4, "grid", 2)
 
 
 def test_spark_failures_are_reduced_to_the_python_error_line() -> None:

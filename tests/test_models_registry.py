@@ -249,3 +249,40 @@ def test_the_onnx_export_computes_the_same_logits(registry: Registry) -> None:
     with torch.inference_mode():
         expected = module(torch.from_numpy(X)).numpy()
     np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+def test_prune_keeps_the_newest_generations_and_every_protected_version(registry: Registry
+                                                                          ) -> None:
+    refs = [registry.publish(*make_candidate(seed=i), onnx=False) for i in range(5)]
+    versions = [r.version for r in refs]
+    assert registry.prune("default", keep=0) == []  # 0 keeps everything
+    removed = registry.prune("default", keep=2, protect={versions[0]})
+    assert removed == versions[1:3]
+    assert registry.versions("default") == [versions[0], versions[3], versions[4]]
+    assert not version_dir(registry, refs[1]).exists()
+    # What is left still loads; a deleted version is refused with the reason.
+    registry.load_ref(refs[0])
+    with pytest.raises(ArtifactError, match="does not exist"):
+        registry.load_ref(refs[1])
+
+
+def test_deleting_a_version_removes_its_manifest_first(registry: Registry,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = registry.publish(*make_candidate(), onnx=False)
+    fs = registry._fs
+    removed: list[str] = []
+    real_rm_file = fs.rm_file
+
+    def failing_rm(path: str, *args: Any, **kwargs: Any) -> None:
+        removed.append(path)
+        raise OSError("store went away")
+
+    # The manifest goes first: if the store fails right after, the version is already
+    # incomplete (invisible), never a manifest pointing at missing weights.
+    monkeypatch.setattr(fs, "rm_file", failing_rm)
+    with pytest.raises(ArtifactError, match="cannot delete default/.*store went away"):
+        registry.delete_version("default", ref.version)
+    assert removed and removed[0].endswith("/manifest.json")
+    monkeypatch.setattr(fs, "rm_file", real_rm_file)
+    registry.delete_version("default", ref.version)
+    assert registry.versions("default") == []

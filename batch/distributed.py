@@ -1,0 +1,181 @@
+"""Data-parallel training across Spark tasks with :class:`TorchDistributor`.
+
+The driver stages the preprocessed arrays as ``.npy`` files under a staging URI (the registry's
+store by default, so executors on other machines read them the way they read the lake), and
+TorchDistributor starts one barrier task per process; each runs ``torchrun`` for one node, joins
+a gloo process group and calls :func:`batch.train.train_classifier` with ``distributed=True``.
+Rank 0's weights come back to the driver.
+
+``local_mode=False`` is used on every master, ``local[N]`` included: the processes then run as
+Spark tasks (as they will on a cluster), and the rendezvous address is the first task's
+address, which is 127.0.0.1 when ``SPARK_LOCAL_IP`` pins Spark to loopback (the job's default);
+gloo is pinned to the loopback interface too in that case. Each process uses one torch thread,
+so N processes never oversubscribe N cores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import secrets
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import numpy as np
+
+from batch.errors import StorageError, TrainingError
+from batch.train import TrainConfig, TrainResult
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from batch.candidates import Arrays
+
+__all__ = ["train_distributed", "ARRAY_NAMES"]
+
+log = logging.getLogger(__name__)
+
+ARRAY_NAMES = ("X_train", "y_train", "X_val", "y_val")
+
+
+def _stage(arrays: "Arrays", uri: str, storage_options: Mapping[str, Any] | None) -> None:
+    from models.storage import ensure_bucket, filesystem
+
+    fs, path = filesystem(uri, storage_options)
+    try:
+        ensure_bucket(fs, path)
+        fs.makedirs(path, exist_ok=True)
+        for name in ARRAY_NAMES:
+            buffer = io.BytesIO()
+            np.save(buffer, getattr(arrays, name))
+            fs.pipe_file(f"{path}/{name}.npy", buffer.getvalue())
+    except Exception as exc:
+        raise StorageError(f"cannot stage training data at {uri}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def _unstage(uri: str, storage_options: Mapping[str, Any] | None) -> None:
+    from models.storage import filesystem
+
+    try:
+        fs, path = filesystem(uri, storage_options)
+        fs.rm(path, recursive=True)
+    except Exception:  # leftovers are harmless: the next run uses a new directory
+        log.warning("could not remove staged training data at %s", uri, exc_info=True)
+
+
+def _train_process(uri: str, storage_options: dict[str, Any], n_classes: int,
+                   config: dict[str, Any], loopback: bool) -> tuple[bytes, dict[str, Any]] | None:
+    """Body of every distributed process (runs under ``torchrun`` in a Spark task)."""
+    import torch
+    import torch.distributed as dist
+
+    from batch.train import TrainConfig, train_classifier
+    from models.storage import filesystem
+
+    torch.set_num_threads(1)
+    if loopback:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo")
+    try:
+        fs, path = filesystem(uri, storage_options)
+        data = {name: np.load(io.BytesIO(fs.cat_file(f"{path}/{name}.npy")))
+                for name in ARRAY_NAMES}
+        rank = dist.get_rank()
+
+        def say(line: str) -> None:
+            print(f"[distributed rank {rank}] {line}", flush=True)
+
+        result = train_classifier(data["X_train"], data["y_train"], n_classes,
+                                  TrainConfig(**config), X_val=data["X_val"],
+                                  y_val=data["y_val"], progress=say, distributed=True)
+        if rank != 0:
+            return None
+        buffer = io.BytesIO()
+        torch.save(result.module.state_dict(), buffer)
+        fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)
+                  if f.name != "module"}
+        return buffer.getvalue(), fields
+    finally:
+        # Leaving together: a process that exits while a peer still uses the group aborts.
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def train_distributed(spark: "SparkSession", arrays: "Arrays", config: TrainConfig,
+                      processes: int, *, staging_uri: str | None = None,
+                      storage_options: Mapping[str, Any] | None = None,
+                      progress: Callable[[str], None] | None = None) -> TrainResult:
+    """Train one candidate data-parallel over ``processes`` Spark barrier tasks.
+
+    Parameters
+    ----------
+    spark : pyspark.sql.SparkSession
+        Needs at least ``processes`` task slots.
+    arrays : batch.candidates.Arrays
+        Preprocessed rows.
+    config : TrainConfig
+        Hyper-parameters; the global mini-batch is ``config.batch_size`` as in one process.
+    processes : int
+        Number of training processes (Spark tasks).
+    staging_uri : str, optional
+        Directory for the staged arrays (default: a local temporary directory, which only a
+        ``local[N]`` master can read); a fresh sub-directory is used and removed afterwards.
+    storage_options : mapping, optional
+        fsspec options for ``staging_uri``.
+    progress : callable, optional
+        Receives the per-epoch lines of rank 0 once training is over.
+
+    Raises
+    ------
+    TrainingError
+        The distributed run failed (the reason of the first failing process).
+    StorageError
+        The arrays could not be staged.
+    """
+    import tempfile
+
+    import torch
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from models.classifier import MLPClassifier
+
+    say = progress or log.info
+    cleanup_dir = None
+    if staging_uri is None:
+        cleanup_dir = tempfile.mkdtemp(prefix="stratum-staging-")
+        staging_uri = f"file://{cleanup_dir}"
+    uri = f"{staging_uri.rstrip('/')}/{secrets.token_hex(8)}"
+    _stage(arrays, uri, storage_options)
+    loopback = os.environ.get("SPARK_LOCAL_IP", "") in ("127.0.0.1", "localhost")
+    say(f"training on {processes} Spark tasks with TorchDistributor (gloo, 1 thread each)")
+    try:
+        distributor = TorchDistributor(num_processes=processes, local_mode=False,
+                                       use_gpu=False)
+        output = distributor.run(_train_process, uri, dict(storage_options or {}),
+                                 arrays.n_classes, dataclasses.asdict(config), loopback)
+    except Exception as exc:
+        from batch.spark import spark_error_reason
+
+        raise TrainingError(f"distributed training on {processes} processes failed: "
+                            f"{spark_error_reason(exc)}") from exc
+    finally:
+        _unstage(uri, storage_options)
+        if cleanup_dir is not None:
+            import shutil
+
+            shutil.rmtree(cleanup_dir, ignore_errors=True)
+    if output is None:
+        raise TrainingError("distributed training returned no model from rank 0")
+    weights, fields = output
+    module = MLPClassifier(arrays.X_train.shape[1], arrays.n_classes, hidden=config.hidden,
+                           dropout=config.dropout)
+    module.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu",
+                                      weights_only=True))
+    result = TrainResult(module=module.eval(), **fields)
+    for record in result.history:
+        say(f"epoch {int(record['epoch'])}/{config.epochs}: train loss "
+            f"{record['train_loss']:.4f}"
+            + (f", val loss {record['val_loss']:.4f}" if "val_loss" in record else "")
+            + f" ({record['seconds']:.1f}s)")
+    return result

@@ -1,0 +1,177 @@
+"""The batch layer as system of record: the not-worse policy, generations with pins, the run
+record on the metrics topic, and an S3 outage in the middle of a run.
+
+Real parts throughout: the session's Kafka broker, S3 servers (the outage test starts one of
+its own so that it can stop it) and local Spark.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from app.settings import Settings
+from app.stack import DEFAULT_CACHE_DIR, LocalStack, free_port
+from batch.job import EXIT_REJECTED, JobConfig, run_job
+from models.registry import Registry
+from tests.support import announce, consume_until, publish_small_model, run
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[Any]:
+    from batch.spark import get_session
+
+    session = get_session(app_name="stratum-batch-policy-tests")
+    yield session
+    session.stop()
+
+
+def xor_table(n: int = 3000, seed: int = 0) -> pa.Table:
+    """A label a network learns (the sign of x * y) and a linear model barely does."""
+    rng = np.random.default_rng(seed)
+    x, y = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
+    label = np.where(x * y > 0, "pos", "neg")
+    hint = (label == "pos") + rng.normal(0, 1.5, n)  # a weak linear signal
+    return pa.table({"id": [f"e{i}" for i in range(n)], "x": x, "y": y, "hint": hint,
+                     "label": label})
+
+
+def write_dataset(settings: Settings, name: str, table: pa.Table) -> str:
+    uri = f"{settings.lake_uri.rsplit('/lake/', 1)[0]}/datasets/{name}"
+    fs = s3fs.S3FileSystem(**settings.storage_options)
+    with fs.open(f"{uri}/part-0.parquet", "wb") as out:
+        pq.write_table(table, out)
+    return uri
+
+
+GOOD = dict(hidden=(32, 16), dropout=0.0, epochs=25, batch_size=64, lr=0.01, patience=5)
+
+
+def test_a_candidate_worse_than_the_active_model_is_not_published(
+        spark: Any, settings_env: Callable[..., dict[str, str]], kafka_broker: Any) -> None:
+    settings = Settings.from_env(settings_env())
+    uri = write_dataset(settings, "xor", xor_table())
+    registry = Registry(settings.registry_uri, settings.storage_options)
+
+    first = run_job(settings, JobConfig(data_uri=uri, **GOOD), spark=spark)
+    assert first.published and first.active_version is None
+    assert first.metrics["accuracy"] > 0.85
+
+    # A logistic regression cannot learn x * y: it beats the majority rate through the weak
+    # hint, but it is worse than the network that serves now, on the very same test rows.
+    linear = JobConfig(data_uri=uri, **{**GOOD, "hidden": (), "epochs": 3})
+    rejected = run_job(settings, linear, spark=spark)
+    assert not rejected.published and rejected.exit_code == EXIT_REJECTED
+    assert rejected.active_version == first.ref.version
+    assert "worse than the active model" in rejected.decision.reason
+    assert rejected.active_metrics["accuracy"] == pytest.approx(first.metrics["accuracy"],
+                                                                abs=1e-6)
+    assert registry.versions(settings.model_name) == [first.ref.version]
+    updates = run(consume_until(kafka_broker.bootstrap, settings.updates_topic,
+                                lambda values: len(values) >= 1))
+    assert [m["version"] for m in updates if m["type"] == "MODEL-REF"] == [first.ref.version]
+
+    # With the comparison switched off the same candidate passes.
+    relaxed = run_job(settings, dataclasses.replace(linear, compare_active=False,
+                                                    announce=False), spark=spark)
+    assert relaxed.published
+
+
+def test_generations_keep_the_newest_the_active_and_the_pinned_version(
+        spark: Any, settings_env: Callable[..., dict[str, str]], kafka_broker: Any) -> None:
+    settings = Settings.from_env(settings_env())
+    registry = Registry(settings.registry_uri, settings.storage_options)
+    old = [publish_small_model(registry, "default", ["x", "y", "hint"], ["neg", "pos"], seed=i)
+           for i in range(3)]
+    for ref in old:
+        run(announce(kafka_broker.bootstrap, settings.updates_topic, ref.to_message()))
+    # An operator pins the first version; the third is the newest announced one.
+    run(announce(kafka_broker.bootstrap, settings.updates_topic,
+                 {"type": "PIN", "model": "default", "version": old[0].version}))
+    uri = write_dataset(settings, "xor", xor_table(1500, seed=1))
+    lines: list[str] = []
+    result = run_job(settings, JobConfig(data_uri=uri, keep_versions=1, compare_active=False,
+                                         **{**GOOD, "epochs": 2}),
+                     spark=spark, progress=lines.append)
+    assert result.published
+    assert result.pruned == [old[1].version]
+    assert registry.versions("default") == [old[0].version, old[2].version, result.ref.version]
+    assert any("active model: " + old[0].version in line and "pinned" in line
+               for line in lines)
+
+
+def _lines_until(proc: subprocess.Popen[str], marker: str, seen: list[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            return
+    raise AssertionError(f"the run ended before {marker!r}:\n{''.join(seen)}")
+
+
+def test_s3_down_mid_run_fails_clearly_announces_nothing_and_keeps_the_active_model(
+        tmp_path: Path, settings_env: Callable[..., dict[str, str]], kafka_broker: Any) -> None:
+    from batch.demo_data import write_lake
+
+    port = free_port()
+    data_dir = tmp_path / "s3"
+    own = LocalStack(cache_dir=DEFAULT_CACHE_DIR, data_dir=data_dir, with_kafka=False,
+                     s3_port=port).start()
+    try:
+        env = settings_env(S3_ENDPOINT_URL=own.s3_endpoint_url, LAKE_URI="s3://outage/lake",
+                           REGISTRY_URI="s3://outage/models", AWS_MAX_ATTEMPTS="1",
+                           BATCH_HIDDEN="16", BATCH_EPOCHS="3", BATCH_LOCK_TTL_S="60")
+        settings = Settings.from_env(env)
+        registry = Registry(settings.registry_uri, settings.storage_options)
+        write_lake(settings.lake_uri, settings.storage_options, 3000, seed=2)
+        from batch.demo_data import FEATURES
+        active = publish_small_model(registry, "default", FEATURES, ["b", "s"])
+        run(announce(kafka_broker.bootstrap, settings.updates_topic, active.to_message()))
+
+        proc = subprocess.Popen([sys.executable, "-m", "batch", "run"], cwd=REPO,
+                                env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        seen: list[str] = []
+        try:
+            _lines_until(proc, "] train ...", seen)
+            own.stop()  # the S3 endpoint goes away while the candidates train
+            out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode not in (0, 3), "".join(seen) + out + err
+        errors = [line for line in err.splitlines() if line.startswith("batch: error:")]
+        assert len(errors) == 1 and "cannot publish default" in errors[0], err
+        assert "published" not in out
+
+        updates = run(consume_until(kafka_broker.bootstrap, settings.updates_topic,
+                                    lambda values: len(values) >= 1))
+        assert [m.get("version") for m in updates] == [active.version]
+        records = run(consume_until(kafka_broker.bootstrap, settings.metrics_topic,
+                                    lambda values: any(v.get("type") == "batch-run"
+                                                       for v in values)))
+        (record,) = [r for r in records if r.get("type") == "batch-run"]
+        assert record["status"] == "failed" and record["exit_code"] == 1
+        assert "cannot publish default" in record["reason"]
+        assert {"read", "train", "evaluate"} <= set(record["timings"])
+    finally:
+        own.stop()
+
+    # The store comes back as it was: the active version is the only one and still loads.
+    with LocalStack(cache_dir=DEFAULT_CACHE_DIR, data_dir=data_dir, with_kafka=False,
+                    s3_port=port):
+        assert registry.versions("default") == [active.version]
+        registry.load_ref(active)
