@@ -20,6 +20,7 @@ from faust.types import EventT
 from agents.metrics import BATCH_SECONDS, BATCH_SIZE, EVENTS_DEAD_LETTERED, EVENTS_SCORED
 from agents.model_manager import model_manager
 from agents.scoring import SourceMessage, class_counts, feature_matrix, predictions_from, triage
+from agents.speed import LABELLED_TOPIC, labelled_messages
 from app import app
 from app.schemas import dead_letter_message
 
@@ -60,6 +61,8 @@ scoring_executor = ThreadPoolExecutor(1, thread_name_prefix="scoring", initializ
 #: scores the next batch while earlier ones are in flight; each batch is acknowledged only
 #: when all of its own messages are stored.
 MAX_BATCHES_IN_FLIGHT = 4
+#: A micro-batch whose messages wait longer than this for the broker is logged.
+SLOW_SEND_S = 5.0
 
 
 @app.agent(events_topic, concurrency=1)
@@ -79,6 +82,9 @@ async def score_events(stream: Any) -> None:
                                  or len(in_flight) > MAX_BATCHES_IN_FLIGHT):
                 await in_flight.popleft()
     finally:
+        if in_flight:
+            log.info("serving agent stopping with %d micro-batches awaiting the broker; their "
+                     "events will be delivered again", len(in_flight))
         for future in in_flight:
             future.cancel()
 
@@ -101,6 +107,11 @@ async def _answer(events: list[EventT]) -> list[asyncio.Future[Any]]:
             pending.append(await class_count_deltas.send(key=cls, value=n))
         pending.append(await version_count_deltas.send(key=model.version,
                                                        value=len(predictions)))
+        # Labelled events, with what was predicted before anything learns from them, feed
+        # the quality table and the speed layer (one partition: one learner).
+        for value in labelled_messages(model, valid, probabilities):
+            pending.append(await app.producer.send(LABELLED_TOPIC, None, value, partition=0,
+                                                   timestamp=None, headers=None))
         EVENTS_SCORED.labels(model.version).inc(len(predictions))
     for r in rejected:
         log.warning("dead-lettered %s[%s]@%s: %s", r.message.topic, r.message.partition,
@@ -116,7 +127,13 @@ async def _acknowledge_when_stored(stream: Any, events: list[EventT],
                                    pending: list[asyncio.Future[Any]], started: float) -> None:
     """Acknowledge ``events`` (so their offsets may be committed) once the broker has stored
     every message they produced; a failed send raises and leaves them unacknowledged."""
-    await asyncio.gather(*pending)
+    futures = [asyncio.ensure_future(p) for p in pending]
+    _, waiting = await asyncio.wait(futures, timeout=SLOW_SEND_S)
+    if waiting:
+        log.warning("%d of %d messages of a micro-batch not stored by the broker after %ss; "
+                    "its events stay unacknowledged until they are", len(waiting),
+                    len(futures), SLOW_SEND_S)
+    await asyncio.gather(*futures)
     for event in events:
         await stream.ack(event)
     BATCH_SIZE.observe(len(events))

@@ -106,6 +106,12 @@ class Models(StratumView):
 class AdminView(StratumView):
     """An operator endpoint: 404 unless ADMIN_TOKEN is set, 401 without the right token."""
 
+    async def dispatch(self, request: Any) -> Any:
+        refused = self.refuse(request)
+        if refused is not None:
+            return refused
+        return await super().dispatch(request)
+
     def refuse(self, request: web.Request) -> web.Response | None:
         """The error response for a request that may not use this endpoint, or None."""
         if not settings.admin_token:
@@ -138,9 +144,6 @@ class Pin(AdminView):
     """Pin a version on every worker (``{"version": null}`` lifts the pin)."""
 
     async def post(self, request: web.Request) -> web.Response:
-        refused = self.refuse(request)
-        if refused is not None:
-            return refused
         try:
             payload = json.loads(await request.read())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -165,9 +168,6 @@ class Rollback(AdminView):
     """Pin, on every worker, the version announced before the one serving now."""
 
     async def post(self, request: web.Request) -> web.Response:
-        refused = self.refuse(request)
-        if refused is not None:
-            return refused
         base = model_manager.base
         target = await model_manager.rollback_target()
         if base is None or target is None:

@@ -75,6 +75,9 @@ def create_app(settings: Settings) -> StratumApp:
         # Room for a whole micro-batch of predictions per partition in one produce request.
         producer_max_batch_size=512 * 1024,
         producer_acks=-1,
+        # A produce request the broker never answers fails after a minute (Faust's default
+        # is 20): the micro-batch stays unacknowledged and its events are delivered again.
+        producer_request_timeout=60.0,
         stream_buffer_maxsize=8192,
         broker_commit_every=5000,
         broker_commit_interval=1.0,

@@ -79,8 +79,11 @@ def cluster(settings_env: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
     c = Cluster(env, tmp_path_factory.mktemp("swap"))
     run(ensure_topics(c.settings))
     c.announce(c.publish("v1").to_message())
-    c.workers = [c.start_worker(0), c.start_worker(1, str(free_port()))]
+    c.workers = [c.start_worker(0)]
     try:
+        # The second worker joins a group the first already serves, as in a scale-out.
+        assert c.workers[0].wait_ready() == {"model_version": c.versions["v1"].version}
+        c.workers.append(c.start_worker(1, str(free_port())))
         for w in c.workers:
             assert w.wait_ready() == {"model_version": c.versions["v1"].version}
         yield c
@@ -202,3 +205,42 @@ def test_pin_needs_the_token_reaches_every_worker_and_survives_a_restart(
     c.wait_all(lambda s: s["active"] == v2 and s["pinned"] == v2, "rolled back to v2")
     run(produce(c.bootstrap, c.settings.events_topic, events("rolled-back", 40)))
     assert {p["model_version"] for p in predictions_for(c, "rolled-back", 40)} == {v2}
+
+
+def up(c: Cluster, base: str, seq: int, favour: int = 1) -> dict[str, Any]:
+    """An UP message for ``base`` whose output layer always predicts class ``favour``."""
+    from models.online import ModelUpdate
+
+    bias = np.full(len(CLASSES), -20.0, dtype=np.float32)
+    bias[favour] = 20.0
+    return ModelUpdate(model=c.settings.model_name, base_version=base, seq=seq,
+                       weight=np.zeros((len(CLASSES), 8), dtype=np.float32), bias=bias,
+                       n_examples=64, created_at="2026-11-23T00:00:00Z").to_message()
+
+
+def test_updates_apply_in_order_to_their_base_only(cluster: Cluster) -> None:
+    c = cluster
+    v1, v2, v3 = (c.versions[k].version for k in ("v1", "v2", "v3"))
+    c.wait_all(lambda s: s["base_version"] == v2, "v2 serving (pinned by the rollback)")
+    c.announce(up(c, v2, 2))
+    c.wait_all(lambda s: s["active"] == f"{v2}+2" and s["update_seq"] == 2, "v2+2")
+    dropped = [c.models(w)["updates_dropped"] for w in c.workers]
+
+    c.announce(up(c, v2, 1, favour=0))  # stale: older than what serves
+    c.announce(up(c, v1, 7, favour=0))  # another base: kept aside, not applied
+    c.announce({**up(c, v2, 3, favour=0), "sha256": "0" * 64})  # tampered
+    states = c.wait_all(lambda s: any("bad update" in r.get("reason", "")
+                                      for r in s["history"]), "tampered update refused")
+    for state, before in zip(states, dropped):
+        assert state["active"] == f"{v2}+2" and state["updates_dropped"] == before + 1
+    run(produce(c.bootstrap, c.settings.events_topic, events("updated", 60)))
+    served = predictions_for(c, "updated", 60)
+    assert {p["model_version"] for p in served} == {f"{v2}+2"}
+    assert {p["predicted"] for p in served} == {"yes"}
+
+    # A new base starts a new chain: v3 serves without v2's update.
+    url = f"{c.workers[0].url}/models/pin"
+    assert http("POST", url, {"version": None}, token=TOKEN)[0] == 200
+    c.wait_all(lambda s: s["active"] == v3 and s["update_seq"] == 0, "v3 without updates")
+    c.announce(up(c, v3, 1))
+    c.wait_all(lambda s: s["active"] == f"{v3}+1", "v3+1")

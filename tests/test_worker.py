@@ -38,7 +38,8 @@ class Deployment:
 @pytest.fixture(scope="module")
 def deployment(settings_env: Any, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[Deployment]:
-    env = settings_env()
+    # Every prediction here must name the announced version: no speed-layer updates.
+    env = settings_env(SPEED_LAYER="0")
     settings = Settings.from_env(env)
     registry = Registry(settings.registry_uri, settings.storage_options)
     ref = publish_small_model(registry, settings.model_name, FEATURES, CLASSES)

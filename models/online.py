@@ -1,0 +1,417 @@
+"""Incremental model updates: the speed layer's output-layer fine-tuning and its UP messages.
+
+Between two batch rebuilds the speed layer keeps the serving model current with what the
+labelled stream teaches: the hidden layers of the base version stay frozen, and only the last
+linear layer (the logits) is refitted on a buffer of recent labelled examples, weighted
+towards the newest so that it follows a drifting decision boundary. Each refit is published
+as an ``UP`` message carrying the whole output layer (not a delta), the base version it
+belongs to and a sequence number; serving applies it to that base only, in order.
+
+>>> update = learner.fit(head, X_new, y_new, seq=3)              # doctest: +SKIP
+>>> message = update.to_message()                                # JSON-ready dict
+>>> same = ModelUpdate.from_message(message)                     # validated
+>>> serving = apply_update(base, same)                           # version "<base>+3"
+
+Everything here is plain numpy/torch: no Kafka, so unit tests call it directly.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.classifier import MLPClassifier
+from models.errors import ManifestError, MessageError, ModelError
+from models.manifest import check_path_segment, utc_now_iso
+from models.preprocessing import missing_mask
+from models.serving import LoadedModel
+
+__all__ = ["UP_TYPE", "ModelUpdate", "apply_update", "output_layer", "hidden_activations",
+           "recency_weights", "OutputLayerLearner"]
+
+#: ``"type"`` of the update-topic message that carries an incremental update.
+UP_TYPE = "UP"
+#: The only layer an update replaces today.
+OUTPUT_LAYER = "output"
+
+# Fields of the UP message that ModelUpdate owns; everything else travels in ``extra``.
+_MESSAGE_FIELDS = frozenset({"type", "model", "base_version", "seq", "layer", "shape", "weight",
+                             "bias", "sha256", "n_examples", "created_at"})
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# Bounds a malicious or corrupted message cannot push memory past (1000 classes x 100k units).
+_MAX_CLASSES, _MAX_HIDDEN = 1000, 100_000
+# float32, little-endian: the wire format of weight and bias, whatever the host's byte order.
+_WIRE_DTYPE = np.dtype("<f4")
+
+
+@dataclass(frozen=True)
+class ModelUpdate:
+    """A new output layer for one base version, as the speed layer publishes it.
+
+    Attributes
+    ----------
+    model : str
+        Registry model name.
+    base_version : str
+        The batch-built version the update applies to; never applied to another.
+    seq : int
+        Position in the base version's chain of updates, from 1; serving applies only a seq
+        greater than the last one it applied.
+    weight : numpy.ndarray
+        ``float32`` ``(n_classes, last_hidden)``: the weight of the last linear layer.
+    bias : numpy.ndarray
+        ``float32`` ``(n_classes,)``: its bias.
+    n_examples : int
+        Labelled examples the fit used.
+    created_at : str
+        ISO 8601 UTC time of the fit.
+    extra : dict
+        Free JSON carried along in the message (fit figures, refreshed feature statistics).
+    """
+
+    model: str
+    base_version: str
+    seq: int
+    weight: np.ndarray
+    bias: np.ndarray
+    n_examples: int
+    created_at: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        """The version a model with this update applied reports: ``<base_version>+<seq>``."""
+        return f"{self.base_version}+{self.seq}"
+
+    def to_message(self) -> dict[str, Any]:
+        """The CONTRACT ``UP`` message (a JSON-ready dict)."""
+        weight = np.ascontiguousarray(self.weight, dtype=_WIRE_DTYPE).tobytes()
+        bias = np.ascontiguousarray(self.bias, dtype=_WIRE_DTYPE).tobytes()
+        message: dict[str, Any] = {k: v for k, v in self.extra.items()
+                                   if k not in _MESSAGE_FIELDS}
+        message.update({
+            "type": UP_TYPE, "model": self.model, "base_version": self.base_version,
+            "seq": self.seq, "layer": OUTPUT_LAYER, "shape": list(self.weight.shape),
+            "weight": base64.b64encode(weight).decode("ascii"),
+            "bias": base64.b64encode(bias).decode("ascii"),
+            "sha256": hashlib.sha256(weight + bias).hexdigest(),
+            "n_examples": self.n_examples, "created_at": self.created_at,
+        })
+        return message
+
+    @classmethod
+    def from_message(cls, message: Mapping[str, Any]) -> "ModelUpdate":
+        """Validate a decoded ``UP`` message and build the update.
+
+        Raises
+        ------
+        MessageError
+            The message is not an object, not an ``UP``, or a field is absent or malformed
+            (types, shape, base64, checksum, non-finite values); the reason names the field.
+        """
+        if not isinstance(message, Mapping):
+            raise MessageError("UP must be a JSON object")
+        if message.get("type") != UP_TYPE:
+            raise MessageError(f"not an UP: type {message.get('type')!r}")
+        for key in ("model", "base_version"):
+            if not isinstance(message.get(key), str) or not message[key]:
+                raise MessageError(f"UP field {key!r} must be a non-empty string")
+        try:
+            check_path_segment("model", message["model"])
+            check_path_segment("base_version", message["base_version"])
+        except ManifestError as exc:
+            raise MessageError(f"UP {exc}") from None
+        seq = message.get("seq")
+        if not _is_int(seq) or seq < 1:
+            raise MessageError(f"UP field 'seq' must be an integer >= 1, got {seq!r}")
+        if message.get("layer") != OUTPUT_LAYER:
+            raise MessageError(f"UP field 'layer' must be {OUTPUT_LAYER!r}, got "
+                               f"{message.get('layer')!r}")
+        shape = message.get("shape")
+        if (not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(s) for s in shape)
+                or not 2 <= shape[0] <= _MAX_CLASSES or not 1 <= shape[1] <= _MAX_HIDDEN):
+            raise MessageError(f"UP field 'shape' must be [n_classes >= 2, hidden >= 1], got "
+                               f"{shape!r}"[:200])
+        n_classes, hidden = shape
+        weight_bytes = _decode("weight", message.get("weight"), n_classes * hidden)
+        bias_bytes = _decode("bias", message.get("bias"), n_classes)
+        checksum = message.get("sha256")
+        if not isinstance(checksum, str) or not _SHA256_RE.match(checksum):
+            raise MessageError("UP field 'sha256' must be 64 lowercase hex digits")
+        if hashlib.sha256(weight_bytes + bias_bytes).hexdigest() != checksum:
+            raise MessageError("UP weight and bias do not match their sha256: the message was "
+                               "altered or corrupted")
+        weight = np.frombuffer(weight_bytes, dtype=_WIRE_DTYPE).astype(np.float32)
+        bias = np.frombuffer(bias_bytes, dtype=_WIRE_DTYPE).astype(np.float32)
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise MessageError("UP weight and bias must be finite numbers")
+        n_examples = message.get("n_examples")
+        if not _is_int(n_examples) or n_examples < 0:
+            raise MessageError(f"UP field 'n_examples' must be an integer >= 0, got "
+                               f"{n_examples!r}"[:200])
+        created_at = message.get("created_at")
+        if not isinstance(created_at, str) or not _is_iso_time(created_at):
+            raise MessageError(f"UP field 'created_at' must be an ISO 8601 time, got "
+                               f"{created_at!r}"[:200])
+        extra = {k: v for k, v in message.items() if k not in _MESSAGE_FIELDS}
+        return cls(model=message["model"], base_version=message["base_version"], seq=seq,
+                   weight=weight.reshape(n_classes, hidden), bias=bias,
+                   n_examples=n_examples, created_at=created_at, extra=extra)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_iso_time(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _decode(name: str, text: Any, n_values: int) -> bytes:
+    if not isinstance(text, str):
+        raise MessageError(f"UP field {name!r} must be a base64 string")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise MessageError(f"UP field {name!r} is not valid base64") from None
+    if len(raw) != 4 * n_values:
+        raise MessageError(f"UP field {name!r} holds {len(raw)} bytes; shape says {n_values} "
+                           f"float32 values ({4 * n_values} bytes)")
+    return raw
+
+
+def output_layer(model: LoadedModel) -> nn.Linear:
+    """The last linear layer (the logits) of ``model``'s network."""
+    layer = model.module.net[-1]
+    if not isinstance(layer, nn.Linear):
+        raise ModelError(f"{model.version}: the network does not end in a linear layer")
+    return layer
+
+
+def apply_update(base: LoadedModel, update: ModelUpdate) -> LoadedModel:
+    """A new model: ``base`` with its output layer replaced by ``update``'s.
+
+    ``base`` is left untouched (it may be serving in another thread); the hidden layers are
+    shared with it, since nothing ever modifies them, and only the output layer is new.
+
+    Raises
+    ------
+    ModelError
+        The update belongs to another model or base version, or its shape does not fit.
+    """
+    if update.model != base.name:
+        raise ModelError(f"update for model {update.model!r} cannot apply to {base.name!r}")
+    if update.base_version != base.base_version:
+        raise ModelError(f"update {update.version} is for base version {update.base_version}, "
+                         f"not {base.base_version}")
+    current = output_layer(base)
+    if update.weight.shape != tuple(current.weight.shape) or update.bias.shape != tuple(
+            current.bias.shape):
+        raise ModelError(f"update {update.version} has an output layer of shape "
+                         f"{list(update.weight.shape)} + {list(update.bias.shape)}, the "
+                         f"network needs {list(current.weight.shape)} + "
+                         f"{list(current.bias.shape)}")
+    layer = nn.Linear(current.in_features, current.out_features)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(np.asarray(update.weight, dtype=np.float32)))
+        layer.bias.copy_(torch.from_numpy(np.asarray(update.bias, dtype=np.float32)))
+    source = base.module
+    # Built on the meta device: its own layers cost nothing and are replaced right away.
+    with torch.device("meta"):
+        module = MLPClassifier(source.n_features, source.n_classes, hidden=source.hidden,
+                               dropout=source.dropout)
+    module.net = nn.Sequential(*list(source.net)[:-1], layer)
+    model = LoadedModel(base.manifest, module, manifest_uri=base.manifest_uri,
+                        sha256=base.sha256)
+    model.version = update.version
+    model.base_version = base.base_version
+    model.update_seq = update.seq
+    return model
+
+
+def hidden_activations(model: LoadedModel, X: np.ndarray) -> np.ndarray:
+    """Inputs of the output layer for raw feature rows: the network's last hidden layer.
+
+    Parameters
+    ----------
+    model : LoadedModel
+        The model whose preprocessing and hidden layers are applied.
+    X : numpy.ndarray
+        ``(n, n_features)`` raw values in the model's feature order (missing as NaN/-999).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, last_hidden)`` float32.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    inputs = torch.from_numpy(model.preprocessor.transform(X))
+    hidden = model.module.net[:-1]
+    with torch.inference_mode():
+        return hidden(inputs).numpy()
+
+
+def recency_weights(n: int, half_life: float) -> np.ndarray:
+    """Weights of ``n`` examples, oldest first, halving every ``half_life`` examples back in
+    time; they sum to 1."""
+    age = np.arange(n - 1, -1, -1, dtype=np.float64)
+    weights = np.power(0.5, age / max(half_life, 1e-9))
+    return weights / weights.sum()
+
+
+class OutputLayerLearner:
+    """Refits the output layer of one base version on a buffer of recent labelled examples.
+
+    The frozen hidden layers turn each example into its activations once, when it enters the
+    buffer; a refit then is a weighted, L2-regularised multinomial logistic regression on those
+    activations (L-BFGS), started from the chain's current output layer and pulled towards it,
+    with weights halving every ``half_life`` examples back in time so that it follows drift.
+    The buffer keeps the newest ``capacity`` examples.
+
+    A learner belongs to one base version. Its methods are not thread-safe: call them from
+    one thread at a time (the speed agent runs them in a single worker thread).
+
+    Parameters
+    ----------
+    base : LoadedModel
+        The base version (its hidden layers are used, never changed).
+    capacity : int
+        Most examples kept.
+    half_life : float
+        Recency half-life, in examples.
+    l2 : float
+        Strength of the pull towards the starting weights.
+    max_iter : int
+        L-BFGS iterations per refit.
+    """
+
+    def __init__(self, base: LoadedModel, capacity: int = 4000, half_life: float = 1000.0,
+                 l2: float = 1e-3, max_iter: int = 40) -> None:
+        if capacity < 1 or half_life <= 0 or l2 < 0 or max_iter < 1:
+            raise ModelError("learner needs capacity >= 1, half_life > 0, l2 >= 0, "
+                             "max_iter >= 1")
+        self.base = base
+        self.capacity = capacity
+        self.half_life = half_life
+        self.l2 = l2
+        self.max_iter = max_iter
+        width = output_layer(base).in_features
+        self._H = np.empty((0, width), dtype=np.float32)
+        self._y = np.empty(0, dtype=np.int64)
+        self._X = np.empty((0, base.n_features), dtype=np.float64)
+
+    @property
+    def size(self) -> int:
+        """Examples in the buffer."""
+        return len(self._y)
+
+    def add(self, X: np.ndarray, y: np.ndarray) -> None:
+        """Append labelled examples (raw rows in the base's feature order, class indexes)."""
+        X = np.asarray(X, dtype=np.float64).reshape(-1, self.base.n_features)
+        y = np.asarray(y, dtype=np.int64).reshape(-1)
+        if len(X) != len(y):
+            raise ModelError(f"{len(X)} rows but {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() >= len(self.base.classes)):
+            raise ModelError(f"class indexes must be in [0, {len(self.base.classes)})")
+        if not len(y):
+            return
+        H = hidden_activations(self.base, X)
+        keep = self.capacity
+        self._H = np.concatenate([self._H, H])[-keep:]
+        self._y = np.concatenate([self._y, y])[-keep:]
+        self._X = np.concatenate([self._X, X])[-keep:]
+
+    def fit(self, head: LoadedModel, seq: int, model: str | None = None) -> ModelUpdate:
+        """Refit the output layer from ``head``'s and return it as update number ``seq``.
+
+        Parameters
+        ----------
+        head : LoadedModel
+            The chain's newest model (the base or the base with its latest update): the fit
+            starts from, and is regularised towards, its output layer.
+        seq : int
+            Sequence number of the update.
+        model : str, optional
+            Model name (default: the base's).
+        """
+        if head.base_version != self.base.base_version:
+            raise ModelError(f"head {head.version} is not of base {self.base.base_version}")
+        if self.size == 0:
+            raise ModelError("no labelled examples to learn from")
+        started = time.perf_counter()
+        start = output_layer(head)
+        W0 = start.weight.detach().clone()
+        b0 = start.bias.detach().clone()
+        H = torch.from_numpy(self._H)
+        y = torch.from_numpy(self._y)
+        w = torch.from_numpy(recency_weights(self.size, self.half_life).astype(np.float32))
+        before = _weighted_scores(H, y, w, W0, b0)
+        W = W0.clone().requires_grad_(True)
+        b = b0.clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS([W, b], lr=1.0, max_iter=self.max_iter,
+                                      line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            losses = nn.functional.cross_entropy(H @ W.T + b, y, reduction="none")
+            loss = (w * losses).sum() + 0.5 * self.l2 * (
+                (W - W0).square().sum() + (b - b0).square().sum())
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        W_new, b_new = W.detach(), b.detach()
+        if not (torch.isfinite(W_new).all() and torch.isfinite(b_new).all()):
+            raise ModelError("the output-layer fit diverged (non-finite weights)")
+        after = _weighted_scores(H, y, w, W_new, b_new)
+        extra = {
+            "fit": {"accuracy_before": before[0], "log_loss_before": before[1],
+                    "accuracy_after": after[0], "log_loss_after": after[1],
+                    "half_life": self.half_life, "l2": self.l2,
+                    "from_version": head.version,
+                    "seconds": round(time.perf_counter() - started, 4)},
+            "statistics": _feature_statistics(self.base.features, self._X),
+        }
+        return ModelUpdate(model=model or self.base.name, base_version=self.base.base_version,
+                           seq=seq, weight=W_new.numpy().astype(np.float32),
+                           bias=b_new.numpy().astype(np.float32), n_examples=self.size,
+                           created_at=utc_now_iso(), extra=extra)
+
+
+def _weighted_scores(H: torch.Tensor, y: torch.Tensor, w: torch.Tensor, W: torch.Tensor,
+                     b: torch.Tensor) -> tuple[float, float]:
+    """Recency-weighted accuracy and log loss of an output layer on the buffer."""
+    with torch.no_grad():
+        logits = H @ W.T + b
+        accuracy = float((w * (logits.argmax(dim=1) == y).float()).sum())
+        log_loss = float((w * nn.functional.cross_entropy(logits, y, reduction="none")).sum())
+    return round(accuracy, 6), round(log_loss, 6)
+
+
+def _feature_statistics(features: list[str], X: np.ndarray) -> dict[str, Any]:
+    """Count, mean and standard deviation of the present values of each feature in ``X``:
+    refreshed statistics of the recent stream, to compare with the base's preprocessing."""
+    present = ~missing_mask(X)
+    count = present.sum(axis=0)
+    values = np.where(present, X, 0.0)
+    safe = np.maximum(count, 1)
+    mean = values.sum(axis=0) / safe
+    var = np.maximum(np.square(values).sum(axis=0) / safe - mean ** 2, 0.0)
+    return {"features": list(features), "count": count.astype(int).tolist(),
+            "mean": [round(float(m), 6) if c else None for m, c in zip(mean, count)],
+            "std": [round(float(math.sqrt(v)), 6) if c else None for v, c in zip(var, count)]}

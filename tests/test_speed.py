@@ -1,0 +1,282 @@
+"""The speed layer: labelled-event forwarding, the quality table, and UP updates end to end.
+
+Unit tests call the pure functions and run the agent with ``test_context()``; the integration
+test runs a real worker against the real broker and S3 server and watches labelled events
+turn into a chain of UP messages that serving applies.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pytest
+
+from agents import speed
+from agents.model_manager import model_manager
+from agents.scoring import SourceMessage, triage
+from app import app
+from app.settings import Settings
+from app.topics import ensure_topics
+from models.online import ModelUpdate
+from models.registry import Registry
+from tests.support import (WorkerProcess, announce, consume_until, http, produce,
+                           publish_small_model, run)
+from tests.test_online import make_model, make_update
+
+FEATURES = ["x0", "x1", "x2", "x3"]
+CLASSES = ["neg", "pos"]
+
+
+class Scorer:
+    version = "v1+2"
+    base_version = "v1"
+    features = FEATURES
+    classes = CLASSES
+
+
+def scored_batch(events: list[dict[str, Any]]) -> tuple[list[Any], np.ndarray]:
+    messages = [SourceMessage(json.dumps(e).encode(), "events", 0, i)
+                for i, e in enumerate(events)]
+    valid, rejected = triage(messages, FEATURES, CLASSES)
+    assert not rejected
+    probabilities = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.9, 0.1]][:len(valid)],
+                             dtype=np.float32)
+    return valid, probabilities
+
+
+def test_labelled_messages_carry_what_was_predicted_for_labelled_events_only() -> None:
+    valid, probabilities = scored_batch([
+        {"id": "a", "features": [1, 2, 3, 4], "label": "pos", "ts": 5},
+        {"id": "b", "features": [1, 2, 3, 4]},
+        {"id": "c", "features": {"x3": 4, "x2": None, "x1": -999.0, "x0": 0.5},
+         "label": "pos"},
+    ])
+    messages = speed.labelled_messages(Scorer(), valid, probabilities)
+    assert len(messages) == 1
+    message = json.loads(messages[0])
+    # Features in model order; a null feature stays null (missing), -999 stays as sent.
+    probs = message.pop("probabilities")
+    assert message == {"version": "v1+2", "base_version": "v1", "ids": ["a", "c"],
+                       "labels": [1, 1], "features": [[1.0, 2.0, 3.0, 4.0],
+                                                      [0.5, -999.0, None, 4.0]],
+                       "ts": [5, None]}
+    assert probs[0] == pytest.approx([0.8, 0.2]) and probs[1] == pytest.approx([0.4, 0.6])
+    first, third = speed.parse_labelled(messages[0])
+    assert (first.version, first.base_version, first.label) == ("v1+2", "v1", 1)
+    assert not first.correct and first.log_loss == pytest.approx(-math.log(0.2), rel=1e-6)
+    assert third.correct and third.features == [0.5, -999.0, None, 4.0]
+    assert speed.labelled_messages(Scorer(), valid[1:2], probabilities[1:2]) == []
+
+
+def test_a_large_batch_is_forwarded_in_bounded_messages() -> None:
+    n = speed.LABELLED_PER_MESSAGE + 10
+    events = [{"id": str(i), "features": [i, 0, 0, 0], "label": "neg"} for i in range(n)]
+    messages = [SourceMessage(json.dumps(e).encode(), "events", 0, i)
+                for i, e in enumerate(events)]
+    valid, _ = triage(messages, FEATURES, CLASSES)
+    probabilities = np.tile(np.array([[0.9, 0.1]], dtype=np.float32), (n, 1))
+    forwarded = speed.labelled_messages(Scorer(), valid, probabilities)
+    decoded = [speed.parse_labelled(m) for m in forwarded]
+    assert [len(d) for d in decoded] == [speed.LABELLED_PER_MESSAGE, 10]
+    assert [e.features[0] for d in decoded for e in d] == [float(i) for i in range(n)]
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"[]", b"{}", b"not json",
+    b'{"version": "v", "base_version": "v", "labels": [2], "features": [[]], '
+    b'"probabilities": [[0.5, 0.5]]}',
+    b'{"version": 1, "base_version": "v", "labels": [0], "features": [[]], '
+    b'"probabilities": [[0.5, 0.5]]}',
+    b'{"version": "v", "base_version": "v", "labels": [0, 1], "features": [[]], '
+    b'"probabilities": [[0.5, 0.5]]}',
+    b'{"version": "v", "base_version": "v", "labels": [0], "features": [1], '
+    b'"probabilities": [[0.5, 0.5]]}'])
+def test_malformed_labelled_messages_are_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError, match="not a labelled-event message"):
+        speed.parse_labelled(raw)
+
+
+def example(version: str, label: int, p_pos: float, base: str = "v1") -> speed.LabelledExample:
+    return speed.LabelledExample(version, base, label, [0.0] * 4, [1 - p_pos, p_pos])
+
+
+def test_update_quality_counts_and_rolls() -> None:
+    row = speed.update_quality(None, [example("v", 1, 0.9), example("v", 0, 0.9)], now_ms=10)
+    assert row["n"] == 2 and row["correct"] == 1 and row["accuracy"] == 0.5
+    assert row["log_loss"] == pytest.approx((-math.log(0.9) - math.log(0.1)) / 2)
+    assert row["rolling_accuracy"] == pytest.approx(0.5) and row["first_ms"] == 10
+    # A long run of correct predictions pulls the rolling figure up, the overall one less.
+    row = speed.update_quality(row, [example("v", 1, 0.9)] * 1000, now_ms=20)
+    assert row["n"] == 1002 and row["accuracy"] == pytest.approx(1001 / 1002)
+    assert row["rolling_accuracy"] > 0.99 and row["last_ms"] == 20
+    row = speed.update_quality(row, [example("v", 0, 0.9)] * speed.QUALITY_HALF_LIFE, now_ms=30)
+    assert row["rolling_accuracy"] == pytest.approx(0.5, abs=0.01)
+    assert row["accuracy"] > 0.8
+
+
+@pytest.fixture()
+def test_app() -> Iterator[Any]:
+    app.finalize()
+    app.flow_control.resume()
+    speed.quality_by_version.data.clear()
+    yield app
+
+
+async def test_quality_agent_fills_the_table_per_version(test_app: Any) -> None:
+    def forwarded(version: str, labels: list[int], p_pos: float) -> bytes:
+        return json.dumps({"version": version, "base_version": "v1",
+                           "ids": [str(i) for i in range(len(labels))], "labels": labels,
+                           "features": [[0.0] * 4] * len(labels),
+                           "probabilities": [[1 - p_pos, p_pos]] * len(labels),
+                           "ts": [None] * len(labels)}).encode()
+
+    async with speed.learn_from_labels.test_context() as agent:
+        # v1 is right 7 times out of 10, v1+1 always.
+        await agent.put(value=forwarded("v1", [1, 1, 1, 1, 0], 0.75))
+        await agent.put(value=b"garbage")  # logged and skipped, never stops the agent
+        await agent.put(value=forwarded("v1", [1, 1, 1, 0, 0], 0.75))
+        await agent.put(value=forwarded("v1+1", [0, 0, 0, 0], 0.4))
+    table = speed.quality_by_version
+    assert table["v1"]["n"] == 10 and table["v1"]["accuracy"] == pytest.approx(0.7)
+    assert table["v1"]["log_loss"] == pytest.approx(
+        (-7 * math.log(0.75) - 3 * math.log(0.25)) / 10)
+    assert table["v1+1"]["n"] == 4 and table["v1+1"]["accuracy"] == 1.0
+    assert table["v1+1"]["rolling_log_loss"] == pytest.approx(-math.log(0.6))
+    from agents.tables import table_rows  # what GET /tables/{name}/ and the web view show
+
+    shown = table_rows("quality_by_version", 10)
+    assert shown["size"] == 2 and shown["rows"][0]["key"] == "v1+1"
+
+
+def test_the_learner_keeps_the_serving_base_and_continues_the_chain() -> None:
+    base = make_model()
+    layer = speed.SpeedLayer()
+    assert layer.collect([example(base.version, 1, 0.5)], None) == 0
+    kept = layer.collect([example("other", 1, 0.5), example(base.version, 1, 0.5, base.version),
+                          example(f"{base.version}+3", 0, 0.5, base.version)], base)
+    assert kept == 2 and layer.pending_y == [1, 0] and layer.pending_base == base.version
+    # The chain continues after the newest update seen by the manager or published here.
+    ledger = model_manager.ledger
+    saved = dict(ledger.updates)
+    try:
+        ledger.updates.pop(base.version, None)
+        assert layer.next_seq(base) == (None, 1)
+        applied = make_update(base, seq=4)
+        ledger.updates[base.version] = applied
+        assert layer.next_seq(base) == (applied, 5)
+        layer.published = make_update(base, seq=6)
+        assert layer.next_seq(base) == (layer.published, 7)
+        layer.published = make_update(base, seq=2)
+        assert layer.next_seq(base) == (applied, 5)
+    finally:
+        ledger.updates.clear()
+        ledger.updates.update(saved)
+    # A new base version starts afresh.
+    other = make_model(version="20261124T000000Z-abcdef")
+    layer.collect([example(other.version, 1, 0.5, other.version)], other)
+    assert layer.pending_y == [1] and layer.pending_base == other.version
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+INT_FEATURES = ["a", "b", "c"]
+INT_CLASSES = ["no", "yes"]
+
+
+@pytest.fixture(scope="module")
+def speed_worker(settings_env: Any, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[tuple[Settings, str, WorkerProcess]]:
+    env = settings_env(SPEED_LAYER="1", SPEED_WINDOW_S="1", SPEED_MIN_EXAMPLES="20",
+                       TOPIC_PARTITIONS="2", ARCHIVE="0")
+    settings = Settings.from_env(env)
+    registry = Registry(settings.registry_uri, settings.storage_options)
+    ref = publish_small_model(registry, settings.model_name, INT_FEATURES, INT_CLASSES)
+    run(ensure_topics(settings))
+    run(announce(settings.bootstrap_servers, settings.updates_topic, ref.to_message()))
+    tmp: Path = tmp_path_factory.mktemp("speed")
+    worker = WorkerProcess(env, tmp / "worker.log").start()
+    try:
+        assert worker.wait_ready() == {"model_version": ref.version}
+        yield settings, ref.version, worker
+    finally:
+        worker.stop()
+
+
+def labelled_events(n: int, prefix: str, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        x = rng.normal(size=3)
+        event: dict[str, Any] = {"id": f"{prefix}-{i}", "features": x.round(4).tolist()}
+        if i % 2 == 0:
+            event["label"] = INT_CLASSES[int(x[0] - x[1] > 0)]
+        out.append(json.dumps(event).encode())
+    return out
+
+
+def test_labelled_events_become_a_chain_of_updates_that_serving_applies(
+        speed_worker: tuple[Settings, str, WorkerProcess]) -> None:
+    settings, base, worker = speed_worker
+    bootstrap = settings.bootstrap_servers
+
+    def ups(values: list[Any]) -> list[dict[str, Any]]:
+        return [v for v in values if v.get("type") == "UP"]
+
+    # Enough labelled events for one update per window; three rounds, three updates.
+    for round_ in range(3):
+        run(produce(bootstrap, settings.events_topic,
+                    labelled_events(200, f"r{round_}", seed=round_)))
+        run(consume_until(bootstrap, settings.updates_topic,
+                          lambda vs, k=round_: len(ups(vs)) >= k + 1, timeout=90))
+    updates = ups(run(consume_until(bootstrap, settings.updates_topic,
+                                    lambda vs: len(ups(vs)) >= 3)))
+    assert [u["seq"] for u in updates] == list(range(1, len(updates) + 1))
+    for message in updates:
+        update = ModelUpdate.from_message(message)  # every published update is valid
+        assert update.base_version == base and update.model == settings.model_name
+        assert update.weight.shape == (2, 8) and update.n_examples >= 20
+        # The fit minimises weighted log loss (plus a pull that starts at zero): it never rises.
+        assert message["fit"]["log_loss_after"] <= message["fit"]["log_loss_before"] + 1e-6
+    assert updates[1]["fit"]["from_version"] == f"{base}+1"
+
+    # Serving applies them: once the newest is active, predictions name <base>+<seq>.
+    newest = updates[-1]["seq"]
+    active = poll(lambda: http("GET", f"{worker.url}/models/")[1]["active"],
+                  lambda v: v == f"{base}+{newest}" or int(v.split("+")[-1]) > newest
+                  if "+" in v else False)
+    run(produce(bootstrap, settings.events_topic, labelled_events(50, "after", seed=9)))
+    predictions = run(consume_until(
+        bootstrap, settings.predictions_topic,
+        lambda vs: sum(v["id"].startswith("after-") for v in vs) >= 50))
+    versions = {p["model_version"] for p in predictions if p["id"].startswith("after-")}
+    assert versions and all(v.startswith(f"{base}+") and int(v.split("+")[1]) >= newest
+                            for v in versions), (active, versions)
+
+    # The quality table measured each version on the labelled events it predicted, each
+    # labelled event once: 3 x 100 + 25 of them.
+    labelled = 3 * 100 + 25
+    rows = poll(lambda: http("GET", f"{worker.url}/tables/quality_by_version/")[1]["rows"],
+                lambda rs: sum(r["value"]["n"] for r in rs) >= labelled)
+    quality = {r["key"]: r["value"] for r in rows}
+    assert sum(q["n"] for q in quality.values()) == labelled
+    assert quality[base]["n"] >= 20 and any(k.startswith(f"{base}+") for k in quality)
+    for q in quality.values():
+        assert 0 <= q["accuracy"] <= 1 and 0 <= q["rolling_accuracy"] <= 1
+        assert math.isfinite(q["log_loss"]) and q["log_loss"] > 0
+    status, page, _ = http("GET", f"{worker.url}/")
+    assert status == 200 and "quality_by_version" in page and f"{base}+1" in page
+
+
+def poll(read: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 60.0) -> Any:
+    """Call ``read`` until ``ok(value)`` holds; return the value (fail after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not ok(value):
+        assert time.monotonic() < deadline, f"condition not met after {timeout}s: {value!r}"
+        time.sleep(0.2)
+        value = read()
+    return value
