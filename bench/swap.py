@@ -88,8 +88,9 @@ async def feed(settings: Settings, rate: float, seconds: float,
 
 async def read_all(settings: Settings, topic: str, want: int | None,
                    timeout: float) -> list[tuple[int, int, dict[str, Any]]]:
-    """(partition, offset, value) of every message on ``topic``: until ``want`` distinct ids
-    were seen (then to the end), or, with ``want`` None, to the end."""
+    """(partition, timestamp ms, value) of every message on ``topic``, in offset order per
+    partition: until ``want`` distinct ids were seen (then to the end), or, with ``want``
+    None, to the end."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers,
                                 group_id=None, auto_offset_reset="earliest",
                                 enable_auto_commit=False)
@@ -102,13 +103,13 @@ async def read_all(settings: Settings, topic: str, want: int | None,
             batches = await consumer.getmany(timeout_ms=500)
             for tp, records in batches.items():
                 for r in records:
-                    out.append((tp.partition, r.offset, json.loads(r.value)))
+                    out.append((tp.partition, r.timestamp, json.loads(r.value)))
                     ids.add(out[-1][2].get("id"))
         parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         ends = await consumer.end_offsets(parts) if parts else {}
         while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
             batches = await consumer.getmany(timeout_ms=500)
-            out.extend((tp.partition, r.offset, json.loads(r.value))
+            out.extend((tp.partition, r.timestamp, json.loads(r.value))
                        for tp, records in batches.items() for r in records)
     finally:
         await consumer.stop()
@@ -161,6 +162,7 @@ def main() -> int:
             predictions = asyncio.run(read_all(settings, settings.predictions_topic,
                                                want=len(partition_of), timeout=300))
             dead = asyncio.run(read_all(settings, settings.dlq_topic, want=None, timeout=30))
+            fed = asyncio.run(read_all(settings, settings.events_topic, want=None, timeout=60))
             worker_swaps = [http("GET", f"{w.url}/models/")[1]["history"] for w in workers]
         finally:
             for w in workers:
@@ -172,7 +174,7 @@ def main() -> int:
     by_input: dict[int, list[tuple[int, int]]] = defaultdict(list)  # ts, version rank
     backwards = 0
     last_rank: dict[int, int] = {}
-    for part, _, value in sorted(predictions, key=lambda p: (p[0], p[1])):
+    for part, _, value in sorted(predictions, key=lambda p: p[0]):
         r = rank[value["model_version"]]
         if r < last_rank.get(part, -1):
             backwards += 1
@@ -187,7 +189,18 @@ def main() -> int:
             highest = max(highest, r)
 
     all_ts = np.array(sorted(v["ts"] for _, _, v in predictions), dtype=np.float64)
-    gap_ms = float(np.max(np.diff(all_ts))) if len(all_ts) > 1 else None
+    gaps = np.diff(all_ts)
+    gap_ms = float(np.max(gaps)) if len(gaps) else None
+    gap_at_s = round(float(all_ts[int(np.argmax(gaps))]) / 1000 - announced_at[0], 2) \
+        if len(gaps) and announced_at else None
+    # Gaps around each swap (from 2 s before the announcement to 5 s after), and the feed's
+    # own longest gap (broker timestamps of the input), which bounds what serving can do.
+    near_swap_ms = []
+    for at in announced_at:
+        window = all_ts[(all_ts >= (at - 2) * 1000) & (all_ts <= (at + 5) * 1000)]
+        near_swap_ms.append(float(np.max(np.diff(window))) if len(window) > 1 else None)
+    input_ts = np.array(sorted(t for _, t, _ in fed), dtype=np.float64)
+    input_gap_ms = float(np.max(np.diff(input_ts))) if len(input_ts) > 1 else None
     gap_by_input = {p: float(np.max(np.diff(np.array(sorted(t for t, _ in rows)))))
                     for p, rows in sorted(by_input.items())}
     latency: dict[str, dict[int, float | None]] = {}
@@ -207,7 +220,9 @@ def main() -> int:
             + ", ".join(f"p{p} {s}s" for p, s in per.items()))
     say(f"worker swap times (from /models/): {worker_latency}")
     say(f"{len(predictions)} predictions for {len(partition_of)} events: lost {lost}, "
-        f"failed {len(dead)}, backwards {backwards}; longest gap {gap_ms:.0f} ms")
+        f"failed {len(dead)}, backwards {backwards}; longest gap {gap_ms:.0f} ms "
+        f"({gap_at_s}s after the first swap), around the swaps {near_swap_ms} ms; "
+        f"the feed's own longest gap {input_gap_ms:.0f} ms")
     figures = {
         "events": len(partition_of),
         "rate_per_s": args.rate,
@@ -217,6 +232,10 @@ def main() -> int:
         "swap_latency_s_by_partition": latency,
         "worker_swap_s": worker_latency,
         "longest_gap_ms": gap_ms,
+        # Seconds from the first announcement to the start of that gap (negative: before).
+        "longest_gap_at_s_after_first_swap": gap_at_s,
+        "longest_gap_ms_around_each_swap": near_swap_ms,
+        "input_longest_gap_ms": input_gap_ms,
         "longest_gap_ms_by_input_partition": gap_by_input,
         "lost": lost,
         "failed": len(dead),
