@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 # (the first and last ones: oldest and newest partitions) decides the schema.
 _MAX_SCHEMA_FILES = 200
 _BATCH_ROWS = 65_536
+# Read tasks per core. One task per core leaves a core idle whenever the other task is slower
+# (an uneven file count, a core shared with another process) in the read and in every step
+# after it, which work on the read's partitions; a few tasks per core even the load out.
+_TASKS_PER_CORE = 4
 _DT_RE = re.compile(r"/dt=(\d{4}-\d{2}-\d{2})(?:/|$)")
 
 
@@ -167,7 +171,8 @@ def read_parquet(spark: "SparkSession", uri: str,
     storage_options : mapping, optional
         s3fs options; they are shipped to the tasks, which open their own connections.
     partitions : int, optional
-        Number of read tasks (default: ``min(files, defaultParallelism)``).
+        Number of read tasks (default: one per file, at most four per core). Every later
+        step of the job works on the read's partitions.
     files : list of str, optional
         The dataset's files when already listed (:func:`list_parquet_files`).
 
@@ -192,7 +197,8 @@ def read_parquet(spark: "SparkSession", uri: str,
         raise DataError(f"no Parquet files under {uri}")
     schema = read_schema(files, storage_options)
     log.info("reading %d Parquet files under %s", len(files), uri)
-    n = partitions or max(1, min(len(files), spark.sparkContext.defaultParallelism))
+    n = partitions or max(1, min(len(files),
+                                 _TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
     paths = spark.createDataFrame([(f,) for f in files], "path string").repartition(n)
     reader = functools.partial(read_files, storage_options=dict(storage_options or {}),
                                schema=schema)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from batch.errors import DataError
 from models.preprocessing import MISSING_MARKER, Preprocessor
@@ -34,11 +35,16 @@ METADATA_COLUMNS: tuple[str, ...] = ("ts", "dt", "hour")
 #: Name of the split column the job adds (odd on purpose: it must not collide with data).
 SPLIT_COL = "__split"
 TRAIN, VALIDATION, TEST = "train", "val", "test"
+_SPLITS = (TRAIN, VALIDATION, TEST)
 
 _NUMERIC_RE = re.compile(r"^(tinyint|smallint|int|bigint|float|double|decimal\(\d+,\d+\))$")
 _INTEGRAL = ("tinyint", "smallint", "int", "bigint")
 # Hash resolution of the split: one part in a million is plenty for fractions like 0.1.
 _SPLIT_BUCKETS = 1_000_000
+# Repeated ids that :func:`clean` deduplicates apart from the other rows (after a broadcast
+# join with their 64-bit hashes: 8 bytes each); more than this and every row is shuffled.
+_BROADCAST_KEYS = 1_000_000
+_KEY_COL, _REPEATED_COL = "__id_hash", "__repeated"
 
 
 def feature_columns(dtypes: Sequence[tuple[str, str]], id_col: str, label_col: str,
@@ -108,7 +114,7 @@ def _col(name: str) -> "Column":
 
 
 def clean(df: "DataFrame", features: Sequence[str], id_col: str, label_col: str,
-          ts_col: str | None = "ts") -> "DataFrame":
+          ts_col: str | None = "ts", broadcast_keys: int | None = None) -> "DataFrame":
     """Normalise missing values, drop unusable rows and duplicate ids.
 
     Parameters
@@ -121,6 +127,9 @@ def clean(df: "DataFrame", features: Sequence[str], id_col: str, label_col: str,
         Id and label columns.
     ts_col : str, optional
         Event-time column; when present, the newest row of a duplicated id wins.
+    broadcast_keys : int, optional
+        Largest number of repeated ids deduplicated apart from the other rows (default one
+        million); see the notes.
 
     Returns
     -------
@@ -128,8 +137,17 @@ def clean(df: "DataFrame", features: Sequence[str], id_col: str, label_col: str,
         Columns: id (string), features (double; ``-999.0``, NaN and +/-inf become null),
         label (string or bigint), and ``ts_col`` when present. Rows without id or label are
         dropped, as are empty string labels; each id appears once.
+
+    Notes
+    -----
+    Runs one aggregate over 64-bit hashes of the ids to find the repeated ones. Deduplicating
+    means shuffling rows by id, and shuffling every column of every row costs most of the
+    batch job's Spark time; a lake usually repeats few ids or none. So only the rows whose id
+    hash repeats (every copy of a repeated id, and the rare distinct ids whose hashes collide)
+    are shuffled and deduplicated exactly by id, after a broadcast join with the repeated
+    hashes; the other rows pass through where they are. Beyond ``broadcast_keys`` repeated
+    hashes every row goes through the shuffle.
     """
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     kinds = dict(df.dtypes)
@@ -149,13 +167,34 @@ def clean(df: "DataFrame", features: Sequence[str], id_col: str, label_col: str,
     if has_ts:
         columns.append(_col(ts_col))
     out = df.select(*columns).where(_col(id_col).isNotNull() & _col(label_col).isNotNull())
-    if has_ts:
-        newest = Window.partitionBy(_col(id_col)).orderBy(_col(ts_col).desc_nulls_last())
-        out = (out.withColumn("__rank", F.row_number().over(newest))
-               .where(F.col("__rank") == 1).drop("__rank"))
-    else:
-        out = out.dropDuplicates([id_col])
-    return out
+    newest = ts_col if has_ts else None
+    limit = _BROADCAST_KEYS if broadcast_keys is None else broadcast_keys
+    repeated = (out.select(F.xxhash64(_col(id_col)).alias(_KEY_COL)).groupBy(_KEY_COL)
+                .count().where(F.col("count") > 1).select(_KEY_COL))
+    n_repeated = repeated.count()
+    log.debug("%d repeated id hashes", n_repeated)
+    if n_repeated == 0:
+        return out
+    if n_repeated > limit:
+        return _deduplicate(out, id_col, newest)
+    flagged = (out.withColumn(_KEY_COL, F.xxhash64(_col(id_col)))
+               .join(F.broadcast(repeated.withColumn(_REPEATED_COL, F.lit(True))), _KEY_COL,
+                     "left"))
+    single = flagged.where(F.col(_REPEATED_COL).isNull())
+    multiple = _deduplicate(flagged.where(F.col(_REPEATED_COL)), id_col, newest)
+    return single.unionByName(multiple).drop(_KEY_COL, _REPEATED_COL)
+
+
+def _deduplicate(df: "DataFrame", id_col: str, ts_col: str | None) -> "DataFrame":
+    """One row per id: the newest by ``ts_col`` when given, else any."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    if ts_col is None:
+        return df.dropDuplicates([id_col])
+    newest = Window.partitionBy(_col(id_col)).orderBy(_col(ts_col).desc_nulls_last())
+    return (df.withColumn("__rank", F.row_number().over(newest))
+            .where(F.col("__rank") == 1).drop("__rank"))
 
 
 def split_thresholds(test_fraction: float, val_fraction: float) -> tuple[float, float]:
@@ -249,20 +288,31 @@ def feature_statistics(df: "DataFrame", features: Sequence[str]
 def _preprocess_batches(batches: Iterator[pa.RecordBatch], features: list[str],
                         preprocessing: dict[str, Any], classes: list[Any], id_col: str,
                         label_col: str) -> Iterator[pa.RecordBatch]:
-    """``mapInArrow`` body: raw feature columns -> preprocessed float32 columns + class index."""
+    """``mapInArrow`` body: raw feature columns -> preprocessed float32 columns, the class
+    index and the split's index in :data:`_SPLITS`."""
     preprocessor = Preprocessor.from_dict(preprocessing)
-    index = {c: i for i, c in enumerate(classes)}
+    class_set = pa.array(classes)
+    split_set = pa.array(_SPLITS)
     for batch in batches:
         X = np.column_stack([
             batch.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
             for name in features]) if batch.num_rows else np.empty((0, len(features)))
         Xp = preprocessor.transform(X)
-        labels = batch.column(label_col).to_pylist()
-        y = np.fromiter((index[label] for label in labels), dtype=np.int32, count=len(labels))
-        arrays = [batch.column(id_col), batch.column(SPLIT_COL), pa.array(y, pa.int32())]
+        y = pc.index_in(batch.column(label_col), value_set=class_set)
+        if y.null_count:
+            unknown = pc.unique(pc.filter(batch.column(label_col), pc.is_null(y)))
+            raise DataError(f"labels {unknown.to_pylist()[:5]} are not among the classes "
+                            f"{classes} counted before")
+        split = pc.index_in(batch.column(SPLIT_COL), value_set=split_set).cast(pa.int8())
+        arrays = [batch.column(id_col), split, y.cast(pa.int32())]
         arrays += [pa.array(Xp[:, i]) for i in range(Xp.shape[1])]
         names = ["id", "split", "y"] + [f"x{i}" for i in range(Xp.shape[1])]
         yield pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def _id_order(ids: pa.ChunkedArray) -> np.ndarray:
+    """Positions that sort ``ids`` (strings, code point order), computed in Arrow."""
+    return pc.sort_indices(ids).to_numpy()
 
 
 def collect_preprocessed(df: "DataFrame", features: Sequence[str], preprocessor: Preprocessor,
@@ -273,10 +323,11 @@ def collect_preprocessed(df: "DataFrame", features: Sequence[str], preprocessor:
     ``X`` is ``(n, n_features)`` float32, ``y`` the int64 class index into ``classes``. Rows
     are sorted by id so that training is reproducible whatever the partitioning.
     """
-    from pyspark.sql.types import FloatType, IntegerType, StringType, StructField, StructType
+    from pyspark.sql.types import (ByteType, FloatType, IntegerType, StringType, StructField,
+                                   StructType)
 
     schema = StructType(
-        [StructField("id", StringType()), StructField("split", StringType()),
+        [StructField("id", StringType()), StructField("split", ByteType()),
          StructField("y", IntegerType())]
         + [StructField(f"x{i}", FloatType()) for i in range(len(features))])
     # Positional names: mapInArrow resolves its input columns by name without quoting, so a
@@ -289,15 +340,19 @@ def collect_preprocessed(df: "DataFrame", features: Sequence[str], preprocessor:
                       *[_col(f).alias(n) for f, n in zip(features, names)],
                       _col(label_col).alias("__label"),
                       SPLIT_COL).mapInArrow(body, schema).toArrow()
-    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-    order = np.argsort(ids, kind="stable")
-    split = np.asarray(table.column("split").to_pylist(), dtype=object)[order]
-    y = table.column("y").to_numpy().astype(np.int64)[order]
-    X = np.column_stack([table.column(f"x{i}").to_numpy() for i in range(len(features))]
-                        ).astype(np.float32)[order] if len(table) else np.empty(
-        (0, len(features)), np.float32)
-    return {name: (np.ascontiguousarray(X[split == name]), y[split == name])
-            for name in (TRAIN, VALIDATION, TEST)}
+    # Sorting and splitting work on positions, and each split's rows are gathered from the
+    # stacked features in one step: the features are in memory at most twice at any time.
+    order = _id_order(table.column("id"))
+    split = table.column("split").to_numpy()[order]
+    y = table.column("y").to_numpy().astype(np.int64)
+    X = (np.column_stack([table.column(f"x{i}").to_numpy() for i in range(len(features))])
+         if len(table) else np.empty((0, len(features)), np.float32))
+    del table
+    out = {}
+    for code, name in enumerate(_SPLITS):
+        rows = order[split == code]
+        out[name] = (np.ascontiguousarray(X[rows], dtype=np.float32), y[rows])
+    return out
 
 
 def reference_rows(df: "DataFrame", features: Sequence[str], n: int = 8) -> np.ndarray:
@@ -330,8 +385,7 @@ def collect_raw(df: "DataFrame", features: Sequence[str], id_col: str, split: st
              .select(_col(id_col).alias("__id"), *[_col(f) for f in features]).toArrow())
     if len(table) == 0:
         return np.empty((0, len(features)), np.float64)
-    ids = np.asarray(table.column("__id").to_pylist(), dtype=object)
-    order = np.argsort(ids, kind="stable")
+    order = _id_order(table.column("__id"))
     X = np.column_stack([table.column(i + 1).to_numpy(zero_copy_only=False).astype(np.float64)
                          for i in range(len(features))])
     return X[order]

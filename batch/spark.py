@@ -67,12 +67,22 @@ def get_session(app_name: str = "stratum-batch", master: str | None = None,
         SparkSession.builder.appName(app_name)
         .master(master)
         .config("spark.driver.memory", driver_memory)
+        # The job collects its preprocessed rows into the driver: let them fill the heap the
+        # driver was given rather than stop at Spark's default of 1g (about 7M rows of 30
+        # features).
+        .config("spark.driver.maxResultSize", driver_memory)
         .config("spark.driver.bindAddress", os.environ["SPARK_LOCAL_IP"])
         .config("spark.driver.host", os.environ["SPARK_LOCAL_IP"])
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.shuffle.partitions", str(shuffle_partitions))
+        # HotSpot does not JIT-compile a method over 8000 bytes of bytecode, and whole-stage
+        # code for a projection over tens of columns (the job's cleaning step) is bigger than
+        # that: it would run interpreted, several times slower. At this limit Spark falls back
+        # to compiled expressions per operator instead (the value Spark's docs advise on
+        # HotSpot; Spark's own default is the JVM's maximum, 65535).
+        .config("spark.sql.codegen.hugeMethodLimit", "8000")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.python.worker.reuse", "true")
         .config("spark.executorEnv.PYTHONPATH", os.environ["PYTHONPATH"])

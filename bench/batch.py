@@ -1,24 +1,46 @@
-"""Batch rebuild throughput: seconds per stage and rows/s at several lake sizes, and training
-time against plain single-process torch on the same arrays.
+"""Batch rebuild throughput: seconds per stage and rows/s at several lake sizes, fixed costs
+apart from per-row costs, and training time against plain single-process torch.
 
-Starts its own S3 server on a free port, writes demo data (Higgs-schema events) into one lake
-per size, and runs the batch job on each with one shared local SparkSession (so that its start
-is paid once and reported apart). For every size it reports the seconds of each stage, the
-rows/s of the whole job, the cost per row (job time without the Spark session start, in
-microseconds), and the training time of the job against a plain torch loop (same network, same
-optimiser, same mini-batches and epochs, one process) on exactly the job's training arrays:
-the job's own training stage, and (because the machine may be shared) the job's trainer and the
-plain loop run again back to back, best of two each, in wall and CPU seconds.
+Starts its own Kafka broker and S3 server on free ports, writes demo data (Higgs-schema events)
+into one lake per size, and runs the whole batch job on each (lock, list, read, clean and
+split, fit preprocessing, collect, active model, train, evaluate, publish with ONNX, announce,
+prune: the job's defaults, only the network is sized by the options) with one shared local
+SparkSession. Before the sizes, one warm-up run on a small lake pays what the first job of a
+process pays once (JIT compilation, Python workers, torch's thread pools); it is reported
+apart, with the Spark session start. Each size runs ``--repeats`` times (each under a model
+name of its own, so that every run does the same work) and the fastest run is reported; every
+run's seconds and the load average around it are in the figures (the machine may be shared).
+
+Stages are of two kinds. Fixed per-run stages do not depend on the rows (lock, list, Spark
+session, active model, publish, announce, prune). Data stages grow with the rows (read, clean
+and split, fit preprocessing, collect, train, evaluate). For every size the bench reports each
+stage's seconds, rows/s and microseconds per row, the job's total cost per row, and the cost per
+row of the data stages alone, with the spread (largest over smallest) of each across the sizes.
+The data stages carry a fixed part too (every Spark action has a latency of its own), so the
+bench also fits ``seconds = fixed + per_row * rows`` per stage and in all, and reports the cost
+per row net of that fixed part and the marginal cost per row from one size to the next, each
+with its spread.
+
+Training is compared on exactly the job's training arrays with the same network, optimiser,
+batch size, epochs and threads: the job's own training path (:func:`batch.candidates.
+train_candidates`, with its validation pass after each epoch), the job's trainer without
+validation (the same work as the plain loop), and a textbook torch loop, in one process. They
+run back to back in rounds, in a rotating order, for at least ``--rounds`` rounds and
+``--compare-seconds`` seconds; the best wall and CPU seconds of each count.
 
     .venv/bin/python bench/batch.py [--sizes 250000,1000000,4000000] [--epochs 1]
-                                    [--hidden 64,32] [--threads 2]
+                                    [--hidden 64,32] [--batch-size 512] [--threads 2]
+                                    [--repeats 2] [--rounds 3] [--compare-seconds 10]
+                                    [--warmup-rows 50000]
 
-4M rows on a 2-core machine take several minutes; ``--sizes`` and ``--epochs`` size a run.
-Ends with one line holding a JSON object of the figures.
+The job's default network (500-1000-500) takes about a minute per million rows and epoch on
+two cores; the smaller ``--hidden 64,32`` keeps a 4M-row run within minutes. Ends with one
+line holding a JSON object of the figures.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -37,23 +60,31 @@ from torch import nn  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from app.stack import LocalStack  # noqa: E402
 from batch import prepare  # noqa: E402
+from batch.candidates import Arrays, train_candidates  # noqa: E402
 from batch.demo_data import write_lake  # noqa: E402
-from batch.job import JobConfig, run_job  # noqa: E402
+from batch.job import JobConfig, JobResult, run_job  # noqa: E402
 from batch.train import parse_hidden, train_classifier  # noqa: E402
 
-# Stages whose cost grows with the data; the others (session, lock, publish) are per run.
-_DATA_STAGES = ("list", "read", "clean and split", "fit preprocessing", "collect", "train",
-                "evaluate")
+#: Stages whose cost does not depend on the rows.
+FIXED_STAGES = ("lock", "list", "spark session", "active model", "publish", "announce", "prune")
+#: Stages whose cost grows with the rows.
+DATA_STAGES = ("read", "clean and split", "fit preprocessing", "collect", "train", "evaluate")
+_MAX_ROUNDS = 20
 
 
 def say(message: str) -> None:
     print(f"[bench] {message}", flush=True)
 
 
-def plain_torch_seconds(X: np.ndarray, y: np.ndarray, n_classes: int, hidden: tuple[int, ...],
-                        dropout: float, epochs: float, batch_size: int, lr: float,
-                        threads: int) -> float:
-    """Seconds of a textbook training loop: Adam, cross-entropy, shuffled mini-batches."""
+def load_average() -> float:
+    """One-minute load average (the machine may be shared)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def plain_torch_train(X: np.ndarray, y: np.ndarray, n_classes: int, hidden: tuple[int, ...],
+                      dropout: float, epochs: float, batch_size: int, lr: float,
+                      threads: int) -> None:
+    """A textbook training loop: Adam, cross-entropy, shuffled mini-batches, nothing else."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     layers: list[nn.Module] = []
@@ -68,7 +99,6 @@ def plain_torch_seconds(X: np.ndarray, y: np.ndarray, n_classes: int, hidden: tu
     steps = math.ceil(len(X) / batch_size)
     total_steps = int(round(epochs * steps))
     net.train()
-    start = time.perf_counter()
     done = 0
     while done < total_steps:
         order = torch.randperm(len(X))
@@ -78,7 +108,142 @@ def plain_torch_seconds(X: np.ndarray, y: np.ndarray, n_classes: int, hidden: tu
             loss_fn(net(Xt[idx]), yt[idx]).backward()
             optimizer.step()
             done += 1
-    return time.perf_counter() - start
+
+
+def compare_training(result: JobResult, config: JobConfig, threads: int, rounds: int,
+                     min_seconds: float) -> dict[str, Any]:
+    """Best wall and CPU seconds of the job's training path, its trainer without validation
+    and the plain loop, run back to back on the job's own training arrays: ``rounds`` rounds,
+    and more (up to 20) until the comparison has taken ``min_seconds``."""
+    X, y = result.arrays[prepare.TRAIN]
+    Xv, yv = result.arrays[prepare.VALIDATION]
+    k = len(result.classes)
+    train_config = config.train_config()
+    epochs_run = float(result.training["epochs_run"])
+    batch_size = int(result.training["batch_size"])  # after the job's small-data cap
+    kinds: dict[str, Callable[[], object]] = {
+        "job": lambda: train_candidates(Arrays(X, y, Xv, yv, k), [train_config],
+                                        threads=threads, progress=lambda line: None),
+        "job_no_validation": lambda: train_classifier(X, y, k, train_config),
+        "plain": lambda: plain_torch_train(X, y, k, train_config.hidden, train_config.dropout,
+                                           epochs_run, batch_size, train_config.lr, threads),
+    }
+    names = list(kinds)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    started = time.perf_counter()
+    r = 0
+    # Short trainings are at the mercy of every other process: more rounds for them.
+    while r < rounds or (time.perf_counter() - started < min_seconds and r < _MAX_ROUNDS):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            torch.set_num_threads(threads)
+            w, c = time.perf_counter(), time.process_time()
+            kinds[name]()
+            wall[name].append(time.perf_counter() - w)
+            cpu[name].append(time.process_time() - c)
+        r += 1
+    best = {name: min(wall[name]) for name in names}
+    best_cpu = {name: min(cpu[name]) for name in names}
+    return {
+        "rounds": r, "epochs": epochs_run, "batch_size": batch_size,
+        "wall_seconds": {n: round(v, 3) for n, v in best.items()},
+        "cpu_seconds": {n: round(v, 3) for n, v in best_cpu.items()},
+        "all_wall_seconds": {n: [round(v, 3) for v in vs] for n, vs in wall.items()},
+        # The job's path as it runs (with validation) over the plain loop ...
+        "ratio": round(best["job"] / best["plain"], 3),
+        "cpu_ratio": round(best_cpu["job"] / best_cpu["plain"], 3),
+        # ... and like for like: the same work, the job's trainer without validation.
+        "ratio_same_work": round(best["job_no_validation"] / best["plain"], 3),
+        "cpu_ratio_same_work": round(best_cpu["job_no_validation"] / best_cpu["plain"], 3),
+    }
+
+
+def spread(values: list[float]) -> float | None:
+    """Largest over smallest (1.25 means within 25%)."""
+    return round(max(values) / min(values), 3) if values and min(values) > 0 else None
+
+
+def linear_fit(rows: list[int], seconds: list[float]) -> tuple[float, float]:
+    """Least-squares ``seconds = fixed + per_row * rows``: (fixed seconds, per-row seconds)."""
+    per_row, fixed = np.polyfit(np.asarray(rows, float), np.asarray(seconds, float), 1)
+    return float(fixed), float(per_row)
+
+
+def run_size(n: int, settings: Settings, spark: Any, args: argparse.Namespace,
+             hidden: tuple[int, ...], repeats: int, compare: bool
+             ) -> dict[str, Any]:
+    """Write ``n`` demo rows to a fresh lake and rebuild a model from them ``repeats`` times
+    (each under a model name of its own, so that every run does the same work); the fastest
+    run's stages are reported."""
+    lake = f"s3://bench/lake-{n}"
+    started = time.perf_counter()
+    chunk = 1_000_000
+    for first in range(0, n, chunk):
+        write_lake(lake, settings.storage_options, min(chunk, n - first), seed=first,
+                   start_id=first)
+    say(f"{n} rows: demo data written in {time.perf_counter() - started:.1f}s")
+    config = JobConfig(data_uri=lake, hidden=hidden, dropout=0.0, epochs=args.epochs,
+                       batch_size=args.batch_size, lr=args.lr, patience=0,
+                       threads=args.threads, keep_arrays=True)
+    best: JobResult | None = None
+    totals, loads = [], []
+    for r in range(repeats):
+        load_before = load_average()
+        result = run_job(settings, dataclasses.replace(config, model_name=f"bench-{n}-{r}"),
+                         spark=spark, progress=lambda line: say(f"{n} rows: {line}"))
+        loads.append([load_before, load_average()])
+        if not result.published:
+            raise SystemExit(f"the {n}-row candidate was not published: "
+                             f"{result.decision.reason}")
+        totals.append(result.timings["total"])
+        say(f"{n} rows: run {r + 1}/{repeats}: {result.timings['total']:.1f}s "
+            f"(load {loads[-1][0]} -> {loads[-1][1]})")
+        if best is None or result.timings["total"] < best.timings["total"]:
+            best = result
+        del result
+    assert best is not None
+    timings = dict(best.timings)
+    total = timings.pop("total")
+    unstaged = total - sum(timings.values())
+    fixed_s = sum(timings.get(s, 0.0) for s in FIXED_STAGES)
+    data_s = sum(timings.get(s, 0.0) for s in DATA_STAGES)
+    epochs_run = float(best.training["epochs_run"])
+    train_rows = int(best.rows[prepare.TRAIN])
+    row: dict[str, Any] = {
+        "rows": n, "train_rows": train_rows, "runs": repeats,
+        "run_seconds": [round(t, 3) for t in totals], "load_average": loads,
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+        "unstaged_seconds": round(unstaged, 3),
+        "rows_per_s": {s: round(n / timings[s]) for s in DATA_STAGES if timings.get(s)},
+        "us_per_row": {s: round(1e6 * timings[s] / n, 3) for s in DATA_STAGES if s in timings},
+        "job_seconds": round(total, 3),
+        "job_rows_per_s": round(n / total),
+        "job_us_per_row": round(1e6 * total / n, 3),
+        "fixed_seconds": round(fixed_s, 3),
+        "data_seconds": round(data_s, 3),
+        "data_us_per_row": round(1e6 * data_s / n, 3),
+        "train_seconds_per_epoch": round(timings["train"] / epochs_run, 3),
+        "train_us_per_row_epoch": round(1e6 * timings["train"] / epochs_run / train_rows, 3),
+        "test_accuracy": round(best.metrics["accuracy"], 4),
+        "test_auc": round(best.metrics["auc"], 4),
+    }
+    say(f"{n} rows: best run {total:.1f}s ({row['job_rows_per_s']} rows/s, "
+        f"{row['job_us_per_row']} us/row); fixed stages {fixed_s:.1f}s; data stages "
+        f"{data_s:.1f}s ({row['data_us_per_row']} us/row)")
+    say(f"{n} rows: " + ", ".join(
+        f"{s} {timings[s]:.2f}s" + (f" ({row['rows_per_s'][s]} rows/s)"
+                                   if s in row["rows_per_s"] else "")
+        for s in timings))
+    if compare:
+        row["training"] = compare_training(best, config, args.threads, args.rounds,
+                                           args.compare_seconds)
+        c = row["training"]
+        say(f"{n} rows: training, best of {c['rounds']} back to back: job path "
+            f"{c['wall_seconds']['job']}s, without validation "
+            f"{c['wall_seconds']['job_no_validation']}s, plain torch "
+            f"{c['wall_seconds']['plain']}s: ratio {c['ratio']} (CPU {c['cpu_ratio']}), same "
+            f"work {c['ratio_same_work']} (CPU {c['cpu_ratio_same_work']})")
+    return row
 
 
 def main() -> int:
@@ -90,101 +255,113 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="job runs per size (the fastest is reported)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="least back-to-back rounds of the training comparison")
+    parser.add_argument("--compare-seconds", type=float, default=10.0,
+                        help="more rounds (up to 20) until the comparison took this long")
+    parser.add_argument("--warmup-rows", type=int, default=50_000,
+                        help="rows of the warm-up run (0: none)")
     parser.add_argument("--driver-memory", default="6g", help="SPARK_DRIVER_MEMORY")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     hidden = parse_hidden(args.hidden)
     os.environ.setdefault("SPARK_DRIVER_MEMORY", args.driver_memory)
+    say(f"load average {load_average()} on {os.cpu_count()} cores")
 
     work = Path(tempfile.mkdtemp(prefix="stratum-bench-batch-"))
-    say(f"starting S3 on a free port (data in {work})")
-    with LocalStack(data_dir=work / "stack", with_kafka=False, s3_buckets=["bench"]) as stack:
-        env = {"S3_ENDPOINT_URL": stack.s3_endpoint_url, "REGISTRY_URI": "s3://bench/models",
-               "LAKE_URI": "s3://bench/lake"}
+    say(f"starting Kafka and S3 on free ports (data in {work})")
+    with LocalStack(data_dir=work / "stack", s3_buckets=["bench"]) as stack:
+        env = {"KAFKA_BROKER": stack.kafka_broker, "S3_ENDPOINT_URL": stack.s3_endpoint_url,
+               "REGISTRY_URI": "s3://bench/models", "LAKE_URI": "s3://bench/lake",
+               "UPDATES_TOPIC": "bench-model-updates"}
         settings = Settings.from_env(env)
         from batch.spark import get_session
 
         started = time.perf_counter()
         spark = get_session(app_name="stratum-bench-batch")
         session_s = time.perf_counter() - started
-        say(f"Spark session in {session_s:.1f}s (paid once, not in the per-row cost)")
-        results = []
+        say(f"Spark session in {session_s:.1f}s (paid once per run, not in the per-row cost)")
+        runs, warmup_s = [], None
         try:
+            if args.warmup_rows:
+                warm = run_size(args.warmup_rows, settings, spark, args, hidden, repeats=1,
+                                compare=False)
+                warmup_s = warm["job_seconds"]
+                say(f"warm-up run: {warmup_s:.1f}s for {args.warmup_rows} rows (first job of "
+                    "the process: JIT, Python workers, torch thread pools)")
             for n in sizes:
-                lake = f"s3://bench/lake-{n}"
-                started = time.perf_counter()
-                chunk = 1_000_000
-                for first in range(0, n, chunk):
-                    write_lake(lake, settings.storage_options, min(chunk, n - first),
-                               seed=first, start_id=first)
-                say(f"{n} rows: demo data written in {time.perf_counter() - started:.1f}s")
-                config = JobConfig(data_uri=lake, model_name=f"bench-{n}", hidden=hidden,
-                                   dropout=0.0, epochs=args.epochs, batch_size=args.batch_size,
-                                   lr=args.lr, patience=0, threads=args.threads,
-                                   announce=False, compare_active=False, keep_versions=0,
-                                   onnx=False, keep_arrays=True)
-                result = run_job(settings, config, spark=spark,
-                                 progress=lambda line, n=n: say(f"{n} rows: {line}"))
-                timings = dict(result.timings)
-                X, y = result.arrays[prepare.TRAIN]
-                Xv, yv = result.arrays[prepare.VALIDATION]
-                job_train_s = float(result.training["train_seconds"])
-                # The machine may be shared: the job's trainer and the plain loop run again
-                # back to back, twice, and the best wall and CPU seconds of each are compared.
-                walls: dict[str, list[float]] = {"job": [], "plain": []}
-                cpus: dict[str, list[float]] = {"job": [], "plain": []}
-                for _ in range(2):
-                    for kind in ("job", "plain"):
-                        wall, cpu = time.perf_counter(), time.process_time()
-                        if kind == "job":
-                            torch.set_num_threads(args.threads)
-                            train_classifier(X, y, len(result.classes), config.train_config(),
-                                             X_val=Xv, y_val=yv)
-                        else:
-                            plain_torch_seconds(X, y, len(result.classes), hidden, 0.0,
-                                                float(result.training["epochs_run"]),
-                                                result.training["batch_size"], args.lr,
-                                                args.threads)
-                        walls[kind].append(time.perf_counter() - wall)
-                        cpus[kind].append(time.process_time() - cpu)
-                plain_s = min(walls["plain"])
-                job_s = timings["total"] - timings.get("spark session", 0.0)
-                data_s = sum(timings.get(stage, 0.0) for stage in _DATA_STAGES)
-                row = {
-                    "rows": n, "train_rows": int(len(X)), "seconds": timings,
-                    "job_seconds": round(job_s, 2),
-                    "rows_per_s": round(n / job_s),
-                    "us_per_row": round(1e6 * job_s / n, 2),
-                    "data_stage_us_per_row": round(1e6 * data_s / n, 2),
-                    "train_seconds": round(job_train_s, 2),
-                    "plain_torch_train_seconds": round(plain_s, 2),
-                    "train_ratio_in_run": round(job_train_s / plain_s, 3),
-                    "trainer_seconds_best": round(min(walls["job"]), 2),
-                    "train_ratio": round(min(walls["job"]) / plain_s, 3),
-                    "train_cpu_ratio": round(min(cpus["job"]) / min(cpus["plain"]), 3),
-                    "test_accuracy": round(result.metrics["accuracy"], 4),
-                    "test_auc": round(result.metrics["auc"], 4),
-                }
-                results.append(row)
-                say(f"{n} rows: job {job_s:.1f}s ({row['rows_per_s']} rows/s, "
-                    f"{row['us_per_row']} us/row); training {job_train_s:.1f}s vs plain torch "
-                    f"{plain_s:.1f}s; back to back: trainer {row['trainer_seconds_best']}s, "
-                    f"ratio {row['train_ratio']} (CPU {row['train_cpu_ratio']})")
-                say(f"{n} rows: stages " + ", ".join(f"{k} {v:.1f}s"
-                                                     for k, v in timings.items()))
+                runs.append(run_size(n, settings, spark, args, hidden, repeats=args.repeats,
+                                     compare=True))
         finally:
             spark.stop()
 
-    costs = [r["us_per_row"] for r in results]
-    figures = {
+    figures: dict[str, Any] = {
         "sizes": sizes, "epochs": args.epochs, "hidden": list(hidden),
-        "threads": args.threads, "spark_session_seconds": round(session_s, 2),
-        "runs": results,
-        "us_per_row": costs,
-        # Largest cost per row over the smallest: at most 1.25 means within 25%.
-        "cost_per_row_spread": round(max(costs) / min(costs), 3) if costs else None,
-        "train_ratio_max": max(r["train_ratio"] for r in results) if results else None,
+        "batch_size": args.batch_size, "threads": args.threads, "cores": os.cpu_count(),
+        "load_average_end": load_average(),
+        "spark_session_seconds": round(session_s, 2), "warmup_seconds": warmup_s,
+        "runs": runs,
+        "job_us_per_row": [r["job_us_per_row"] for r in runs],
+        "job_cost_per_row_spread": spread([r["job_us_per_row"] for r in runs]),
+        "data_us_per_row": [r["data_us_per_row"] for r in runs],
+        "data_cost_per_row_spread": spread([r["data_us_per_row"] for r in runs]),
+        "train_us_per_row_epoch": [r["train_us_per_row_epoch"] for r in runs],
+        "train_ratio": [r["training"]["ratio"] for r in runs],
+        "train_ratio_same_work": [r["training"]["ratio_same_work"] for r in runs],
+        "train_ratio_max": max((r["training"]["ratio"] for r in runs), default=None),
     }
+    stage_costs = {stage: [r["us_per_row"].get(stage, 0.0) for r in runs]
+                   for stage in DATA_STAGES}
+    figures["stage_us_per_row"] = stage_costs
+    figures["stage_cost_per_row_spread"] = {st: spread(v) for st, v in stage_costs.items()}
+    if len(runs) >= 2:
+        rows = [r["rows"] for r in runs]
+        fits = {}
+        for stage in DATA_STAGES:
+            fixed, per_row = linear_fit(rows, [r["seconds"].get(stage, 0.0) for r in runs])
+            fits[stage] = {"fixed_seconds": round(fixed, 3),
+                           "us_per_row": round(1e6 * per_row, 3)}
+        fixed, per_row = linear_fit(rows, [r["data_seconds"] for r in runs])
+        net = [round(1e6 * (r["data_seconds"] - fixed) / r["rows"], 3) for r in runs]
+        # What each added row cost from one size to the next: no fixed part in it.
+        marginal = [round(1e6 * (b["data_seconds"] - a["data_seconds"])
+                          / (b["rows"] - a["rows"]), 3) for a, b in zip(runs, runs[1:])]
+        figures.update({
+            "data_stage_fit": fits,
+            "data_fixed_seconds": round(fixed, 3),
+            "data_us_per_row_fit": round(1e6 * per_row, 3),
+            # The data stages' cost per row once their fixed part is taken out, per size.
+            "data_us_per_row_net_of_fixed": net,
+            "data_net_cost_per_row_spread": spread(net),
+            "data_marginal_us_per_row": marginal,
+            "data_marginal_cost_per_row_spread": spread(marginal),
+        })
+    say("per-row cost of the data stages, us/row at " + ", ".join(str(n) for n in sizes)
+        + " rows (spread)" + (", and the fitted fixed seconds + us/row" if len(runs) >= 2
+                              else ""))
+    for stage in DATA_STAGES:
+        fit = figures.get("data_stage_fit", {}).get(stage)
+        say(f"  {stage:<18} " + " ".join(f"{v:>8.3f}" for v in stage_costs[stage])
+            + f"  ({figures['stage_cost_per_row_spread'][stage]})"
+            + (f"  {fit['fixed_seconds']:.2f}s + {fit['us_per_row']:.3f} us/row" if fit else ""))
+    say("size      job s  us/row  data s  data us/row  train us/row/epoch  train ratio "
+        "(same work)")
+    for r in runs:
+        say(f"{r['rows']:>9} {r['job_seconds']:>6.1f} {r['job_us_per_row']:>7.2f} "
+            f"{r['data_seconds']:>7.1f} {r['data_us_per_row']:>12.2f} "
+            f"{r['train_us_per_row_epoch']:>19.2f} {r['training']['ratio']:>12.3f} "
+            f"({r['training']['ratio_same_work']:.3f})")
+    say(f"cost per row spread: job {figures['job_cost_per_row_spread']}, data stages "
+        f"{figures['data_cost_per_row_spread']}")
+    if len(runs) >= 2:
+        say(f"data stages = {figures['data_fixed_seconds']}s fixed + "
+            f"{figures['data_us_per_row_fit']} us/row; net of the fixed part "
+            f"{figures['data_us_per_row_net_of_fixed']} us/row (spread "
+            f"{figures['data_net_cost_per_row_spread']}); marginal cost from size to size "
+            f"{figures['data_marginal_us_per_row']} us/row (spread "
+            f"{figures['data_marginal_cost_per_row_spread']})")
     print(json.dumps(figures), flush=True)
     return 0
 

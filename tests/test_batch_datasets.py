@@ -121,3 +121,47 @@ def test_a_dataset_of_any_shape_gives_a_model_on_par_with_scikit_learn(
           f"scikit-learn MLP {sklearn_accuracy:.4f} ({len(y_test)} test rows)")
     assert ours >= sklearn_accuracy - 0.03
     assert ours > result.metrics["baseline_accuracy"] + 0.2
+
+
+def _newest_rows(rows: list[tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    """The reference rule: per usable id, the row with the latest ``ts`` (missing ts last)."""
+    best: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        ident, x, label, ts = row
+        if ident is None or label is None:
+            continue
+        kept = best.get(ident)
+        if kept is None or (ts is not None and (kept[3] is None or ts > kept[3])):
+            best[ident] = row
+    return {ident: (x, label) for ident, (_, x, label, _) in best.items()}
+
+
+def test_duplicate_ids_keep_their_newest_row_however_many_ids_repeat(spark: Any) -> None:
+    rows: list[tuple[Any, ...]] = [(f"e{i}", float(i), "s" if i % 3 else "b", 1_000 + i)
+                                   for i in range(300)]
+    rows += [(f"e{i}", -float(i), "b", 5_000 + i) for i in range(0, 60, 2)]  # newer copies
+    rows += [(f"e{i}", -float(i), "s", 10 + i) for i in range(1, 60, 2)]  # older copies
+    rows += [("e200", 0.5, "s", 9_000), ("e200", 0.25, "b", 8_000)]  # three copies
+    rows += [("e201", 7.0, "s", None)]  # a copy without event time loses
+    rows += [(None, 1.0, "s", 1), ("e-unlabelled", 1.0, None, 1)]
+    df = spark.createDataFrame(rows, "id string, x double, label string, ts long")
+    expected = _newest_rows(rows)
+    assert len(expected) == 300
+
+    # Few repeated ids (deduplicated apart), and every row through the shuffle.
+    for limit in (None, 0):
+        cleaned = prepare.clean(df, ["x"], "id", "label", broadcast_keys=limit)
+        assert cleaned.columns == ["id", "x", "label", "ts"]
+        got = {r["id"]: (r["x"], r["label"]) for r in cleaned.collect()}
+        assert got == expected, f"broadcast_keys={limit}"
+
+    # No repeated id: every usable row comes through once, as it was.
+    unique = [row for row in rows[:300]] + [(None, 1.0, "s", 1)]
+    cleaned = prepare.clean(spark.createDataFrame(unique, df.schema), ["x"], "id", "label")
+    assert sorted(r["id"] for r in cleaned.collect()) == sorted(f"e{i}" for i in range(300))
+
+    # Without an event time any one copy of a repeated id is kept.
+    no_ts = prepare.clean(df.drop("ts"), ["x"], "id", "label").collect()
+    assert sorted(r["id"] for r in no_ts) == sorted(expected)
+    assert all((r["x"], r["label"]) in {(x, label) for i, x, label, _ in rows if i == r["id"]}
+               for r in no_ts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from batch.evaluate import classification_metrics, evaluate_policy, majority_rat
 from batch.job import JobConfig
 from batch.spark import spark_error_reason
 from batch.train import TrainConfig, parse_hidden, train_classifier
-from models.preprocessing import fit_preprocessor, preprocessor_from_stats
+from models.preprocessing import Preprocessor, fit_preprocessor, preprocessor_from_stats
 
 DTYPES = [("id", "string"), ("x", "double"), ("n", "bigint"), ("label", "string"),
           ("ts", "bigint"), ("d", "decimal(10,2)")]
@@ -102,6 +103,35 @@ def test_policy_publishes_only_what_beats_the_majority_class() -> None:
     assert not rejected.accepted and "does not beat" in rejected.reason
 
 
+@pytest.mark.parametrize("classes,labels", [(["b", "s"], ["s", "b", "s", "b"]),
+                                             ([3, 7, 42], [42, 3, 7, 7])],
+                         ids=["string-classes", "integer-classes"])
+def test_collect_batches_carry_class_and_split_indices_and_preprocessed_features(
+        classes: list, labels: list) -> None:
+    pre = Preprocessor(features=["a", "b"], fill=[0.5, 0.0], mean=[1.0, 0.0], std=[2.0, 1.0])
+    raw = np.array([[1.0, 2.0], [np.nan, -999.0], [3.0, np.inf], [-1.0, 0.5]])
+    batch = pa.record_batch({"__id": ["r1", "r2", "r3", "r4"], "__f0": raw[:, 0],
+                             "__f1": raw[:, 1], "__label": labels,
+                             prepare.SPLIT_COL: ["test", "train", "val", "train"]})
+    (out,) = prepare._preprocess_batches(iter([batch]), ["__f0", "__f1"], pre.to_dict(),
+                                         classes, "__id", "__label")
+    assert out.column("id").to_pylist() == ["r1", "r2", "r3", "r4"]
+    assert [classes[i] for i in out.column("y").to_pylist()] == labels
+    assert out.column("split").to_pylist() == [2, 0, 1, 0]  # train, val, test
+    X = np.column_stack([out.column("x0").to_numpy(), out.column("x1").to_numpy()])
+    np.testing.assert_array_equal(X, pre.transform(raw))
+
+    with pytest.raises(DataError, match=f"labels \\[{classes[0]!r}\\] are not among"):
+        list(prepare._preprocess_batches(iter([batch]), ["__f0", "__f1"], pre.to_dict(),
+                                         classes[1:], "__id", "__label"))
+
+
+def test_rows_are_ordered_by_id_in_code_point_order_across_chunks() -> None:
+    ids = ["b", "a10", "a9", "\u00e9t\u00e9", "Z", "z", "\u65e5\u672c", "a", "a\u0000"]
+    order = prepare._id_order(pa.chunked_array([ids[:4], ids[4:]]))
+    assert [ids[i] for i in order] == sorted(ids)
+
+
 def test_statistics_to_preprocessor_matches_the_numpy_fit() -> None:
     rng = np.random.default_rng(3)
     X = rng.normal(3.0, 2.0, size=(400, 2))
@@ -140,8 +170,8 @@ def test_training_is_reproducible_and_stops_at_its_time_budget() -> None:
     X, y = _blobs(500, 4)
     config = TrainConfig(hidden=(8,), epochs=2, batch_size=50, seed=5)
     a, b = train_classifier(X, y, 2, config), train_classifier(X, y, 2, config)
-    for pa, pb in zip(a.module.parameters(), b.module.parameters()):
-        assert torch.equal(pa, pb)
+    for first, second in zip(a.module.parameters(), b.module.parameters()):
+        assert torch.equal(first, second)
     timed = train_classifier(X, y, 2, TrainConfig(hidden=(8,), epochs=1000, batch_size=10,
                                                   max_seconds=0.3))
     assert timed.stopped == "time budget" and timed.epochs_run < 1000
