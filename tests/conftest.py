@@ -24,7 +24,7 @@ from app.stack import DEFAULT_CACHE_DIR, S3_CREDENTIALS, LocalStack, free_port
 
 #: Fixtures that start the stack; a test using any of them (directly or through another
 #: fixture) is an integration test.
-STACK_FIXTURES = frozenset({"stack", "kafka_broker", "s3_server", "settings_env"})
+STACK_FIXTURES = frozenset({"stack", "kafka_broker", "s3_server", "settings_env", "spark"})
 
 _counter = itertools.count(1)
 # Distinguishes this session's names from any other session's on a shared server.
@@ -162,3 +162,13 @@ def settings_env(kafka_broker: KafkaBroker, s3_server: S3Server,
         return env
 
     return make
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[Any]:
+    """One local Spark session for every test that needs one (starting one takes seconds)."""
+    from batch.spark import get_session
+
+    session = get_session(app_name="stratum-tests")
+    yield session
+    session.stop()

@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -356,15 +356,6 @@ async def test_a_crash_before_the_commit_rewrites_the_same_files_and_a_rebalance
 
 N_EVENTS = 30_000
 N_BEFORE_KILL = 20_000
-
-
-@pytest.fixture(scope="module")
-def spark() -> Iterator[Any]:
-    from batch.spark import get_session
-
-    session = get_session(app_name="stratum-archive-tests")
-    yield session
-    session.stop()
 
 
 def test_a_worker_killed_half_way_leaves_every_event_in_the_lake_exactly_once(

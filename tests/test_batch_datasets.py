@@ -6,7 +6,7 @@ preprocessed training rows and scored on the same test rows.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -22,15 +22,6 @@ from batch.job import JobConfig, run_job
 from models.registry import Registry
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def spark() -> Iterator[Any]:
-    from batch.spark import get_session
-
-    session = get_session(app_name="stratum-batch-dataset-tests")
-    yield session
-    session.stop()
 
 
 def _features(n: int, n_features: int, n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 process, and the whole job end to end with ``distributed`` set."""
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -15,15 +15,6 @@ from batch.train import TrainConfig, train_classifier
 from models.registry import Registry
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def spark() -> Iterator[Any]:
-    from batch.spark import get_session
-
-    session = get_session(app_name="stratum-batch-distributed-tests")
-    yield session
-    session.stop()
 
 
 def _blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

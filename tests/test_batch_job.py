@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -30,15 +30,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
 # A tiny network and two epochs: the test checks the wiring, not the model quality.
 SMALL = dict(hidden=(32, 16), dropout=0.1, epochs=2, batch_size=128)
-
-
-@pytest.fixture(scope="module")
-def spark() -> Iterator[Any]:
-    from batch.spark import get_session
-
-    session = get_session(app_name="stratum-batch-tests")
-    yield session
-    session.stop()
 
 
 async def _read_updates(bootstrap: str, topic: str, timeout: float = 30.0) -> list[dict]:

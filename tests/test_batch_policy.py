@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -28,15 +28,6 @@ from tests.support import announce, consume_until, publish_small_model, run
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def spark() -> Iterator[Any]:
-    from batch.spark import get_session
-
-    session = get_session(app_name="stratum-batch-policy-tests")
-    yield session
-    session.stop()
 
 
 def xor_table(n: int = 3000, seed: int = 0) -> pa.Table:
