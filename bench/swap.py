@@ -201,6 +201,10 @@ def main() -> int:
         near_swap_ms.append(float(np.max(np.diff(window))) if len(window) > 1 else None)
     input_ts = np.array(sorted(t for _, t, _ in fed), dtype=np.float64)
     input_gap_ms = float(np.max(np.diff(input_ts))) if len(input_ts) > 1 else None
+    # While events were arriving (from the first to the last input timestamp): a gap there is
+    # serving's; after the last input event there is nothing left to answer.
+    during = all_ts[(all_ts >= input_ts[0]) & (all_ts <= input_ts[-1])] if len(input_ts) else []
+    gap_during_feed_ms = float(np.max(np.diff(during))) if len(during) > 1 else None
     gap_by_input = {p: float(np.max(np.diff(np.array(sorted(t for t, _ in rows)))))
                     for p, rows in sorted(by_input.items())}
     latency: dict[str, dict[int, float | None]] = {}
@@ -221,7 +225,8 @@ def main() -> int:
     say(f"worker swap times (from /models/): {worker_latency}")
     say(f"{len(predictions)} predictions for {len(partition_of)} events: lost {lost}, "
         f"failed {len(dead)}, backwards {backwards}; longest gap {gap_ms:.0f} ms "
-        f"({gap_at_s}s after the first swap), around the swaps {near_swap_ms} ms; "
+        f"({gap_at_s}s after the first swap), {gap_during_feed_ms:.0f} ms while events "
+        f"arrived, around the swaps {near_swap_ms} ms; "
         f"the feed's own longest gap {input_gap_ms:.0f} ms")
     figures = {
         "events": len(partition_of),
@@ -232,6 +237,7 @@ def main() -> int:
         "swap_latency_s_by_partition": latency,
         "worker_swap_s": worker_latency,
         "longest_gap_ms": gap_ms,
+        "longest_gap_ms_while_fed": gap_during_feed_ms,
         # Seconds from the first announcement to the start of that gap (negative: before).
         "longest_gap_at_s_after_first_swap": gap_at_s,
         "longest_gap_ms_around_each_swap": near_swap_ms,
