@@ -710,6 +710,12 @@ class LocalStack:
         return {"key": key, "secret": secret,
                 "client_kwargs": {"endpoint_url": self.s3_endpoint_url}}
 
+    def environment(self, bucket: str) -> dict[str, str]:
+        """Stratum settings (environment variables) for this stack, with the lake and the
+        registry in ``bucket``."""
+        return {"KAFKA_BROKER": self.kafka_broker, "S3_ENDPOINT_URL": self.s3_endpoint_url,
+                "REGISTRY_URI": f"s3://{bucket}/models", "LAKE_URI": f"s3://{bucket}/lake"}
+
     @property
     def pids(self) -> dict[str, int]:
         """Process id (and process group id) of each running service, by name."""

@@ -273,8 +273,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="stratum-bench-batch-"))
     say(f"starting Kafka and S3 on free ports (data in {work})")
     with LocalStack(data_dir=work / "stack", s3_buckets=["bench"]) as stack:
-        env = {"KAFKA_BROKER": stack.kafka_broker, "S3_ENDPOINT_URL": stack.s3_endpoint_url,
-               "REGISTRY_URI": "s3://bench/models", "LAKE_URI": "s3://bench/lake",
+        env = {**stack.environment("bench"),
                "UPDATES_TOPIC": "bench-model-updates"}
         settings = Settings.from_env(env)
         from batch.spark import get_session

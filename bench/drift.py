@@ -222,8 +222,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="stratum-drift-"))
     say(f"starting Kafka + S3 on free ports (data and logs in {work})")
     with LocalStack(data_dir=work / "stack", s3_buckets=["drift"]) as stack:
-        common = {"KAFKA_BROKER": stack.kafka_broker, "S3_ENDPOINT_URL": stack.s3_endpoint_url,
-                  "REGISTRY_URI": "s3://drift/models", "LAKE_URI": "s3://drift/lake",
+        common = {**stack.environment("drift"),
                   "EVENTS_TOPIC": "drift-events", "TOPIC_PARTITIONS": "2", "ARCHIVE": "0"}
         deployments = []
         for name in DEPLOYMENTS:

@@ -112,8 +112,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="stratum-bench-"))
     say(f"starting Kafka + S3 on free ports (data in {work})")
     with LocalStack(data_dir=work / "stack", s3_buckets=["bench"]) as stack:
-        env = {"KAFKA_BROKER": stack.kafka_broker, "S3_ENDPOINT_URL": stack.s3_endpoint_url,
-               "REGISTRY_URI": "s3://bench/models", "LAKE_URI": "s3://bench/lake",
+        env = {**stack.environment("bench"),
                "WEB_PORT": str(free_port()), "STRATUM_APP_ID": "bench",
                "STRATUM_DATA_DIR": str(work / "worker"),
                "TOPIC_PARTITIONS": str(args.partitions),

@@ -127,8 +127,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="stratum-bench-swap-"))
     say(f"starting Kafka + S3 on free ports (data in {work})")
     with LocalStack(data_dir=work / "stack", s3_buckets=["bench"]) as stack:
-        base_env = {"KAFKA_BROKER": stack.kafka_broker, "S3_ENDPOINT_URL": stack.s3_endpoint_url,
-                    "REGISTRY_URI": "s3://bench/models", "LAKE_URI": "s3://bench/lake",
+        base_env = {**stack.environment("bench"),
                     "STRATUM_APP_ID": "bench-swap", "TOPIC_PARTITIONS": str(args.partitions),
                     "SPEED_LAYER": "0"}
         settings = Settings.from_env({**base_env, "WEB_PORT": "1"})

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from models.classifier import MLPClassifier
-from models.errors import ManifestError, MessageError, ModelError
-from models.manifest import check_path_segment, utc_now_iso
+from models.errors import MessageError, ModelError
+from models.manifest import check_message, utc_now_iso
 from models.preprocessing import missing_mask
 from models.serving import LoadedModel
 
@@ -119,18 +119,7 @@ class ModelUpdate:
             The message is not an object, not an ``UP``, or a field is absent or malformed
             (types, shape, base64, checksum, non-finite values); the reason names the field.
         """
-        if not isinstance(message, Mapping):
-            raise MessageError("UP must be a JSON object")
-        if message.get("type") != UP_TYPE:
-            raise MessageError(f"not an UP: type {message.get('type')!r}")
-        for key in ("model", "base_version"):
-            if not isinstance(message.get(key), str) or not message[key]:
-                raise MessageError(f"UP field {key!r} must be a non-empty string")
-        try:
-            check_path_segment("model", message["model"])
-            check_path_segment("base_version", message["base_version"])
-        except ManifestError as exc:
-            raise MessageError(f"UP {exc}") from None
+        check_message(message, UP_TYPE, ("model", "base_version"), ("model", "base_version"))
         seq = message.get("seq")
         if not _is_int(seq) or seq < 1:
             raise MessageError(f"UP field 'seq' must be an integer >= 1, got {seq!r}")

@@ -31,7 +31,8 @@ import torch
 
 from models.classifier import MLPClassifier
 from models.errors import ArtifactError, ManifestError, MessageError, ModelError
-from models.manifest import MANIFEST_FILE, Manifest, check_path_segment, utc_now_iso
+from models.manifest import (MANIFEST_FILE, Manifest, check_message, check_path_segment,
+                             utc_now_iso)
 from models.serving import LoadedModel
 from models.storage import ensure_bucket, filesystem, sha256_hex
 
@@ -111,18 +112,8 @@ class ModelRef:
             The message is not an object, has another ``"type"``, or a field is absent or
             malformed; the reason names the field.
         """
-        if not isinstance(message, Mapping):
-            raise MessageError("MODEL-REF must be a JSON object")
-        if message.get("type") != MODEL_REF_TYPE:
-            raise MessageError(f"not a MODEL-REF: type {message.get('type')!r}")
-        for key in ("model", "version", "manifest", "sha256"):
-            if not isinstance(message.get(key), str) or not message[key]:
-                raise MessageError(f"MODEL-REF field {key!r} must be a non-empty string")
-        try:
-            check_path_segment("model", message["model"])
-            check_path_segment("version", message["version"])
-        except ManifestError as exc:
-            raise MessageError(f"MODEL-REF {exc}") from None
+        check_message(message, MODEL_REF_TYPE, ("model", "version", "manifest", "sha256"),
+                      ("model", "version"))
         manifest = message["manifest"]
         if "://" not in manifest or not manifest.endswith("/" + MANIFEST_FILE):
             raise MessageError(f"MODEL-REF manifest {manifest!r} is not a URI of a "
