@@ -363,9 +363,11 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
             with stages.stage("lock"):
                 lock = RegistryLock(settings.registry_uri, settings.storage_options,
                                     model_name, ttl_s=config.lock_ttl_s)
-                lock.acquire()
+                # Written now, read back once the lake is listed: the settle time is not idle.
+                lock.acquire(confirm=False)
             try:
-                return _run_locked(settings, config, spark, say, stages, model_name)
+                return _run_locked(settings, config, spark, say, stages, model_name,
+                                   confirm_lock=lock.confirm)
             finally:
                 lock.release()
         return _run_locked(settings, config, spark, say, stages, model_name)
@@ -378,7 +380,8 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
 
 
 def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | None",
-                say: Progress, stages: _Stages, model_name: str) -> JobResult:
+                say: Progress, stages: _Stages, model_name: str,
+                confirm_lock: Callable[[], None] | None = None) -> JobResult:
     import torch
 
     from batch.active import UpdateState, read_update_state
@@ -414,6 +417,10 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                 from batch.spark import get_session
                 spark = get_session(master=settings.spark_master,
                                     driver_memory=settings.spark_driver_memory)
+
+        if confirm_lock is not None:
+            with stages.stage("lock check"):
+                confirm_lock()
 
         with stages.stage("read"):
             raw = read_parquet(spark, data_uri, storage, files=files)

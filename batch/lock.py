@@ -8,8 +8,11 @@ forward, so a crashed run's lock expires after ``ttl_s`` and the next run may ta
 Taking the lock writes it with S3's conditional ``If-None-Match: *`` where the store supports
 it (AWS S3 does) and, because some S3-API servers ignore that header, reads it back after a
 short settle time: of two runs that raced, only the one whose token is in the object goes on.
-Every machine that can reach the registry honours the lock, which a local file lock could not
-give.
+The settle time need not be spent idle: :meth:`RegistryLock.acquire` with ``confirm=False``
+writes the lock and returns, the run does harmless work (listing the lake, starting Spark), and
+:meth:`RegistryLock.confirm` waits out what is left of the settle time and reads the lock back
+before the run reads any data. Every machine that can reach the registry honours the lock,
+which a local file lock could not give.
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ class RegistryLock:
         self.token = secrets.token_hex(16)
         self._fs, self._path = filesystem(self.uri, storage_options)
         self._held = False
+        self._written_at: float | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
@@ -102,8 +106,12 @@ class RegistryLock:
                            "expires_epoch": now + self.ttl_s}).encode()
 
     # ------------------------------------------------------------------------------ taking
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`LockError` naming the run that holds it."""
+    def acquire(self, confirm: bool = True) -> None:
+        """Take the lock or raise :class:`LockError` naming the run that holds it.
+
+        With ``confirm=False`` the lock is written but not yet read back: the caller must call
+        :meth:`confirm` before doing anything another run must not do at the same time.
+        """
         current = self.holder()
         if current is not None:
             expires = current.get("expires_epoch")
@@ -136,8 +144,23 @@ class RegistryLock:
                                 "not starting") from None
             raise StorageError(f"cannot write the run lock {self.uri}: "
                                f"{type(exc).__name__}: {exc}") from exc
-        # Stores that ignore If-None-Match: the last writer wins, and the loser notices here.
-        self._stop.wait(self.settle_s)
+        self._written_at = time.monotonic()
+        if confirm:
+            self.confirm()
+
+    def confirm(self) -> None:
+        """Wait out the rest of the settle time, then make sure the lock is still this run's.
+
+        Stores that ignore If-None-Match let the last writer win; the loser notices here and
+        :class:`LockError` is raised.
+        """
+        if self._held:
+            return
+        if self._written_at is None:
+            raise RuntimeError("confirm() before acquire()")
+        left = self.settle_s - (time.monotonic() - self._written_at)
+        if left > 0:
+            self._stop.wait(left)
         after = self.holder()
         if not after or after.get("token") != self.token:
             raise LockError(f"another batch run of {self.model!r} "

@@ -28,14 +28,18 @@ validation (the same work as the plain loop), and a textbook torch loop, in one 
 run back to back in rounds, in a rotating order, for at least ``--rounds`` rounds and
 ``--compare-seconds`` seconds; the best wall and CPU seconds of each count.
 
-    .venv/bin/python bench/batch.py [--sizes 250000,1000000,4000000] [--epochs 1]
-                                    [--hidden 64,32] [--batch-size 512] [--threads 2]
-                                    [--repeats 2] [--rounds 3] [--compare-seconds 10]
+    .venv/bin/python bench/batch.py [--sizes 250000,1000000,4000000]
+                                    [--hidden H] [--epochs N] [--dropout D] [--patience P]
+                                    [--batch-size B] [--lr LR] [--threads 2]
+                                    [--repeats 1] [--rounds 1] [--compare-seconds 10]
+                                    [--compare job,job_no_validation,plain]
                                     [--warmup-rows 50000]
 
-The job's default network (500-1000-500) takes about a minute per million rows and epoch on
-two cores; the smaller ``--hidden 64,32`` keeps a 4M-row run within minutes. Ends with one
-line holding a JSON object of the figures.
+Without options the job runs as ``python -m batch run`` would: the ``BATCH_*`` defaults, a
+500-1000-500 network trained for 3 epochs. That network takes about 75 s per million training
+rows and epoch on two cores, so the default sizes take about 45 minutes with ``--compare
+job,plain``; ``--hidden 64,32 --epochs 1 --dropout 0 --patience 0`` measures the data stages
+with little training in a few minutes. Ends with one line holding a JSON object of the figures.
 """
 from __future__ import annotations
 
@@ -63,13 +67,16 @@ from batch import prepare  # noqa: E402
 from batch.candidates import Arrays, train_candidates  # noqa: E402
 from batch.demo_data import write_lake  # noqa: E402
 from batch.job import JobConfig, JobResult, run_job  # noqa: E402
-from batch.train import parse_hidden, train_classifier  # noqa: E402
+from batch.train import train_classifier  # noqa: E402
 
 #: Stages whose cost does not depend on the rows.
-FIXED_STAGES = ("lock", "list", "spark session", "active model", "publish", "announce", "prune")
+FIXED_STAGES = ("lock", "list", "spark session", "lock check", "active model", "publish",
+                "announce", "prune")
 #: Stages whose cost grows with the rows.
 DATA_STAGES = ("read", "clean and split", "fit preprocessing", "collect", "train", "evaluate")
 _MAX_ROUNDS = 20
+#: Training paths the comparison can time (job and plain always).
+COMPARED = ("job", "job_no_validation", "plain")
 
 
 def say(message: str) -> None:
@@ -111,7 +118,8 @@ def plain_torch_train(X: np.ndarray, y: np.ndarray, n_classes: int, hidden: tupl
 
 
 def compare_training(result: JobResult, config: JobConfig, threads: int, rounds: int,
-                     min_seconds: float) -> dict[str, Any]:
+                     min_seconds: float, compare: tuple[str, ...] = COMPARED
+                     ) -> dict[str, Any]:
     """Best wall and CPU seconds of the job's training path, its trainer without validation
     and the plain loop, run back to back on the job's own training arrays: ``rounds`` rounds,
     and more (up to 20) until the comparison has taken ``min_seconds``."""
@@ -121,13 +129,14 @@ def compare_training(result: JobResult, config: JobConfig, threads: int, rounds:
     train_config = config.train_config()
     epochs_run = float(result.training["epochs_run"])
     batch_size = int(result.training["batch_size"])  # after the job's small-data cap
-    kinds: dict[str, Callable[[], object]] = {
+    every: dict[str, Callable[[], object]] = {
         "job": lambda: train_candidates(Arrays(X, y, Xv, yv, k), [train_config],
                                         threads=threads, progress=lambda line: None),
         "job_no_validation": lambda: train_classifier(X, y, k, train_config),
         "plain": lambda: plain_torch_train(X, y, k, train_config.hidden, train_config.dropout,
                                            epochs_run, batch_size, train_config.lr, threads),
     }
+    kinds = {name: every[name] for name in compare}
     names = list(kinds)
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
@@ -144,6 +153,7 @@ def compare_training(result: JobResult, config: JobConfig, threads: int, rounds:
         r += 1
     best = {name: min(wall[name]) for name in names}
     best_cpu = {name: min(cpu[name]) for name in names}
+    same_work = "job_no_validation" in best
     return {
         "rounds": r, "epochs": epochs_run, "batch_size": batch_size,
         "wall_seconds": {n: round(v, 3) for n, v in best.items()},
@@ -153,8 +163,10 @@ def compare_training(result: JobResult, config: JobConfig, threads: int, rounds:
         "ratio": round(best["job"] / best["plain"], 3),
         "cpu_ratio": round(best_cpu["job"] / best_cpu["plain"], 3),
         # ... and like for like: the same work, the job's trainer without validation.
-        "ratio_same_work": round(best["job_no_validation"] / best["plain"], 3),
-        "cpu_ratio_same_work": round(best_cpu["job_no_validation"] / best_cpu["plain"], 3),
+        "ratio_same_work": (round(best["job_no_validation"] / best["plain"], 3)
+                            if same_work else None),
+        "cpu_ratio_same_work": (round(best_cpu["job_no_validation"] / best_cpu["plain"], 3)
+                                if same_work else None),
     }
 
 
@@ -169,9 +181,17 @@ def linear_fit(rows: list[int], seconds: list[float]) -> tuple[float, float]:
     return float(fixed), float(per_row)
 
 
+def job_config(settings: Settings, args: argparse.Namespace, lake: str) -> JobConfig:
+    """The job as ``python -m batch run`` configures it, with the options given."""
+    return JobConfig.from_settings(settings, data_uri=lake, hidden=args.hidden,
+                                   epochs=args.epochs, dropout=args.dropout,
+                                   batch_size=args.batch_size, lr=args.lr,
+                                   patience=args.patience, threads=args.threads,
+                                   keep_arrays=True)
+
+
 def run_size(n: int, settings: Settings, spark: Any, args: argparse.Namespace,
-             hidden: tuple[int, ...], repeats: int, compare: bool
-             ) -> dict[str, Any]:
+             repeats: int, compare: bool) -> dict[str, Any]:
     """Write ``n`` demo rows to a fresh lake and rebuild a model from them ``repeats`` times
     (each under a model name of its own, so that every run does the same work); the fastest
     run's stages are reported."""
@@ -182,9 +202,7 @@ def run_size(n: int, settings: Settings, spark: Any, args: argparse.Namespace,
         write_lake(lake, settings.storage_options, min(chunk, n - first), seed=first,
                    start_id=first)
     say(f"{n} rows: demo data written in {time.perf_counter() - started:.1f}s")
-    config = JobConfig(data_uri=lake, hidden=hidden, dropout=0.0, epochs=args.epochs,
-                       batch_size=args.batch_size, lr=args.lr, patience=0,
-                       threads=args.threads, keep_arrays=True)
+    config = job_config(settings, args, lake)
     best: JobResult | None = None
     totals, loads = [], []
     for r in range(repeats):
@@ -235,14 +253,13 @@ def run_size(n: int, settings: Settings, spark: Any, args: argparse.Namespace,
                                    if s in row["rows_per_s"] else "")
         for s in timings))
     if compare:
-        row["training"] = compare_training(best, config, args.threads, args.rounds,
-                                           args.compare_seconds)
+        row["training"] = compare_training(best, config, config.threads, args.rounds,
+                                           args.compare_seconds, args.compare)
         c = row["training"]
-        say(f"{n} rows: training, best of {c['rounds']} back to back: job path "
-            f"{c['wall_seconds']['job']}s, without validation "
-            f"{c['wall_seconds']['job_no_validation']}s, plain torch "
-            f"{c['wall_seconds']['plain']}s: ratio {c['ratio']} (CPU {c['cpu_ratio']}), same "
-            f"work {c['ratio_same_work']} (CPU {c['cpu_ratio_same_work']})")
+        say(f"{n} rows: training, best of {c['rounds']} back to back: "
+            + ", ".join(f"{name} {sec}s" for name, sec in c["wall_seconds"].items())
+            + f": ratio {c['ratio']} (CPU {c['cpu_ratio']}), same work "
+            f"{c['ratio_same_work']} (CPU {c['cpu_ratio_same_work']})")
     return row
 
 
@@ -250,15 +267,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="250000,1000000,4000000",
                         help="comma-separated lake sizes in rows")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--hidden", default="64,32")
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=0.001)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2,
+    for name, what in (("hidden", "hidden layer sizes"), ("epochs", "epochs"),
+                       ("dropout", "dropout"), ("batch-size", "mini-batch rows"),
+                       ("lr", "learning rate")):
+        parser.add_argument(f"--{name}", help=f"{what} (default: BATCH_{name.upper().replace('-', '_')})")
+    parser.add_argument("--patience", type=int, help="early-stopping patience "
+                        "(default: BATCH_PATIENCE)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: BATCH_THREADS)")
+    parser.add_argument("--repeats", type=int, default=1,
                         help="job runs per size (the fastest is reported)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=1,
                         help="least back-to-back rounds of the training comparison")
+    parser.add_argument("--compare", default=",".join(COMPARED),
+                        help="training paths to time: job, job_no_validation, plain")
     parser.add_argument("--compare-seconds", type=float, default=10.0,
                         help="more rounds (up to 20) until the comparison took this long")
     parser.add_argument("--warmup-rows", type=int, default=50_000,
@@ -266,7 +287,10 @@ def main() -> int:
     parser.add_argument("--driver-memory", default="6g", help="SPARK_DRIVER_MEMORY")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    hidden = parse_hidden(args.hidden)
+    args.compare = tuple(k.strip() for k in args.compare.split(",") if k.strip())
+    if not {"job", "plain"} <= set(args.compare) <= set(COMPARED):
+        parser.error(f"--compare: expected job, plain and optionally job_no_validation, "
+                     f"got {','.join(args.compare)}")
     os.environ.setdefault("SPARK_DRIVER_MEMORY", args.driver_memory)
     say(f"load average {load_average()} on {os.cpu_count()} cores")
 
@@ -285,20 +309,23 @@ def main() -> int:
         runs, warmup_s = [], None
         try:
             if args.warmup_rows:
-                warm = run_size(args.warmup_rows, settings, spark, args, hidden, repeats=1,
+                warm = run_size(args.warmup_rows, settings, spark, args, repeats=1,
                                 compare=False)
                 warmup_s = warm["job_seconds"]
                 say(f"warm-up run: {warmup_s:.1f}s for {args.warmup_rows} rows (first job of "
                     "the process: JIT, Python workers, torch thread pools)")
             for n in sizes:
-                runs.append(run_size(n, settings, spark, args, hidden, repeats=args.repeats,
+                runs.append(run_size(n, settings, spark, args, repeats=args.repeats,
                                      compare=True))
         finally:
             spark.stop()
 
+    trained = job_config(settings, args, "").train_config()
     figures: dict[str, Any] = {
-        "sizes": sizes, "epochs": args.epochs, "hidden": list(hidden),
-        "batch_size": args.batch_size, "threads": args.threads, "cores": os.cpu_count(),
+        "sizes": sizes, "epochs": trained.epochs, "hidden": list(trained.hidden),
+        "dropout": trained.dropout, "patience": trained.patience,
+        "batch_size": trained.batch_size, "lr": trained.lr,
+        "threads": job_config(settings, args, "").threads, "cores": os.cpu_count(),
         "load_average_end": load_average(),
         "spark_session_seconds": round(session_s, 2), "warmup_seconds": warmup_s,
         "runs": runs,
@@ -351,7 +378,7 @@ def main() -> int:
         say(f"{r['rows']:>9} {r['job_seconds']:>6.1f} {r['job_us_per_row']:>7.2f} "
             f"{r['data_seconds']:>7.1f} {r['data_us_per_row']:>12.2f} "
             f"{r['train_us_per_row_epoch']:>19.2f} {r['training']['ratio']:>12.3f} "
-            f"({r['training']['ratio_same_work']:.3f})")
+            f"({r['training']['ratio_same_work']})")
     say(f"cost per row spread: job {figures['job_cost_per_row_spread']}, data stages "
         f"{figures['data_cost_per_row_spread']}")
     if len(runs) >= 2:

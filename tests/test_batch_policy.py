@@ -7,6 +7,7 @@ its own so that it can stop it) and local Spark.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -166,3 +167,84 @@ def test_s3_down_mid_run_fails_clearly_announces_nothing_and_keeps_the_active_mo
                     s3_port=port):
         assert registry.versions("default") == [active.version]
         registry.load_ref(active)
+
+
+_CONTENDER = """
+import json, sys
+from batch.errors import LockError
+from batch.lock import RegistryLock
+
+lock = RegistryLock(sys.argv[1], json.loads(sys.argv[2]), "default", ttl_s=60, settle_s=0.5)
+print("ready", flush=True)
+sys.stdin.readline()  # every contender is started before any of them writes
+try:
+    lock.acquire()
+except LockError as exc:
+    print("refused", lock.token, exc, flush=True)
+    sys.exit(0)
+print("held", lock.token, flush=True)
+sys.stdin.readline()  # hold the lock until told
+lock.release()
+print("released", flush=True)
+"""
+
+
+def test_of_runs_racing_for_the_lock_in_separate_processes_on_s3_exactly_one_goes_on(
+        s3_server: Any) -> None:
+    """Separate processes with their own S3 clients stand for separate machines: the lock
+    lives on the real S3-API server (which ignores If-None-Match), so only the read-back
+    after the settle time can tell the winner, and it must tell exactly one."""
+    bucket = s3_server.make_bucket()
+    registry = f"s3://{bucket}/registry"
+    options = json.dumps(s3_server.storage_options)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for _round in range(3):  # the race is run three times over
+        contenders = [subprocess.Popen([sys.executable, "-c", _CONTENDER, registry, options],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       text=True, env=env, cwd=REPO) for _ in range(3)]
+        try:
+            for proc in contenders:
+                assert proc.stdout.readline().strip() == "ready"
+            for proc in contenders:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            outcomes = [proc.stdout.readline().strip().split(" ", 2) for proc in contenders]
+            held = [o for o in outcomes if o[0] == "held"]
+            refused = [o for o in outcomes if o[0] == "refused"]
+            assert len(held) == 1 and len(refused) == 2, outcomes
+            for o in refused:
+                assert "another batch run of 'default'" in o[2]
+            fs = s3fs.S3FileSystem(**s3_server.storage_options)
+            lock_object = f"{bucket}/registry/_locks/default.json"
+            assert json.loads(fs.cat_file(lock_object))["token"] == held[0][1]
+            winner = contenders[[o[0] for o in outcomes].index("held")]
+            winner.stdin.write("done\n")
+            winner.stdin.flush()
+            assert winner.stdout.readline().strip() == "released"
+            fs.invalidate_cache()
+            assert not fs.exists(lock_object)
+        finally:
+            for proc in contenders:
+                proc.stdin.close()
+                assert proc.wait(timeout=60) == 0
+                proc.stdout.close()
+
+
+def test_a_lock_overwritten_between_writing_and_confirming_is_refused(s3_server: Any) -> None:
+    """The job writes the lock, lists the lake and only then confirms: a racing run whose
+    write landed last in the meantime wins, and the first run stops before reading data."""
+    bucket = s3_server.make_bucket()
+    registry = f"s3://{bucket}/registry"
+    from batch.errors import LockError
+    from batch.lock import RegistryLock
+
+    first = RegistryLock(registry, s3_server.storage_options, "default", settle_s=0.2)
+    first.acquire(confirm=False)
+    second = RegistryLock(registry, s3_server.storage_options, "default", settle_s=0.2)
+    fs = s3fs.S3FileSystem(**s3_server.storage_options)
+    fs.pipe_file(f"{bucket}/registry/_locks/default.json", second._body())  # its racing write
+    with pytest.raises(LockError, match="took the lock at the same time"):
+        first.confirm()
+    first.release()  # not held: the other run's lock stays
+    assert json.loads(fs.cat_file(f"{bucket}/registry/_locks/default.json"))[
+        "token"] == second.token
