@@ -74,10 +74,11 @@ async def score_events(stream: Any) -> None:
                                               within=settings.serving_batch_ms / 1000):
             started = time.perf_counter()
             pending = await _answer(events)
-            in_flight.append(asyncio.ensure_future(
-                _acknowledge_when_stored(stream, events, pending, started)))
-            # Surface a failed send here (the agent stops and its events stay unacknowledged,
-            # so they are delivered again) and bound how much waits for the broker.
+            batch = asyncio.ensure_future(
+                _acknowledge_when_stored(stream, events, pending, started))
+            batch.add_done_callback(_stop_worker_if_not_stored)
+            in_flight.append(batch)
+            # Bound how much waits for the broker (and raise here if a batch failed).
             while in_flight and (in_flight[0].done()
                                  or len(in_flight) > MAX_BATCHES_IN_FLIGHT):
                 await in_flight.popleft()
@@ -138,6 +139,25 @@ async def _acknowledge_when_stored(stream: Any, events: list[EventT],
         await stream.ack(event)
     BATCH_SIZE.observe(len(events))
     BATCH_SECONDS.observe(time.perf_counter() - started)
+
+
+def _stop_worker_if_not_stored(batch: asyncio.Future[None]) -> None:
+    """Crash the worker as soon as a micro-batch's messages could not be stored.
+
+    The producer has retried for ``producer_request_timeout`` by then. The batch's events stay
+    unacknowledged, but this process will not read them again (its position has moved on) and
+    can never commit past them: a rebalance would wait for them forever. Stopping the worker,
+    as Faust does on a failed send of its own, hands its partitions to other workers (or to
+    this one restarted), which read again from the last committed offset: nothing is lost.
+    Waiting for the next micro-batch to notice would not do: none arrives while the group
+    rebalances."""
+    if batch.cancelled() or batch.exception() is None:
+        return
+    exc = batch.exception()
+    log.error("the broker did not store a micro-batch's messages (%s: %s); stopping this "
+              "worker so that its partitions are read again from the last committed offset",
+              type(exc).__name__, exc)
+    asyncio.ensure_future(app.crash(exc))
 
 
 async def _send(topic: str, key: str | None, value: dict[str, Any]) -> asyncio.Future[Any]:

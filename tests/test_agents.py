@@ -109,3 +109,33 @@ async def test_record_predictions_keeps_the_latest_per_id(test_app: Any) -> None
     assert tables.latest_predictions[b"x"] == second
     rows = tables.table_rows("latest_predictions", 10)
     assert rows["size"] == 2 and rows["rows"][0]["value"]["predicted"] in ("yes", "no")
+
+
+async def test_a_micro_batch_the_broker_did_not_store_stops_the_worker_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No later micro-batch is needed to notice (none comes while the group rebalances)."""
+    import asyncio
+
+    from agents import serving
+
+    crashed: list[BaseException] = []
+    crash_called = asyncio.Event()
+
+    async def crash(reason: BaseException) -> None:
+        crashed.append(reason)
+        crash_called.set()
+
+    monkeypatch.setattr(serving.app, "crash", crash)
+    failure = RuntimeError("KafkaTimeoutError: batch expired")
+    failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    failed.add_done_callback(serving._stop_worker_if_not_stored)
+    stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    stored.add_done_callback(serving._stop_worker_if_not_stored)
+    cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    cancelled.add_done_callback(serving._stop_worker_if_not_stored)
+    stored.set_result(None)
+    cancelled.cancel()
+    failed.set_exception(failure)
+    await asyncio.wait_for(crash_called.wait(), timeout=5)
+    assert crashed == [failure]  # once: the stored and the cancelled batch crash nothing
+    assert failed.exception() is failure
