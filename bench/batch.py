@@ -270,7 +270,8 @@ def main() -> int:
     for name, what in (("hidden", "hidden layer sizes"), ("epochs", "epochs"),
                        ("dropout", "dropout"), ("batch-size", "mini-batch rows"),
                        ("lr", "learning rate")):
-        parser.add_argument(f"--{name}", help=f"{what} (default: BATCH_{name.upper().replace('-', '_')})")
+        setting = "BATCH_" + name.upper().replace("-", "_")
+        parser.add_argument(f"--{name}", help=f"{what} (default: {setting})")
     parser.add_argument("--patience", type=int, help="early-stopping patience "
                         "(default: BATCH_PATIENCE)")
     parser.add_argument("--threads", type=int, help="torch threads (default: BATCH_THREADS)")
@@ -320,12 +321,13 @@ def main() -> int:
         finally:
             spark.stop()
 
-    trained = job_config(settings, args, "").train_config()
+    configured = job_config(settings, args, "")
+    trained = configured.train_config()
     figures: dict[str, Any] = {
         "sizes": sizes, "epochs": trained.epochs, "hidden": list(trained.hidden),
         "dropout": trained.dropout, "patience": trained.patience,
         "batch_size": trained.batch_size, "lr": trained.lr,
-        "threads": job_config(settings, args, "").threads, "cores": os.cpu_count(),
+        "threads": configured.threads, "cores": os.cpu_count(),
         "load_average_end": load_average(),
         "spark_session_seconds": round(session_s, 2), "warmup_seconds": warmup_s,
         "runs": runs,
