@@ -1,12 +1,13 @@
 """Archive the input stream to the lake: every valid event exactly once, as Parquet.
 
-Each worker runs a consumer of its own in the group ``<app id>-archiver`` on the input topic,
-so Kafka shares the partitions among the workers independently of the serving agent. Events
-are validated like the serving agent does (invalid ones are the serving agent's to
-dead-letter), kept in memory as columns per partition, and written to
+The serving path reads and decodes each input message once; it hands the archiver the valid
+events of every micro-batch as columns (invalid ones are the serving path's to dead-letter),
+and the archiver keeps them in memory per partition and writes them to
 ``LAKE_URI/dt=YYYY-MM-DD/hour=HH/`` (the UTC hour of the event's ``ts``, else of its Kafka
 timestamp) when a partition holds ``ARCHIVE_MAX_ROWS`` events or its oldest one has waited
-``ARCHIVE_FLUSH_S`` seconds. Offsets are committed only after the files are written.
+``ARCHIVE_FLUSH_S`` seconds. Its progress is the committed offsets of the group
+``<app id>-archiver`` (which no consumer joins), committed only after the files are written;
+the serving path reads each partition from the lower of its own and the archive's position.
 
 Exactly once across crashes: a file is named after its partition and the offset range it
 covers (``part-<topic>-p<partition>-<first>-<last>.parquet``; a range whose events span hours
@@ -15,14 +16,16 @@ small intent object, ``LAKE_URI/_archive/<topic>/p<partition>.json`` (readers sk
 paths). A worker that crashes after writing but before committing leaves an intent beyond the
 committed offset; whoever gets the partition next re-reads exactly that range and writes it
 again under the same names, replacing rather than duplicating. On a rebalance the revoked
-partitions are flushed and committed before the group moves on, and a write or commit that
-fails is retried (the partition paused meanwhile), never skipped.
+partitions are flushed and committed before the group moves on. A write or commit that fails
+is retried, never skipped; if the lake stays unreachable until a partition holds
+``MAX_BUFFERED_RANGES`` ranges, its buffers are dropped and the partition is read again from
+the archive's committed offset once the lake answers, so memory stays bounded and nothing is
+lost.
 """
 from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import logging
 import time
 from collections import deque
@@ -35,24 +38,21 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, ConsumerStoppedError
+from aiokafka import TopicPartition
 from fsspec import AbstractFileSystem
-from mode import Service
 from prometheus_client import Counter
 
 from agents.metrics import REGISTRY
-from app import app
-from app.schemas import InvalidEvent, parse_event, validate_event
+from agents.transport import OffsetStore
+from app.schemas import EventColumns, InvalidEvent, parse_event, validate_event
 from app.settings import Settings
-from app.topics import ensure_topics
 from models.storage import LOCAL_PROTOCOLS, ensure_bucket, filesystem
 
 __all__ = [
     "ArchiveRows", "Flush", "PartitionBuffer", "PartitionState", "LakeArchiver",
-    "event_rows", "build_table", "split_by_hour", "hour_directory", "file_name",
+    "event_rows", "column_rows", "partition_rows", "build_table", "split_by_hour", "hour_directory", "file_name",
     "parse_file_name", "intent_path", "read_intent", "write_flush", "prepare_flush",
-    "label_type", "lake_files", "ArchiveService", "archive_service", "MAX_TS_MS",
+    "label_type", "lake_files", "count_flush", "MAX_TS_MS",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,10 @@ HOUR_MS = 3_600_000
 #: The last millisecond of year 9999: a larger ``ts`` has no calendar date, so such an event
 #: is filed (and its ``ts`` column set) by its Kafka timestamp instead.
 MAX_TS_MS = 253_402_300_799_999
-# Records per getmany: bounds how long one ingest holds the event loop.
-_MAX_RECORDS = 1000
 _MAX_BACKOFF_S = 30.0
+#: A partition may hold this many ``ARCHIVE_MAX_ROWS`` ranges in memory while they wait to be
+#: written; then its reading pauses (or, while writes fail, its buffers are dropped).
+MAX_BUFFERED_RANGES = 3
 
 Schema = tuple[Sequence[str], Sequence[Any]]
 
@@ -328,6 +329,12 @@ class PartitionState:
             return False
         return buffer.records >= max_rows or now - buffer.opened_at >= flush_s
 
+    def buffered_records(self) -> int:
+        """Records read but not yet written."""
+        return ((self.current.records if self.current is not None else 0)
+                + sum(b.records for b in self.sealed)
+                + (self.pending.records if self.pending is not None else 0))
+
     def has_work(self) -> bool:
         return bool(self.sealed) or self.pending is not None or self.commit_due is not None
 
@@ -409,154 +416,199 @@ def _write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-# --- the consumer ----------------------------------------------------------------------------
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, archiver: "LakeArchiver") -> None:
-        self.archiver = archiver
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self.archiver.on_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self.archiver.on_assigned(assigned)
-
+# --- the archiver, fed by the serving path ------------------------------------------------
 
 class LakeArchiver:
-    """Consume the input topic in its own group and archive every valid event to the lake.
+    """Archive the events the serving path reads to the lake, exactly once.
+
+    The serving path reads and decodes every input message once and hands the archiver its
+    partition, offsets and decoded rows (:meth:`add`); this class buffers them per partition,
+    writes each buffer as one offset range (:meth:`flush_due`, from a task of its own) and
+    records its progress as committed offsets of the group ``<app id>-archiver``, which no
+    consumer joins: partitions follow the serving path's assignment.
 
     Parameters
     ----------
     settings : Settings
-        Broker, topic, lake and archive settings (``ARCHIVE_FLUSH_S``, ``ARCHIVE_MAX_ROWS``).
-    schema : callable
-        Returns the active model's ``(features, classes)``; called for every batch read.
+        Topic, lake and archive settings (``ARCHIVE_FLUSH_S``, ``ARCHIVE_MAX_ROWS``).
+    offsets : OffsetStore, optional
+        Where progress is committed (default: the group ``<app id>-archiver``).
     on_flush : callable, optional
         Called with each :class:`Flush` once its files are written (metrics).
     """
 
-    def __init__(self, settings: Settings, schema: Callable[[], Schema],
+    def __init__(self, settings: Settings, offsets: OffsetStore | None = None,
                  on_flush: Callable[[Flush], None] | None = None) -> None:
         self.settings = settings
         self.topic = settings.events_topic
         self.group_id = f"{settings.app_id}-archiver"
         self.flush_s = settings.archive_flush_s
         self.max_rows = settings.archive_max_rows
-        self.schema = schema
+        #: Most records one partition may hold in memory; beyond it (the lake unreachable for
+        #: long) its buffers are dropped and read again once the lake answers.
+        self.max_buffered = MAX_BUFFERED_RANGES * settings.archive_max_rows
         self.on_flush = on_flush
+        self.offsets = offsets or OffsetStore(settings, self.topic, self.group_id)
         self.fs, self.root = filesystem(settings.lake_uri, settings.storage_options)
         self.states: dict[int, PartitionState] = {}
-        self.consumer: AIOKafkaConsumer | None = None
         self.failures = 0
+        self._rewinds: dict[int, int] = {}
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="archive")
-        self._stopping = False
 
     async def start(self) -> None:
-        """Join the archiver group (the input topic must exist)."""
+        """Make sure the lake's bucket exists."""
         await self._io(ensure_bucket, self.fs, self.root)
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers, group_id=self.group_id,
-            client_id=self.group_id, enable_auto_commit=False, auto_offset_reset="earliest")
-        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
-        await self.consumer.start()
-
-    async def run(self, should_stop: Callable[[], bool] = lambda: False) -> None:
-        """Read, buffer and flush until ``should_stop()`` or :meth:`stop`."""
-        assert self.consumer is not None, "start() first"
-        while not (should_stop() or self._stopping):
-            try:
-                await self.poll()
-                await self.flush_due()
-            except ConsumerStoppedError:
-                return
-            except Exception:
-                if self._stopping:
-                    return
-                # Whatever half-done state a bug left behind, nothing past the committed
-                # offsets counts: drop the buffers and read again from there.
-                log.exception("archive of %s failed; resuming from the committed offsets",
-                              self.topic)
-                await asyncio.sleep(1.0)
-                try:
-                    await self._restart_partitions()
-                except Exception:
-                    log.exception("archive of %s cannot resume yet", self.topic)
 
     async def stop(self, flush: bool = True) -> None:
-        """Write what is buffered (unless ``flush`` is False), commit it and leave the group."""
-        self._stopping = True
-        if self.consumer is None:
-            return
+        """Write what is buffered (unless ``flush`` is False) and commit it."""
         async with self._lock:
             if flush:
                 for state in list(self.states.values()):
                     self._close(state)
                     await self._flush_state(state, retry=False)
             self.states.clear()
-            await self.consumer.stop()
         self._executor.shutdown(wait=False)
+        self.offsets.close()
 
-    async def abandon(self) -> None:
-        """Leave the group without writing or committing anything (a crash, for tests)."""
-        self._stopping = True
-        if self.consumer is not None:
-            await self.consumer.stop()
-        self._executor.shutdown(wait=False)
+    # -- partitions
+
+    async def assign(self, partitions: Iterable[int]) -> dict[int, int | None]:
+        """Set up ``partitions``; return the offset each must be read from for the archive
+        (None: the start of the log). A partition whose last range was written but not
+        committed is read again from that range's start, to write it again under the same
+        names. One whose set-up fails (the lake unreachable) is left out: it asks for a
+        :meth:`take_rewinds` once it is set up."""
+        starts: dict[int, int | None] = {}
+        for partition in partitions:
+            state = self.states[partition] = PartitionState(TopicPartition(self.topic,
+                                                                           partition))
+            start = await self._set_up(state)
+            if state.ready:
+                starts[partition] = start
+        return starts
+
+    async def revoke(self, partitions: Iterable[int]) -> None:
+        """Write and commit what was read of ``partitions``, then forget them; the next owner
+        starts from the offsets committed here."""
+        async with self._lock:
+            for partition in partitions:
+                state = self.states.pop(partition, None)
+                if state is not None:
+                    self._close(state)
+                    await self._flush_state(state, retry=False)
+                self._rewinds.pop(partition, None)
+
+    def take_rewinds(self) -> dict[int, int]:
+        """Partitions that must be read again from an offset for the archive (after their
+        buffers were dropped or their set-up failed), and clear them."""
+        rewinds, self._rewinds = self._rewinds, {}
+        return rewinds
+
+    async def _set_up(self, state: PartitionState) -> int | None:
+        """Find where ``state``'s partition resumes and whether a range must be rewritten.
+        On failure the partition stays not ready and is set up again after a backoff."""
+        tp = state.tp
+        try:
+            committed = (await self.offsets.committed([tp.partition]))[tp.partition]
+            intent = await self._io(read_intent, self.fs, self.root, self.topic, tp.partition)
+        except Exception as exc:
+            self.failures += 1
+            state.ready = False
+            state.backoff_s = min(max(2 * state.backoff_s, 1.0), _MAX_BACKOFF_S)
+            state.retry_at = time.monotonic() + state.backoff_s
+            log.error("cannot set up the archive of %s[%d] (retrying in %.0fs): %s: %s",
+                      self.topic, tp.partition, state.backoff_s, type(exc).__name__, exc)
+            return None
+        start = committed
+        if intent is not None and (committed is None or intent[1] >= committed):
+            state.plan = intent
+            start = intent[0] if committed is None else min(intent[0], committed)
+            log.info("archive of %s[%d]: offsets %d-%d were written but not committed; "
+                     "writing them again under the same names", self.topic, tp.partition,
+                     intent[0], intent[1])
+        state.next_offset = 0 if start is None else start
+        state.ready = True
+        # The backoff is reset by a successful write, not here: a lake that answers reads
+        # but fails writes must not be read again in a tight loop.
+        return start
 
     # -- reading
 
-    async def poll(self, timeout_ms: int | None = None) -> int:
-        """Read one batch of records into the buffers; return how many were read."""
-        assert self.consumer is not None, "start() first"
-        batches = await self.consumer.getmany(
-            timeout_ms=self._poll_ms() if timeout_ms is None else timeout_ms,
-            max_records=_MAX_RECORDS)
-        for tp, records in batches.items():
-            self._ingest(tp, records)
-        return sum(len(records) for records in batches.values())
-
-    def _ingest(self, tp: TopicPartition, records: Sequence[Any]) -> None:
-        state = self.states.get(tp.partition)
-        if state is None or not state.ready or state.closing:
-            # Not set up yet (the assignment callback is still running) or being revoked:
-            # read these again later rather than lose them.
-            if state is not None and not state.closing and records:
-                self.consumer.seek(tp, records[0].offset)  # type: ignore[union-attr]
+    def add(self, partition: int, offsets: Sequence[int],
+            rows: Callable[[int, int], ArchiveRows]) -> None:
+        """Take records ``offsets`` (ascending) of ``partition``; ``rows(i, j)`` gives the
+        valid events among records ``i..j-1`` as :class:`ArchiveRows`. Records before the
+        partition's archive position are skipped (they were archived already)."""
+        state = self.states.get(partition)
+        if state is None or not state.ready or state.closing or not offsets:
             return
-        records = [r for r in records if r.offset >= state.next_offset]
-        if not records:
+        skip = bisect.bisect_left(offsets, state.next_offset)
+        if skip == len(offsets):
             return
-        features, classes = self.schema()
-        offsets = [r.offset for r in records]
+        if skip:
+            offsets = offsets[skip:]
+            whole = rows
 
-        def rows(i: int, j: int) -> ArchiveRows:
-            return event_rows(((r.value, r.timestamp) for r in records[i:j]), features, classes)
-
+            def rows(i: int, j: int) -> ArchiveRows:
+                return whole(i + skip, j + skip)
         state.add(offsets, rows, time.monotonic(), self.max_rows)
+        self._check_room(state)
 
-    def _poll_ms(self) -> int:
+    def full(self, partition: int) -> bool:
+        """Whether ``partition`` holds as much as it may: the caller stops reading it until
+        the buffers are written (a lake that is slow, not failing: catching up after an
+        outage reads much faster than it writes)."""
+        state = self.states.get(partition)
+        return (state is not None and state.ready and not state.closing
+                and state.buffered_records() >= self.max_buffered)
+
+    def _check_room(self, state: PartitionState) -> None:
+        # Full while a failed write waits for its retry: waiting would hold up serving for as
+        # long as the lake is down, so drop the buffers and read them again later.
+        if state.ready and time.monotonic() < state.retry_at and \
+                state.buffered_records() >= self.max_buffered:
+            self._fall_behind(state, f"the lake failed while it held {self.max_buffered} "
+                                     "records")
+
+    def _fall_behind(self, state: PartitionState, why: str) -> None:
+        """Drop a partition's buffers; it is read again from its committed offset once the
+        lake answers (nothing is lost: nothing past that offset was committed)."""
+        log.error("archive of %s[%d] falls behind: %s; its unwritten records will be read "
+                  "again from the last committed offset", self.topic, state.tp.partition, why)
+        state.current = None
+        state.sealed.clear()
+        state.pending = None
+        state.ready = False
+        if not state.backoff_s:
+            state.backoff_s = 1.0
+            state.retry_at = time.monotonic() + state.backoff_s
+
+    def next_wait(self) -> float:
+        """Seconds until :meth:`flush_due` has something to do (at most 1)."""
         now = time.monotonic()
         wait = 1.0
         for state in self.states.values():
             if state.current is not None:
                 wait = min(wait, state.current.opened_at + self.flush_s - now)
-            if state.has_work() or (not state.ready and state.backoff_s):
+            if state.has_work() or not state.ready:
                 wait = min(wait, state.retry_at - now)
-        return int(1000 * min(max(wait, 0.01), 1.0))
+        return min(max(wait, 0.01), 1.0)
 
     # -- writing
 
     async def flush_due(self) -> None:
-        """Seal buffers that are full or old enough and write what is sealed."""
+        """Seal buffers that are full or old enough and write what is sealed; set up again the
+        partitions that fell behind once their backoff has passed."""
         async with self._lock:
             now = time.monotonic()
             for state in list(self.states.values()):
                 if state.closing or now < state.retry_at:
                     continue
                 if not state.ready:
-                    if state.backoff_s:  # its set-up failed: try again
-                        await self._set_up(state)
+                    start = await self._set_up(state)
+                    if state.ready:
+                        self._rewinds[state.tp.partition] = 0 if start is None else start
                     continue
                 if state.due(now, self.flush_s, self.max_rows):
                     state.seal()
@@ -585,109 +637,23 @@ class LakeArchiver:
                     if self.on_flush is not None:
                         self.on_flush(flush)
                 await self._commit(state, state.commit_due)
-        except CommitFailedError:
-            # The group moved on: this partition is being revoked, and its next owner
-            # rewrites the uncommitted range under the same names.
-            log.warning("archive commit of %s[%d] refused after a rebalance; the partition's "
-                        "next owner writes its last range again", self.topic,
-                        state.tp.partition)
-            state.closing = True
         except Exception as exc:
             self.failures += 1
             state.backoff_s = min(max(2 * state.backoff_s, 1.0), _MAX_BACKOFF_S)
             state.retry_at = time.monotonic() + state.backoff_s
             log.error("archive of %s[%d] failed (retrying in %.0fs): %s: %s", self.topic,
                       state.tp.partition, state.backoff_s, type(exc).__name__, exc)
-            if retry and self.consumer is not None and not state.closing:
-                # Stop reading the partition until its buffers are written.
-                self.consumer.pause(state.tp)
+            if retry:
+                self._check_room(state)
         else:
-            if state.backoff_s and self.consumer is not None:
-                self.consumer.resume(state.tp)
             state.backoff_s = 0.0
 
     async def _commit(self, state: PartitionState, offset: int) -> None:
-        assert self.consumer is not None
-        await self.consumer.commit({state.tp: offset})
+        await self.offsets.commit(state.tp.partition, offset)
         state.commit_due = None
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    # -- rebalances
-
-    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Flush and commit what was read of the revoked partitions, then forget them.
-
-        Holding the lock makes a flush in progress finish first, and the group waits for
-        this callback: the next owner starts from offsets committed here.
-        """
-        async with self._lock:
-            for tp in revoked:
-                state = self.states.get(tp.partition)
-                if state is None or tp.topic != self.topic:
-                    continue
-                self._close(state)
-                if not self._stopping:
-                    await self._flush_state(state, retry=False)
-                del self.states[tp.partition]
-
-    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Set up each new partition, with a replay plan when its last range is uncommitted."""
-        mine = [tp for tp in assigned if tp.topic == self.topic]
-        for tp in mine:  # before any await: records that arrive meanwhile are read again
-            self.states[tp.partition] = PartitionState(tp)
-        for tp in mine:
-            state = self.states.get(tp.partition)
-            if state is not None:
-                await self._set_up(state)
-
-    async def _set_up(self, state: PartitionState) -> None:
-        """Find where ``state``'s partition resumes and whether a range must be rewritten.
-
-        Without the intent the partition cannot be archived safely: on failure it stays
-        paused and is set up again after a backoff.
-        """
-        assert self.consumer is not None
-        tp = state.tp
-        try:
-            position = await self.consumer.position(tp)
-            intent = await self._io(read_intent, self.fs, self.root, self.topic, tp.partition)
-        except Exception as exc:
-            self.failures += 1
-            state.backoff_s = min(max(2 * state.backoff_s, 1.0), _MAX_BACKOFF_S)
-            state.retry_at = time.monotonic() + state.backoff_s
-            log.error("cannot set up the archive of %s[%d] (retrying in %.0fs): %s: %s",
-                      self.topic, tp.partition, state.backoff_s, type(exc).__name__, exc)
-            self.consumer.pause(tp)
-            return
-        if intent is not None and intent[1] >= position:
-            state.plan = intent
-            if intent[0] < position:
-                self.consumer.seek(tp, intent[0])
-                position = intent[0]
-            log.info("archive of %s[%d]: offsets %d-%d were written but not committed; "
-                     "writing them again under the same names", self.topic, tp.partition,
-                     intent[0], intent[1])
-        state.next_offset = position
-        state.ready = True
-        if state.backoff_s:
-            self.consumer.resume(tp)
-            state.backoff_s = 0.0
-
-    async def _restart_partitions(self) -> None:
-        assert self.consumer is not None
-        assignment = set(self.consumer.assignment())
-        async with self._lock:
-            self.states.clear()
-        for tp in assignment:
-            committed = await self.consumer.committed(tp)
-            if committed is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, committed)
-            self.consumer.resume(tp)
-        await self.on_assigned(assignment)
 
     def _close(self, state: PartitionState) -> None:
         """Stop reading into ``state``; its unfinished planned range is dropped, not written
@@ -696,6 +662,51 @@ class LakeArchiver:
         if state.current is not None and state.current.zone == 1:
             state.current = None
         state.seal()
+
+
+def partition_rows(features: Sequence[str], classes: Sequence[Any], columns: EventColumns,
+                   messages: np.ndarray, timestamps: Sequence[int]
+                   ) -> Callable[[int, int], ArchiveRows]:
+    """``rows(i, j)`` for :meth:`LakeArchiver.add`: the valid events among one partition's
+    messages ``i..j-1`` of a decoded micro-batch.
+
+    Parameters
+    ----------
+    features, classes
+        The model the batch was validated with.
+    columns
+        The decoded micro-batch (all partitions).
+    messages
+        Indexes, in the batch, of this partition's messages (ascending).
+    timestamps
+        Kafka timestamp of every message of the batch.
+    """
+    positions = np.asarray(columns.positions, dtype=np.int64)
+    rows = np.flatnonzero(np.isin(positions, messages))
+    row_positions = positions[rows]
+
+    def rows_between(i: int, j: int) -> ArchiveRows:
+        lo = np.searchsorted(row_positions, messages[i], side="left")
+        hi = np.searchsorted(row_positions, messages[j - 1], side="right")
+        chosen = rows[lo:hi].tolist()
+        return column_rows(features, classes, [columns.ids[k] for k in chosen],
+                           columns.features[chosen], [columns.labels[k] for k in chosen],
+                           [columns.ts[k] for k in chosen],
+                           [timestamps[columns.positions[k]] for k in chosen],
+                           invalid=(j - i) - len(chosen))
+
+    return rows_between
+
+
+def column_rows(features: Sequence[str], classes: Sequence[Any], ids: Sequence[str],
+                values: np.ndarray, labels: Sequence[Any], event_ts: Sequence[int | None],
+                kafka_ts: Sequence[int], invalid: int = 0) -> ArchiveRows:
+    """:class:`ArchiveRows` of already validated events: ``ts`` is the event's, else (absent,
+    or past year 9999) its Kafka timestamp."""
+    ts = np.fromiter((t if t is not None and t <= MAX_TS_MS else max(int(k), 0)
+                      for t, k in zip(event_ts, kafka_ts)), dtype=np.int64, count=len(ids))
+    return ArchiveRows(tuple(features), tuple(classes), list(ids), values, list(labels), ts,
+                       invalid)
 
 
 def lake_files(fs: AbstractFileSystem, root: str) -> list[str]:
@@ -708,58 +719,7 @@ def lake_files(fs: AbstractFileSystem, root: str) -> list[str]:
                   and "/_" not in p[len(root):])
 
 
-
-# --- wiring: one archiver per worker ---------------------------------------------------------
-
-class ArchiveService(Service):
-    """Runs this worker's :class:`LakeArchiver` once a model is active (its schema decides
-    which events are valid)."""
-
-    def __init__(self, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.settings = settings
-        self.archiver: LakeArchiver | None = None
-
-    @Service.task
-    async def _archive(self) -> None:
-        from agents.model_manager import model_manager
-
-        await model_manager.wait_ready()
-
-        def schema() -> Schema:
-            model = model_manager.active
-            assert model is not None  # never unset once a model was loaded
-            return model.features, model.classes
-
-        backoff_s = 1.0
-        while not self.should_stop:
-            archiver = LakeArchiver(self.settings, schema, on_flush=_count_flush)
-            try:
-                # Subscribing to a missing topic would make the broker create it with one
-                # partition.
-                await ensure_topics(self.settings, [self.settings.events_topic])
-                await archiver.start()
-            except Exception as exc:
-                log.error("cannot start the archive (retrying in %.0fs): %s: %s", backoff_s,
-                          type(exc).__name__, exc)
-                with contextlib.suppress(Exception):
-                    await archiver.abandon()
-                await self.sleep(backoff_s)
-                backoff_s = min(2 * backoff_s, _MAX_BACKOFF_S)
-                continue
-            self.archiver = archiver
-            break
-        if self.archiver is None:
-            return
-        log.info("archiving %s to %s (flush every %gs or %d events per partition)",
-                 self.settings.events_topic, self.settings.lake_uri,
-                 self.settings.archive_flush_s, self.settings.archive_max_rows)
-        await self.archiver.run(lambda: self.should_stop)
-
-    async def on_stop(self) -> None:
-        if self.archiver is not None:
-            await self.archiver.stop()
-
+# --- metrics ---------------------------------------------------------------------------------
 
 ARCHIVED_ROWS = Counter("stratum_archived_rows", "Events written to the lake",
                         registry=REGISTRY)
@@ -767,13 +727,7 @@ ARCHIVE_FILES = Counter("stratum_archive_files", "Parquet files written to the l
                         registry=REGISTRY)
 
 
-def _count_flush(flush: Flush) -> None:
+def count_flush(flush: Flush) -> None:
+    """Count a written range in the worker's metrics."""
     ARCHIVED_ROWS.inc(flush.rows)
     ARCHIVE_FILES.inc(len(flush.files))
-
-
-settings = app.settings
-archive_service: ArchiveService | None = None
-if settings.archive:
-    archive_service = ArchiveService(settings)
-    app.service(archive_service)

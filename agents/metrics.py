@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import time
+from collections import OrderedDict
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -19,7 +20,7 @@ settings = app.settings
 
 __all__ = ["REGISTRY", "EVENTS_SCORED", "EVENTS_DEAD_LETTERED", "BATCH_SECONDS",
            "BATCH_SIZE", "MODEL_REFUSALS", "MODEL_REFUSAL_REASONS", "snapshot",
-           "prometheus_text"]
+           "prometheus_text", "count_scored", "METRIC_MAX_VERSIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,23 @@ MODEL_REFUSAL_REASONS = Counter("stratum_model_refusals_by_kind",
                                 "ignored)", ["kind"], registry=REGISTRY)
 ACTIVE_MODEL = Gauge("stratum_active_model_info", "The version serving now (value is 1)",
                      ["model", "version"], registry=REGISTRY)
+
+#: Most model versions ``stratum_events_scored`` keeps a series for (the most recently scored):
+#: the speed layer makes a new version every few seconds, and every series costs memory here
+#: and in Prometheus.
+METRIC_MAX_VERSIONS = 20
+_scored_versions: OrderedDict[str, None] = OrderedDict()
+
+
+def count_scored(version: str, n: int) -> None:
+    """Count ``n`` events scored by ``version``, keeping series for the newest versions."""
+    EVENTS_SCORED.labels(version).inc(n)
+    _scored_versions[version] = None
+    _scored_versions.move_to_end(version)
+    while len(_scored_versions) > METRIC_MAX_VERSIONS:
+        old, _ = _scored_versions.popitem(last=False)
+        EVENTS_SCORED.remove(old)
+
 
 _WORKER = f"{socket.gethostname()}:{os.getpid()}:{settings.web_port}"
 _STARTED = time.time()

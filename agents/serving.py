@@ -1,50 +1,68 @@
 """The serving layer: score every input event in micro-batches with the active model.
 
-Each micro-batch is validated, scored in one forward pass (in a thread, so the event loop
-keeps consuming the next batch), and its predictions and dead letters are sent; the batch's
-offsets are acknowledged only after every send is confirmed by the broker, so a crash
-re-delivers rather than loses (at least once).
+A service of the Faust worker reads the input topic in bulk (:mod:`agents.transport`), never
+through a Faust agent: the per-message work of an agent cost ten times the model. Each
+micro-batch is
+
+1. read with one call (up to ``SERVING_BATCH_SIZE`` messages, waiting at most
+   ``SERVING_BATCH_MS``) and decoded and validated at once (:func:`app.schemas.decode_events`);
+2. handed to the lake archive as columns (the archive does not read the topic again);
+3. scored in one forward pass in the scoring thread, while the loop reads and decodes the
+   next micro-batch;
+4. answered: predictions, their ``latest_predictions`` rows (store and changelog, from this
+   loop: nothing reads the predictions back), dead letters, count deltas and the labelled
+   events for the speed layer, all queued to one producer.
+
+A micro-batch's offsets are committed (group ``<app id>-serving``) only once the broker has
+stored every message it produced, so a crash re-delivers rather than loses (at least once).
+
+Which input partitions a worker reads follows the Faust group: partition ``p`` of the input
+is served by the worker that holds partition ``p`` of ``latest_predictions`` as an active
+table partition, so a row is written where its table partition lives. Reading starts once
+the worker's tables are recovered; on a rebalance, everything read is answered, stored and
+committed before the worker rejoins, so the next owner starts where this one stopped.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
+import numpy as np
 import orjson
-from faust.types import EventT
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
+from mode import Service
 
-from agents.metrics import BATCH_SECONDS, BATCH_SIZE, EVENTS_DEAD_LETTERED, EVENTS_SCORED
+from agents.archive import LakeArchiver, count_flush, partition_rows
+from agents.metrics import BATCH_SECONDS, BATCH_SIZE, EVENTS_DEAD_LETTERED, count_scored
 from agents.model_manager import model_manager
-from agents.scoring import SourceMessage, class_counts, feature_matrix, predictions_from, triage
+from agents.scoring import encode_predictions
 from agents.speed import LABELLED_TOPIC, labelled_messages
+from agents.tables import (LATEST_CHANGELOG, class_count_deltas, record_changelog_offsets,
+                           store_latest, version_count_deltas)
+from agents.transport import Delivery, EventReader, OutputProducer, client_config
 from app import app
-from app.schemas import dead_letter_message
+from app.schemas import EventColumns, dead_letter_message, decode_events
+from app.settings import Settings
+from models.serving import LoadedModel
 
 settings = app.settings
 
-__all__ = ["events_topic", "predictions_topic", "class_count_deltas",
-           "version_count_deltas", "score_events"]
+__all__ = ["ServingService", "serving", "scoring_executor", "MicroBatch",
+           "MAX_BATCHES_IN_FLIGHT"]
 
 log = logging.getLogger(__name__)
 
-N = settings.topic_partitions
 
-events_topic = app.topic(settings.events_topic, key_serializer="raw", value_serializer="raw",
-                         partitions=N)
-# Keyed by id: the partition of an id's prediction is the partition of its table row.
-predictions_topic = app.topic(settings.predictions_topic, key_type=bytes, value_type=bytes,
-                              key_serializer="raw", value_serializer="raw", partitions=N)
-# Per-batch count deltas, keyed by what they count so that one worker owns each key.
-class_count_deltas = app.topic(f"{settings.app_id}-class-count-deltas", internal=True,
-                               key_type=str, key_serializer="raw", value_serializer="json",
-                               partitions=N)
-version_count_deltas = app.topic(f"{settings.app_id}-version-count-deltas", internal=True,
-                                 key_type=str, key_serializer="raw", value_serializer="json",
-                                 partitions=N)
+# The scoring thread gives the GIL up inside every torch operation and needs it back between
+# them; with the default 5 ms switch interval a busy event loop can hold it that long each
+# time, stretching a 13 ms forward pass several times over.
+sys.setswitchinterval(0.0005)
 
 
 def _init_scoring_thread() -> None:
@@ -54,123 +72,441 @@ def _init_scoring_thread() -> None:
 
 
 # One thread: batches are scored in order, and torch gets the core the loop is not using.
-scoring_executor = ThreadPoolExecutor(1, thread_name_prefix="scoring", initializer=_init_scoring_thread)
+scoring_executor = ThreadPoolExecutor(1, thread_name_prefix="scoring",
+                                      initializer=_init_scoring_thread)
 
-
-#: Micro-batches whose messages may be awaiting the broker's confirmation at once. The agent
-#: scores the next batch while earlier ones are in flight; each batch is acknowledged only
-#: when all of its own messages are stored.
+#: Micro-batches whose messages may be awaiting the broker at once; the loop reads, decodes
+#: and scores the next ones meanwhile.
 MAX_BATCHES_IN_FLIGHT = 4
+#: Seconds between two commits of the served offsets while serving (and at every rebalance
+#: and stop).
+COMMIT_INTERVAL_S = 1.0
 #: A micro-batch whose messages wait longer than this for the broker is logged.
 SLOW_SEND_S = 5.0
 
 
-@app.agent(events_topic, concurrency=1)
-async def score_events(stream: Any) -> None:
-    """Validate, score and answer every input event, in micro-batches."""
-    in_flight: deque[asyncio.Future[None]] = deque()
-    try:
-        async for events in stream.noack_take(settings.serving_batch_size,
-                                              within=settings.serving_batch_ms / 1000):
-            started = time.perf_counter()
-            pending = await _answer(events)
-            batch = asyncio.ensure_future(
-                _acknowledge_when_stored(stream, events, pending, started))
-            batch.add_done_callback(_stop_worker_if_not_stored)
-            in_flight.append(batch)
-            # Bound how much waits for the broker (and raise here if a batch failed).
-            while in_flight and (in_flight[0].done()
-                                 or len(in_flight) > MAX_BATCHES_IN_FLIGHT):
-                await in_flight.popleft()
-    finally:
-        if in_flight:
-            log.info("serving agent stopping with %d micro-batches awaiting the broker; their "
-                     "events will be delivered again", len(in_flight))
-        for future in in_flight:
-            future.cancel()
+@dataclass
+class MicroBatch:
+    """One micro-batch on its way through the pipeline."""
+
+    model: LoadedModel
+    started: float
+    values: list[bytes | None]
+    partitions: list[int]
+    offsets: list[int]
+    columns: EventColumns
+    #: Rows of ``columns`` to answer (the others were read again for the archive only).
+    rows: np.ndarray
+    #: Rejected messages to dead-letter: ``(message index, reason)``.
+    rejected: list[tuple[int, str]]
+    #: Per partition, the offset after the last message answered.
+    ends: dict[int, int]
+    scoring: asyncio.Future[np.ndarray] | None = None
+    delivery: Delivery | None = None
+    answered: int = 0
+    stored_at: float | None = field(default=None)
 
 
-async def _answer(events: list[EventT]) -> list[asyncio.Future[Any]]:
-    """Score one micro-batch and hand every prediction and dead letter to the producer."""
-    model = await model_manager.wait_ready()
-    messages = [_source(e) for e in events]
-    valid, rejected = triage(messages, model.features, model.classes)
-    pending = []
-    if valid:
-        rows = feature_matrix([v for _, v in valid], len(model.features))
-        probabilities = await asyncio.get_running_loop().run_in_executor(
-            scoring_executor, model.predict_proba, rows)
-        predictions = predictions_from(model, [v for _, v in valid], probabilities,
-                                       int(time.time() * 1000))
-        for prediction in predictions:
-            pending.append(await _send(settings.predictions_topic, prediction["id"], prediction))
-        for cls, n in class_counts(predictions).items():
-            pending.append(await class_count_deltas.send(key=cls, value=n))
-        pending.append(await version_count_deltas.send(key=model.version,
-                                                       value=len(predictions)))
-        # Labelled events, with what was predicted before anything learns from them, feed
-        # the quality table and the speed layer (one partition: one learner).
-        for value in labelled_messages(model, valid, probabilities):
-            pending.append(await app.producer.send(LABELLED_TOPIC, None, value, partition=0,
-                                                   timestamp=None, headers=None))
-        EVENTS_SCORED.labels(model.version).inc(len(predictions))
-    for r in rejected:
-        log.warning("dead-lettered %s[%s]@%s: %s", r.message.topic, r.message.partition,
-                    r.message.offset, r.reason)
-        pending.append(await _send(settings.dlq_topic, None, dead_letter_message(
-            r.reason, r.message.value, r.message.topic, r.message.partition,
-            r.message.offset)))
-    EVENTS_DEAD_LETTERED.inc(len(rejected))
-    return pending
+class ServingService(Service):
+    """This worker's serving path: reads the input partitions it owns, answers every event."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.group_id = f"{settings.app_id}-serving"
+        self.reader: EventReader | None = None
+        self.producer: OutputProducer | None = None
+        self.archiver: LakeArchiver | None = None
+        #: Input partitions of the last assignment, until their tables are recovered.
+        self._wanted: set[int] | None = None
+        #: Input partitions served now, and the next offset to answer in each.
+        self.partitions: set[int] = set()
+        self.next_offset: dict[int, int] = {}
+        #: Offset after the last message read, per partition.
+        self.read_offset: dict[int, int] = {}
+        self._scoring: MicroBatch | None = None
+        self._in_flight: deque[MicroBatch] = deque()
+        #: Offsets whose every output is stored, and those last committed.
+        self._stored: dict[int, int] = {}
+        self._committed: dict[int, int] = {}
+        self._last_commit = 0.0
+        self._taken = False
+        #: Partitions not read while the archive has no room for them.
+        self._paused: set[int] = set()
+        self._lock = asyncio.Lock()
+        self.events_served = 0
+        # Receivers run before the consumer rejoins the group (Faust awaits them).
+        app.on_partitions_revoked.connect(self._on_partitions_revoked)
+        app.on_partitions_assigned.connect(self._on_partitions_assigned)
+
+    @property
+    def ready(self) -> bool:
+        """Whether this worker serves its current share of the input partitions."""
+        return self._taken and self._wanted is None
+
+    async def on_start(self) -> None:
+        s = self.settings
+        self.producer = OutputProducer(s, self.group_id, on_fatal=self._fatal)
+        self.reader = EventReader(s, s.events_topic, self.group_id, s.serving_batch_size,
+                                  s.serving_batch_ms)
+        if s.archive:
+            self.archiver = LakeArchiver(s, on_flush=count_flush)
+
+    async def on_stop(self) -> None:
+        async with self._lock:
+            try:
+                await self._release()
+            finally:
+                if self.archiver is not None:
+                    await self.archiver.stop()
+                if self.reader is not None:
+                    self.reader.close()
+                if self.producer is not None:
+                    self.producer.close()
+
+    # -- the loop
+
+    @Service.task
+    async def _serve(self) -> None:
+        await model_manager.wait_ready()
+        if self.archiver is not None:
+            await self.archiver.start()
+        while not self.should_stop:
+            try:
+                async with self._lock:
+                    if self._wanted is not None and app.tables.actives_ready:
+                        await self._take_assignment()
+                    if self.archiver is not None:
+                        self._rewind_for_archive()
+                    reading = bool(self.partitions)
+                    if reading:
+                        assert self.reader is not None
+                        await self._step(await self.reader.read())
+                if not reading:
+                    await self.sleep(0.05)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("serving failed; stopping this worker so that its partitions "
+                              "are read again from the last committed offsets")
+                await app.crash(exc)
+                return
+
+    @Service.task
+    async def _archive(self) -> None:
+        """Write the archive's buffers when they are due (S3 calls run in its thread)."""
+        while not self.should_stop:
+            archiver = self.archiver
+            if archiver is None:
+                return
+            await self.sleep(archiver.next_wait())
+            try:
+                await archiver.flush_due()
+            except Exception:  # a bug: the archive's own errors are handled inside
+                log.exception("archive flush failed")
+
+    async def _step(self, messages: list[Message]) -> None:
+        """Read -> decode -> score the new micro-batch while the previous one is answered."""
+        batch = self._prepare(messages) if messages else None
+        previous, self._scoring = self._scoring, batch
+        if previous is not None:
+            await self._answer(previous)
+        self._settle()
+
+    def _prepare(self, messages: list[Message]) -> MicroBatch | None:
+        """Decode a micro-batch, feed the archive and start scoring it."""
+        model = model_manager.active
+        assert model is not None
+        started = time.perf_counter()
+        values: list[bytes | None] = []
+        partitions: list[int] = []
+        offsets: list[int] = []
+        timestamps: list[int] = []
+        mine = self.partitions
+        for message in messages:
+            if message.error() is not None:
+                log.warning("reading %s: %s", self.settings.events_topic,
+                            message.error().str())
+                continue
+            partition = message.partition()
+            if partition not in mine:  # read before it was revoked
+                continue
+            values.append(message.value())
+            partitions.append(partition)
+            offsets.append(message.offset())
+            timestamps.append(message.timestamp()[1])
+        if not values:
+            return None
+        columns = decode_events(values, model.features, model.classes)
+        # Answer what was not answered before (a partition may be read again for the
+        # archive), in offset order per partition.
+        answer = np.ones(len(values), dtype=bool)
+        ends: dict[int, int] = {}
+        next_offset = self.next_offset
+        for i, (partition, offset) in enumerate(zip(partitions, offsets)):
+            if offset < next_offset.get(partition, 0):
+                answer[i] = False
+            else:
+                ends[partition] = next_offset[partition] = offset + 1
+            self.read_offset[partition] = offset + 1
+        positions = np.asarray(columns.positions, dtype=np.int64)
+        rows = (np.flatnonzero(answer[positions]) if len(positions)
+                else np.empty(0, dtype=np.int64))
+        rejected = [(i, reason) for i, reason in columns.rejected if answer[i]]
+        if self.archiver is not None:
+            self._feed_archive(model, columns, partitions, offsets, timestamps)
+        batch = MicroBatch(model, started, values, partitions, offsets, columns, rows,
+                           rejected, ends)
+        if len(rows):
+            features = columns.features if len(rows) == len(columns) else \
+                columns.features[rows]
+            batch.scoring = asyncio.get_running_loop().run_in_executor(
+                scoring_executor, model.predict_proba, features)
+        return batch
+
+    def _feed_archive(self, model: LoadedModel, columns: EventColumns,
+                      partitions: list[int], offsets: list[int],
+                      timestamps: list[int]) -> None:
+        assert self.archiver is not None
+        part_of_message = np.asarray(partitions, dtype=np.int64)
+        for partition in set(partitions):
+            messages = np.flatnonzero(part_of_message == partition)
+            self.archiver.add(partition, [offsets[m] for m in messages.tolist()],
+                              partition_rows(model.features, model.classes, columns,
+                                             messages, timestamps))
+        full = {p for p in set(partitions) if self.archiver.full(p)} - self._paused
+        if full:
+            assert self.reader is not None
+            self.reader.pause(full)
+            self._paused |= full
+            log.warning("archive buffers of %s[%s] are full: reading them waits for the "
+                        "lake", self.settings.events_topic, sorted(full))
+
+    async def _answer(self, batch: MicroBatch) -> None:
+        """Send everything ``batch`` produces; track it until the broker has stored it."""
+        assert self.producer is not None
+        s = self.settings
+        delivery = self.producer.delivery()
+        columns, model = batch.columns, batch.model
+        rows = batch.rows.tolist()
+        if rows:
+            assert batch.scoring is not None
+            probabilities = await batch.scoring
+            everything = len(rows) == len(columns)
+            ids = columns.ids if everything else [columns.ids[k] for k in rows]
+            values, predicted = encode_predictions(model, ids, probabilities,
+                                                   int(time.time() * 1000))
+            keys = [i.encode() for i in ids]
+            produce = delivery.produce
+            topic = s.predictions_topic
+            for key, value in zip(keys, values):
+                produce(topic, value, key)
+            self._write_latest(delivery, batch, rows, keys, values)
+            for cls, n in Counter(map(str, predicted)).items():
+                produce(class_count_deltas.get_topic_name(), str(n).encode(), cls.encode())
+            produce(version_count_deltas.get_topic_name(), str(len(rows)).encode(),
+                    model.version.encode())
+            labels = columns.labels if everything else [columns.labels[k] for k in rows]
+            if any(label is not None for label in labels):
+                features = columns.features if everything else columns.features[rows]
+                ts = columns.ts if everything else [columns.ts[k] for k in rows]
+                # Labelled events, with what was predicted before anything learns from
+                # them, feed the quality table and the speed layer (one partition).
+                for value in labelled_messages(model, ids, labels, features, probabilities,
+                                               ts):
+                    produce(LABELLED_TOPIC, value, None, 0)
+            count_scored(model.version, len(rows))
+        for i, reason in batch.rejected:
+            partition, offset = batch.partitions[i], batch.offsets[i]
+            log.warning("dead-lettered %s[%s]@%s: %s", s.events_topic, partition, offset,
+                        reason)
+            delivery.produce(s.dlq_topic, orjson.dumps(dead_letter_message(
+                reason, batch.values[i], s.events_topic, partition, offset)))
+        EVENTS_DEAD_LETTERED.inc(len(batch.rejected))
+        batch.answered = len(rows) + len(batch.rejected)
+        batch.delivery = delivery
+        delivery.seal().add_done_callback(self._stop_if_not_stored)
+        self._in_flight.append(batch)
+        # Bound what waits for the broker (a failure raises here, too).
+        while len(self._in_flight) > MAX_BATCHES_IN_FLIGHT:
+            await self._wait_stored(self._in_flight[0])
+            self._settle()
+
+    def _write_latest(self, delivery: Delivery, batch: MicroBatch, rows: list[int],
+                      keys: list[bytes], values: list[bytes]) -> None:
+        """Each prediction's ``latest_predictions`` row, in its input event's partition."""
+        positions = batch.columns.positions
+        by_partition: dict[int, tuple[list[bytes], list[bytes]]] = {}
+        for k, key, value in zip(rows, keys, values):
+            partition = batch.partitions[positions[k]]
+            entry = by_partition.get(partition)
+            if entry is None:
+                entry = by_partition[partition] = ([], [])
+            entry[0].append(key)
+            entry[1].append(value)
+        produce = delivery.produce_changelog
+        for partition, (part_keys, part_values) in by_partition.items():
+            store_latest(partition, part_keys, part_values)
+            for key, value in zip(part_keys, part_values):
+                produce(LATEST_CHANGELOG, value, key, partition)
+
+    async def _wait_stored(self, batch: MicroBatch) -> None:
+        assert batch.delivery is not None
+        done = batch.delivery.done
+        try:
+            await asyncio.wait_for(asyncio.shield(done), SLOW_SEND_S)
+        except asyncio.TimeoutError:
+            log.warning("%d messages of a micro-batch not stored by the broker after %ss; "
+                        "its offsets stay uncommitted until they are",
+                        batch.delivery.queued - batch.delivery.settled, SLOW_SEND_S)
+            await done
+
+    def _settle(self) -> None:
+        """Take the stored micro-batches off the front of the pipeline and commit their
+        offsets now and then."""
+        while self._in_flight and self._in_flight[0].delivery.done.done():  # type: ignore
+            batch = self._in_flight.popleft()
+            assert batch.delivery is not None
+            batch.delivery.done.result()  # raises DeliveryFailed
+            self._stored.update(batch.ends)
+            if batch.delivery.changelog_offsets:
+                record_changelog_offsets(batch.delivery.changelog_offsets)
+            self.events_served += len(batch.offsets)
+            BATCH_SIZE.observe(len(batch.offsets))
+            BATCH_SECONDS.observe(time.perf_counter() - batch.started)
+        now = time.monotonic()
+        if now - self._last_commit >= COMMIT_INTERVAL_S:
+            self._last_commit = now
+            assert self.reader is not None
+            due = self._uncommitted()
+            if due:
+                self.reader.commit(due)
+                self._committed.update(due)
+
+    def _uncommitted(self) -> dict[int, int]:
+        return {p: o for p, o in self._stored.items()
+                if p in self.partitions and self._committed.get(p) != o}
+
+    def _stop_if_not_stored(self, done: asyncio.Future[None]) -> None:
+        """Crash the worker as soon as a micro-batch's messages could not be stored.
+
+        The producer has retried for ``message.timeout.ms`` by then. The batch's offsets stay
+        uncommitted, but this process will not read them again (its position has moved on)
+        and must never commit past them. Stopping the worker, as Faust does on a failed send
+        of its own, hands its partitions to other workers (or to this one restarted), which
+        read again from the last committed offset: nothing is lost. Waiting for the next
+        micro-batch to notice would not do: none arrives while the group rebalances."""
+        if done.cancelled() or done.exception() is None:
+            return
+        exc = done.exception()
+        log.error("the broker did not store a micro-batch's messages (%s); stopping this "
+                  "worker so that its partitions are read again from the last committed "
+                  "offset", exc)
+        asyncio.ensure_future(app.crash(exc))  # type: ignore[arg-type]
+
+    def _fatal(self, reason: str) -> None:
+        # Called from librdkafka's thread.
+        loop = self.loop
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(
+            app.crash(RuntimeError(f"output producer failed: {reason}"))))
+
+    # -- partitions
+
+    async def _on_partitions_revoked(self, sender: Any, revoked: Any, **kwargs: Any) -> None:
+        """Answer, store and commit everything read before the group moves on."""
+        async with self._lock:
+            await self._release()
+
+    async def _on_partitions_assigned(self, sender: Any, assigned: Any, **kwargs: Any) -> None:
+        # Only noted here: reading starts once the tables are recovered (the loop waits for
+        # that), and this receiver must return quickly for the worker to keep its place.
+        self._wanted = {tp.partition for tp in app.assignor.assigned_actives()
+                        if tp.topic == LATEST_CHANGELOG}
+
+    async def _release(self) -> None:
+        """Finish every micro-batch read, commit, and stop reading all partitions."""
+        self._taken = False
+        if not self.partitions or self.reader is None:
+            return
+        if self._scoring is not None:
+            batch, self._scoring = self._scoring, None
+            await self._answer(batch)
+        for batch in list(self._in_flight):
+            await self._wait_stored(batch)
+        self._settle()
+        await self.reader.commit_and_wait(self._uncommitted())
+        self._committed.update(self._uncommitted())
+        if self.archiver is not None:
+            await self.archiver.revoke(self.partitions)
+        self.reader.unassign()
+        self._paused.clear()
+        log.info("released input partitions %s at offsets %s", sorted(self.partitions),
+                 {p: self._stored.get(p) for p in sorted(self.partitions)})
+        self.partitions = set()
+        self.next_offset.clear()
+        self.read_offset.clear()
+        self._stored.clear()
+        self._committed.clear()
+
+    async def _take_assignment(self) -> None:
+        """Start reading the partitions of the last assignment, where serving (and the
+        archive) left them."""
+        assert self.reader is not None and self._wanted is not None
+        wanted, self._wanted = self._wanted, None
+        committed = await self.reader.committed(wanted)
+        missing = [p for p, o in committed.items() if o is None]
+        if missing:
+            committed.update(await self._offsets_of_earlier_agent(missing))
+        archive_from = (await self.archiver.assign(wanted) if self.archiver is not None
+                        else {})
+        starts: dict[int, int] = {}
+        for partition in wanted:
+            serve_from = committed.get(partition)
+            start = serve_from
+            if partition in archive_from:
+                archived = archive_from[partition]
+                start = None if serve_from is None or archived is None else min(serve_from,
+                                                                                archived)
+            starts[partition] = OFFSET_BEGINNING if start is None else start
+            self.next_offset[partition] = serve_from or 0
+        self.reader.assign(starts)
+        self.partitions = set(wanted)
+        self._committed = {p: o for p, o in committed.items() if o is not None}
+        self._taken = True
+        log.info("serving input partitions %s from offsets %s", sorted(wanted),
+                 {p: committed.get(p) for p in sorted(wanted)})
+
+    async def _offsets_of_earlier_agent(self, partitions: Sequence[int]) -> dict[int, int]:
+        """Offsets the Faust group committed for the input topic (where an earlier version of
+        the worker, which read it with an agent, stopped)."""
+        consumer = Consumer({**client_config(self.settings, self.settings.app_id),
+                             "group.id": self.settings.app_id, "enable.auto.commit": False})
+        try:
+            tps = [TopicPartition(self.settings.events_topic, p) for p in partitions]
+            found = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: consumer.committed(tps, timeout=30))
+            return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+        except Exception as exc:  # nothing to carry over
+            log.warning("cannot read the Faust group's input offsets: %s", exc)
+            return {}
+        finally:
+            consumer.close()
+
+    def _rewind_for_archive(self) -> None:
+        """Read partitions again where the archive asks to (after it fell behind; serving
+        skips what it answered already), and resume those it had no room for."""
+        assert self.archiver is not None and self.reader is not None
+        room = {p for p in self._paused if not self.archiver.full(p)}
+        if room:
+            self.reader.resume(room)
+            self._paused -= room
+        for partition, offset in self.archiver.take_rewinds().items():
+            if partition in self.partitions and offset < self.read_offset.get(partition, 0):
+                log.info("reading %s[%d] again from %d for the archive",
+                         self.settings.events_topic, partition, offset)
+                self.reader.rewind(partition, offset)
+                self.read_offset[partition] = offset
 
 
-async def _acknowledge_when_stored(stream: Any, events: list[EventT],
-                                   pending: list[asyncio.Future[Any]], started: float) -> None:
-    """Acknowledge ``events`` (so their offsets may be committed) once the broker has stored
-    every message they produced; a failed send raises and leaves them unacknowledged."""
-    futures = [asyncio.ensure_future(p) for p in pending]
-    _, waiting = await asyncio.wait(futures, timeout=SLOW_SEND_S)
-    if waiting:
-        log.warning("%d of %d messages of a micro-batch not stored by the broker after %ss; "
-                    "its events stay unacknowledged until they are", len(waiting),
-                    len(futures), SLOW_SEND_S)
-    await asyncio.gather(*futures)
-    for event in events:
-        await stream.ack(event)
-    BATCH_SIZE.observe(len(events))
-    BATCH_SECONDS.observe(time.perf_counter() - started)
-
-
-def _stop_worker_if_not_stored(batch: asyncio.Future[None]) -> None:
-    """Crash the worker as soon as a micro-batch's messages could not be stored.
-
-    The producer has retried for ``producer_request_timeout`` by then. The batch's events stay
-    unacknowledged, but this process will not read them again (its position has moved on) and
-    can never commit past them: a rebalance would wait for them forever. Stopping the worker,
-    as Faust does on a failed send of its own, hands its partitions to other workers (or to
-    this one restarted), which read again from the last committed offset: nothing is lost.
-    Waiting for the next micro-batch to notice would not do: none arrives while the group
-    rebalances."""
-    if batch.cancelled() or batch.exception() is None:
-        return
-    exc = batch.exception()
-    log.error("the broker did not store a micro-batch's messages (%s: %s); stopping this "
-              "worker so that its partitions are read again from the last committed offset",
-              type(exc).__name__, exc)
-    asyncio.ensure_future(app.crash(exc))
-
-
-async def _send(topic: str, key: str | None, value: dict[str, Any]) -> asyncio.Future[Any]:
-    """Hand one JSON message to the producer; the returned future resolves once it is stored.
-
-    The hot path goes straight to the app's producer with bytes serialised by orjson:
-    Faust's per-message send machinery costs more than scoring the event.
-    """
-    return await app.producer.send(topic, key.encode() if key is not None else None,
-                                   orjson.dumps(value), partition=None, timestamp=None,
-                                   headers=None)
-
-
-def _source(event: EventT) -> SourceMessage:
-    message = event.message
-    return SourceMessage(event.value, message.topic, message.partition, message.offset)
+serving = ServingService(settings)
+app.service(serving)

@@ -17,10 +17,12 @@ numbers the chain of updates. It
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,16 +30,14 @@ import orjson
 from faust.types import EventT
 
 from agents.model_manager import model_manager
-from agents.scoring import SourceMessage
 from app import app
-from app.schemas import ValidEvent
 from models.online import ModelUpdate, OutputLayerLearner, apply_update
 from models.serving import LoadedModel
 
 settings = app.settings
 
 __all__ = ["LABELLED_TOPIC", "labelled_topic", "quality_by_version", "labelled_messages",
-           "parse_labelled", "LabelledExample", "update_quality", "record_quality",
+           "parse_labelled", "LabelledBatch", "update_quality", "record_quality",
            "learn_from_labels", "SpeedLayer", "speed_layer"]
 
 log = logging.getLogger(__name__)
@@ -68,32 +68,35 @@ quality_by_version = app.Table(
 
 # -- serving side: what is forwarded ---------------------------------------------------------
 
-def labelled_messages(model: Any, valid: Sequence[tuple[SourceMessage, ValidEvent]],
-                      probabilities: np.ndarray) -> list[bytes]:
+def labelled_messages(model: Any, ids: Sequence[str], labels: Sequence[Any],
+                      features: np.ndarray, probabilities: np.ndarray,
+                      ts: Sequence[int | None]) -> list[bytes]:
     """The messages that forward the labelled events of a scored micro-batch.
 
     One message carries up to :data:`LABELLED_PER_MESSAGE` events: a message per event would
-    cost the serving hot path a send, and the learning agent an event, for each of them.
+    cost the serving hot path a send, and the learning agent an event, for each of them. The
+    arrays travel as little-endian bytes in base64, so that neither side formats or parses a
+    number per feature.
 
     Parameters
     ----------
     model
         The model that scored the batch (``version``, ``classes``, optionally
         ``base_version``).
-    valid
-        The batch's valid events, as :func:`agents.scoring.triage` returns them.
-    probabilities
-        ``(len(valid), n_classes)`` predicted probabilities, row ``i`` for ``valid[i]``.
+    ids, labels, features, probabilities, ts
+        The batch's scored events as columns, row ``i`` of each for the same event: ``labels``
+        holds None for an unlabelled event, ``features`` the raw ``(n, n_features)`` rows in
+        the model's order and ``probabilities`` the ``(n, n_classes)`` prediction.
 
     Returns
     -------
     list of bytes
         Compact JSON, none when no event is labelled: ``version`` and ``base_version`` of the
-        model that predicted the events, and per event (same order in every list) ``ids``,
-        ``labels`` (class indexes), ``features`` (raw rows in the model's feature order,
-        ``null`` where missing), ``probabilities`` and ``ts``.
+        model that predicted the events; per event (same order throughout) ``ids``, ``ts`` and
+        ``labels`` (class indexes); ``n_features``, and ``features`` (float64, NaN where
+        missing) and ``probabilities`` (float32) as base64 of row-major little-endian arrays.
     """
-    labelled = [i for i, (_, event) in enumerate(valid) if event.label is not None]
+    labelled = [i for i, label in enumerate(labels) if label is not None]
     if not labelled:
         return []
     # Validation matched every label to a class: strings to strings, ints to ints.
@@ -102,70 +105,79 @@ def labelled_messages(model: Any, valid: Sequence[tuple[SourceMessage, ValidEven
     out = []
     for start in range(0, len(labelled), LABELLED_PER_MESSAGE):
         chunk = labelled[start:start + LABELLED_PER_MESSAGE]
-        events = [valid[i][1] for i in chunk]
-        out.append(orjson.dumps(
-            {"version": model.version, "base_version": base_version,
-             "ids": [e.id for e in events], "labels": [index[e.label] for e in events],
-             "features": np.stack([e.features for e in events]),
-             "probabilities": probabilities[chunk], "ts": [e.ts for e in events]},
-            option=orjson.OPT_SERIALIZE_NUMPY))
+        out.append(orjson.dumps({
+            "version": model.version, "base_version": base_version,
+            "ids": [ids[i] for i in chunk], "ts": [ts[i] for i in chunk],
+            "labels": [index[labels[i]] for i in chunk],
+            "n_features": int(features.shape[1]),
+            "features": _b64(features[chunk], "<f8"),
+            "probabilities": _b64(probabilities[chunk], "<f4")}))
     return out
+
+
+def _b64(array: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode()
 
 
 # -- learning side: pure logic ---------------------------------------------------------------
 
-class LabelledExample:
-    """One forwarded labelled event, decoded: who predicted it, its label and features, and
-    the probabilities predicted."""
+@dataclass(frozen=True)
+class LabelledBatch:
+    """Labelled events one model version predicted, decoded from one forwarded message."""
 
-    __slots__ = ("version", "base_version", "label", "features", "probabilities")
+    version: str
+    base_version: str
+    #: Class index of each event's label.
+    labels: np.ndarray
+    #: ``(n, n_features)`` raw features in the model's order, NaN where missing.
+    features: np.ndarray
+    #: ``(n, n_classes)`` probabilities the version predicted.
+    probabilities: np.ndarray
 
-    def __init__(self, version: str, base_version: str, label: int, features: list[Any],
-                 probabilities: list[float]) -> None:
-        self.version = version
-        self.base_version = base_version
-        self.label = label
-        self.features = features
-        self.probabilities = probabilities
-
-    @property
-    def correct(self) -> bool:
-        """Whether the most probable class was the label."""
-        p = self.probabilities
-        return max(range(len(p)), key=p.__getitem__) == self.label
+    def __len__(self) -> int:
+        return len(self.labels)
 
     @property
-    def log_loss(self) -> float:
-        """``-log p(label)``, with ``p`` clipped to ``[1e-15, 1]``."""
-        return -math.log(min(max(float(self.probabilities[self.label]), _EPS), 1.0))
+    def correct(self) -> np.ndarray:
+        """Whether the most probable class was the label, per event."""
+        return self.probabilities.argmax(axis=1) == self.labels
+
+    @property
+    def log_loss(self) -> np.ndarray:
+        """``-log p(label)`` per event, ``p`` clipped to ``[1e-15, 1]``."""
+        p = self.probabilities[np.arange(len(self.labels)), self.labels].astype(np.float64)
+        return -np.log(np.clip(p, _EPS, 1.0))
 
 
-def parse_labelled(raw: bytes | None) -> list[LabelledExample]:
+def parse_labelled(raw: bytes | None) -> LabelledBatch:
     """Decode one message of :func:`labelled_messages`; raise ``ValueError`` when malformed."""
     try:
         m = orjson.loads(raw or b"")
         version, base_version = m["version"], m["base_version"]
-        labels, features, probabilities = m["labels"], m["features"], m["probabilities"]
-    except (orjson.JSONDecodeError, TypeError, KeyError) as exc:
+        labels, n_features = m["labels"], m["n_features"]
+        features = base64.b64decode(m["features"], validate=True)
+        probabilities = base64.b64decode(m["probabilities"], validate=True)
+    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
         raise ValueError(f"not a labelled-event message: {exc}") from None
     if not (isinstance(version, str) and isinstance(base_version, str)
-            and isinstance(labels, list) and isinstance(features, list)
-            and isinstance(probabilities, list)
-            and len(labels) == len(features) == len(probabilities)):
-        raise ValueError("not a labelled-event message: bad field types or lengths")
-    examples = []
-    for label, row, p in zip(labels, features, probabilities):
-        if not (isinstance(label, int) and isinstance(row, list) and isinstance(p, list)
-                and 0 <= label < len(p)):
-            raise ValueError("not a labelled-event message: bad label, features or "
-                             "probabilities")
-        examples.append(LabelledExample(version, base_version, label, row, p))
-    return examples
+            and isinstance(labels, list) and labels
+            and all(type(label) is int for label in labels)
+            and type(n_features) is int and n_features >= 1):
+        raise ValueError("not a labelled-event message: bad field types")
+    n = len(labels)
+    if len(features) != 8 * n * n_features or len(probabilities) % (4 * n):
+        raise ValueError("not a labelled-event message: array sizes do not match the labels")
+    X = np.frombuffer(features, dtype="<f8").reshape(n, n_features)
+    P = np.frombuffer(probabilities, dtype="<f4").reshape(n, -1)
+    y = np.asarray(labels, dtype=np.int64)
+    if P.shape[1] < 2 or y.min() < 0 or y.max() >= P.shape[1]:
+        raise ValueError("not a labelled-event message: a label is not a class index")
+    return LabelledBatch(version, base_version, y, X, P)
 
 
-def update_quality(row: dict[str, Any] | None, examples: Sequence[LabelledExample],
+def update_quality(row: dict[str, Any] | None, batch: LabelledBatch,
                    now_ms: int) -> dict[str, Any]:
-    """A version's ``quality_by_version`` row after ``examples`` (all predicted by it).
+    """A version's ``quality_by_version`` row after ``batch`` (all predicted by it).
 
     ``accuracy`` and ``log_loss`` cover every labelled event the version predicted;
     ``rolling_accuracy`` and ``rolling_log_loss`` are exponentially weighted averages whose
@@ -174,18 +186,28 @@ def update_quality(row: dict[str, Any] | None, examples: Sequence[LabelledExampl
     row = dict(row) if row else {"n": 0, "correct": 0, "log_loss_sum": 0.0,
                                  "rolling_accuracy": None, "rolling_log_loss": None,
                                  "first_ms": now_ms}
-    alpha = 1 - 0.5 ** (1 / QUALITY_HALF_LIFE)
-    n, correct, loss_sum = row["n"], row["correct"], row["log_loss_sum"]
+    hits = batch.correct.astype(np.float64)
+    losses = batch.log_loss
+    n = row["n"]
     r_acc, r_loss = row["rolling_accuracy"], row["rolling_log_loss"]
-    for example in examples:
-        hit, loss = float(example.correct), example.log_loss
+    alpha = 1 - 0.5 ** (1 / QUALITY_HALF_LIFE)
+    # Until 1/alpha events were seen, the plain mean is the better estimate: step by step.
+    warm = min(len(hits), max(0, math.ceil(1 / alpha) - n))
+    for hit, loss in zip(hits[:warm].tolist(), losses[:warm].tolist()):
         n += 1
-        correct += int(hit)
-        loss_sum += loss
-        # Until QUALITY_HALF_LIFE events were seen, the plain mean is the better estimate.
         a = max(alpha, 1 / n)
         r_acc = hit if r_acc is None else r_acc + a * (hit - r_acc)
         r_loss = loss if r_loss is None else r_loss + a * (loss - r_loss)
+    rest = len(hits) - warm
+    if rest:
+        # r <- r + alpha (x - r), rest times over: the closed form.
+        weights = alpha * (1 - alpha) ** np.arange(rest - 1, -1, -1, dtype=np.float64)
+        keep = (1 - alpha) ** rest
+        r_acc = keep * (r_acc or 0.0) + float(weights @ hits[warm:])
+        r_loss = keep * (r_loss or 0.0) + float(weights @ losses[warm:])
+        n += rest
+    correct = row["correct"] + int(hits.sum())
+    loss_sum = row["log_loss_sum"] + float(losses.sum())
     row.update({"n": n, "correct": correct, "log_loss_sum": loss_sum,
                 "accuracy": correct / n if n else None,
                 "log_loss": loss_sum / n if n else None,
@@ -193,16 +215,16 @@ def update_quality(row: dict[str, Any] | None, examples: Sequence[LabelledExampl
     return row
 
 
-def record_quality(examples: Sequence[LabelledExample], partition: int, now_ms: int) -> None:
-    """Fold ``examples`` into ``quality_by_version`` (store and changelog), one write per
+def record_quality(batches: Sequence[LabelledBatch], partition: int, now_ms: int) -> None:
+    """Fold ``batches`` into ``quality_by_version`` (store and changelog), one write per
     version, and drop the least recently scored versions beyond
     :data:`QUALITY_MAX_VERSIONS`."""
-    by_version: dict[str, list[LabelledExample]] = {}
-    for example in examples:
-        by_version.setdefault(example.version, []).append(example)
     store = quality_by_version.data
-    for version, mine in by_version.items():
-        row = update_quality(store.get(version), mine, now_ms)
+    rows: dict[str, dict[str, Any]] = {}
+    for batch in batches:
+        rows[batch.version] = update_quality(rows.get(batch.version, store.get(batch.version)),
+                                             batch, now_ms)
+    for version, row in rows.items():
         # Re-inserted last, so the store's order stays least recently scored first.
         store.pop(version, None)
         store[version] = row
@@ -220,6 +242,9 @@ def _init_learning_thread() -> None:
     import torch
 
     torch.set_num_threads(settings.torch_threads)
+    # The first optimizer built imports torch._dynamo: seconds of CPU holding the GIL. Paid
+    # here, when the worker starts, rather than in the middle of the stream.
+    import torch._dynamo  # noqa: F401
 
 
 # One thread: refits run one after another, never on the event loop.
@@ -238,29 +263,35 @@ class SpeedLayer:
     def __init__(self) -> None:
         self.learner: OutputLayerLearner | None = None
         self.pending_base: str | None = None
-        self.pending_X: list[list[Any]] = []
-        self.pending_y: list[int] = []
+        #: Examples of the serving base since the last refit, in chunks as they came.
+        self.pending_X: list[np.ndarray] = []
+        self.pending_y: list[np.ndarray] = []
         self.published: ModelUpdate | None = None
         self.updates_published = 0
 
-    def collect(self, examples: Sequence[LabelledExample], base: LoadedModel | None) -> int:
+    @property
+    def pending(self) -> int:
+        """Examples waiting for the next refit."""
+        return sum(len(y) for y in self.pending_y)
+
+    def collect(self, batches: Sequence[LabelledBatch], base: LoadedModel | None) -> int:
         """Keep the examples predicted by ``base`` (or an update of it); return how many."""
         if base is None:
             return 0
         if self.pending_base != base.base_version:
             self.pending_base = base.base_version
             self.pending_X, self.pending_y = [], []
-        n_features = base.n_features
         kept = 0
-        for example in examples:
-            if example.base_version == base.base_version and len(
-                    example.features) == n_features:
-                self.pending_X.append(example.features)
-                self.pending_y.append(example.label)
-                kept += 1
+        for batch in batches:
+            if batch.base_version == base.base_version and \
+                    batch.features.shape[1] == base.n_features:
+                self.pending_X.append(batch.features)
+                self.pending_y.append(batch.labels)
+                kept += len(batch)
         # Bound the memory while a refit is slow: older ones would be dropped anyway.
-        if len(self.pending_y) > 2 * settings.speed_buffer:
-            del self.pending_X[:-settings.speed_buffer], self.pending_y[:-settings.speed_buffer]
+        while len(self.pending_y) > 1 and \
+                self.pending - len(self.pending_y[0]) >= settings.speed_buffer:
+            del self.pending_X[0], self.pending_y[0]
         return kept
 
     def next_seq(self, base: LoadedModel) -> tuple[ModelUpdate | None, int]:
@@ -278,7 +309,8 @@ class SpeedLayer:
         base = model_manager.base
         if base is None or self.pending_base != base.base_version:
             return None
-        if len(self.pending_y) < settings.speed_min_examples:
+        new = self.pending
+        if new < settings.speed_min_examples:
             return None
         if self.learner is None or self.learner.base.base_version != base.base_version:
             self.learner = OutputLayerLearner(base, capacity=settings.speed_buffer,
@@ -286,9 +318,8 @@ class SpeedLayer:
         # Only the newest SPEED_BUFFER can stay in the buffer: the hidden layers never see
         # the others, which matters when labels arrive faster than the buffer turns over.
         keep = settings.speed_buffer
-        X = np.array(self.pending_X[-keep:], dtype=np.float64)  # null features become NaN
-        y = np.array(self.pending_y[-keep:], dtype=np.int64)
-        new = len(self.pending_y)
+        X = np.concatenate(self.pending_X)[-keep:]
+        y = np.concatenate(self.pending_y)[-keep:]
         self.pending_X, self.pending_y = [], []
         newest, seq = self.next_seq(base)
         started = time.monotonic()
@@ -331,11 +362,11 @@ async def learn_from_labels(stream: Any) -> None:
             await stream.ack(event)
 
 
-def _decode(events: list[EventT]) -> list[LabelledExample]:
-    examples: list[LabelledExample] = []
+def _decode(events: list[EventT]) -> list[LabelledBatch]:
+    examples: list[LabelledBatch] = []
     for event in events:
         try:
-            examples.extend(parse_labelled(event.value))
+            examples.append(parse_labelled(event.value))
         except ValueError as exc:
             message = event.message
             log.error("skipped %s[%s]@%s: %s", message.topic, message.partition,
@@ -353,3 +384,8 @@ async def publish_update() -> None:
 
 if settings.speed_layer:
     app.timer(settings.speed_window_s, name="speed_layer_updates")(publish_update)
+
+    @app.task
+    async def start_learning_thread() -> None:
+        """Start the learning thread (and its imports) while the worker starts."""
+        await asyncio.get_running_loop().run_in_executor(learning_executor, lambda: None)

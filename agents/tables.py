@@ -1,43 +1,70 @@
 """Serving state in Faust tables, each backed by a Kafka changelog and recovered at start.
 
-Every table is sharded like the topic that feeds it, so the worker that owns a key's
-partition is the one that writes and answers for it, however many workers run.
+Every table is sharded like what feeds it, so the worker that owns a row's partition is the
+one that writes and answers for it, however many workers run:
+
+* ``latest_predictions`` rows live in the partition of the input event they answer: the
+  serving path writes them from the same loop that scores the event (no second reading of
+  the predictions), into a RocksDB store on local disk whose rows expire after
+  ``LATEST_RETENTION_S``, like the changelog's. Memory stays bounded however many ids the
+  stream carries, and a restart reads only the changelog written since the store's last
+  recorded offset.
+* ``class_counts`` and ``scored_by_version`` are fed by per-micro-batch count messages keyed
+  by what they count, so one worker owns each key.
 """
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from datetime import timedelta
 from itertools import islice
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 import orjson
-from faust.types import EventT
+from faust.types import TP
 
-from agents.serving import class_count_deltas, predictions_topic, version_count_deltas
 from app import app
 
 settings = app.settings
 
-__all__ = ["latest_predictions", "class_counts", "scored_by_version", "record_predictions",
-           "count_classes", "count_versions", "CLASS_WINDOW_S"]
+__all__ = ["latest_predictions", "class_counts", "scored_by_version", "class_count_deltas",
+           "version_count_deltas", "store_latest", "record_changelog_offsets",
+           "latest_prediction", "count_classes", "count_versions", "table_rows", "table_size",
+           "CLASS_WINDOW_S", "SCORED_MAX_VERSIONS", "LATEST_CHANGELOG"]
 
 log = logging.getLogger(__name__)
 
 CLASS_WINDOW_S = 60
+#: Most model versions ``scored_by_version`` keeps (the oldest go first): with a speed-layer
+#: update every few seconds, versions are many.
+SCORED_MAX_VERSIONS = 500
+#: Rows of ``latest_predictions`` shown by the web view and ``/tables/`` (the newest written).
+RECENT_ROWS = 200
 N = settings.topic_partitions
+MIB = 1024 * 1024
 
 latest_predictions = app.Table(
-    # Rows live in the partition of the prediction they come from, which the raw id bytes
-    # picked; the router hashes the same bytes, so GET /predictions/{id}/ reaches the owner.
     "latest_predictions", key_type=bytes, value_type=bytes, partitions=N,
-    # Every id gets a row, so the changelog grows with the stream; recovery at start reads
-    # all of it. Compaction alone would keep every id forever: delete old segments too.
+    # On disk, not in memory: one row per id of the stream. RocksDB drops rows older than
+    # the TTL when it compacts; small write buffers and cache keep its memory flat. (The
+    # path names the files: a bare "rocksdb://" would count as no store and mean memory.)
+    store="rocksdb:latest_predictions",
+    options={"ttl": settings.latest_retention_s, "write_buffer_size": 8 * MIB,
+             "max_write_buffer_number": 2, "target_file_size_base": 16 * MIB,
+             "block_cache_size": 8 * MIB},
+    # The changelog would keep every id forever under compaction alone: old segments go too.
     extra_topic_configs={
         "cleanup.policy": "compact,delete",
         "retention.ms": str(settings.latest_retention_s * 1000),
         "segment.ms": str(max(settings.latest_retention_s * 1000 // 3, 60_000)),
     },
-    help="Latest prediction per event id (the JSON message as sent).")
+    help="Latest prediction per event id (the JSON message as sent), in the partition of "
+         f"the input event; rows expire after {settings.latest_retention_s} s.")
+
+#: The changelog topic of ``latest_predictions``: its active partitions on a worker are the
+#: input partitions that worker serves.
+LATEST_CHANGELOG = latest_predictions.changelog_topic.get_topic_name()
 
 class_counts = app.Table(
     "class_counts", default=int, key_type=str, partitions=N,
@@ -46,36 +73,62 @@ class_counts = app.Table(
 
 scored_by_version = app.Table(
     "scored_by_version", default=int, key_type=str, partitions=N,
-    help="Events scored per model version.")
+    help=f"Events scored per model version (the newest {SCORED_MAX_VERSIONS} versions).")
+
+# Per-micro-batch count deltas, keyed by what they count so that one worker owns each key.
+class_count_deltas = app.topic(f"{settings.app_id}-class-count-deltas", internal=True,
+                               key_type=str, key_serializer="raw", value_serializer="json",
+                               partitions=N)
+version_count_deltas = app.topic(f"{settings.app_id}-version-count-deltas", internal=True,
+                                 key_type=str, key_serializer="raw", value_serializer="json",
+                                 partitions=N)
+
+#: The newest rows this worker wrote to ``latest_predictions`` (for the web view: the store
+#: itself is ordered by key, and counting it would read all of it).
+_recent: deque[tuple[bytes, bytes]] = deque(maxlen=RECENT_ROWS)
+#: Partition of each ``scored_by_version`` row, to drop a row where it was written.
+_version_partition: dict[str, int] = {}
 
 
-#: Predictions written to ``latest_predictions`` per batch, and the longest wait for a batch.
-RECORD_BATCH = 1024
-RECORD_WITHIN_S = 0.05
+def store_latest(partition: int, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
+    """Write rows to ``latest_predictions``' store for ``partition`` in one RocksDB write.
 
-
-@app.agent(predictions_topic, concurrency=1)
-async def record_predictions(stream: Any) -> None:
-    """Keep the latest prediction of every id.
-
-    One row per prediction is the tables' hottest path, so rows are written in batches: each
-    goes to the store and to the changelog partition of the prediction it came from, as
-    ``table[key] = value`` would write it, without that path's per-row bookkeeping. As for any
-    table write, the worker flushes the changelog before it commits the predictions' offsets.
+    Their changelog records are the caller's to produce (in the same partition); rows are
+    written before those are stored, and a crash before they are re-delivers the events, which
+    writes the rows again.
     """
-    async for events in stream.noack_take(RECORD_BATCH, within=RECORD_WITHIN_S):
-        store_latest(events)
-        for event in events:
-            await stream.ack(event)
+    from rocksdict import WriteBatch
+
+    db = latest_predictions.data._db_for_partition(partition)
+    batch = WriteBatch(raw_mode=True)
+    put = batch.put
+    for key, value in zip(keys, values):
+        put(key, value)
+    db.write(batch)
+    _recent.extend(zip(keys[-RECENT_ROWS:], values[-RECENT_ROWS:]))
 
 
-def store_latest(events: list[EventT]) -> None:
-    """Write every prediction in ``events`` to ``latest_predictions`` and its changelog."""
+def record_changelog_offsets(offsets: Mapping[int, int]) -> None:
+    """Remember, per partition, the newest changelog offset whose row the store holds: a
+    restart recovers only what comes after it."""
     store = latest_predictions.data
-    send_changelog = latest_predictions.send_changelog
-    for event in events:
-        store[event.key] = event.value
-        send_changelog(event.message.partition, event.key, event.value)
+    for partition, offset in offsets.items():
+        store.set_persisted_offset(TP(LATEST_CHANGELOG, partition), offset)
+
+
+def latest_prediction(key: bytes) -> bytes | None:
+    """This worker's stored prediction for ``key``, or None (also once it is older than
+    ``LATEST_RETENTION_S``, which RocksDB only enforces when it compacts)."""
+    value = latest_predictions.data.get(key)
+    if value is None:
+        return None
+    try:
+        ts = orjson.loads(value).get("ts", 0)
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(ts, int) and ts < (time.time() - settings.latest_retention_s) * 1000:
+        return None
+    return value
 
 
 @app.agent(class_count_deltas, concurrency=1)
@@ -87,16 +140,46 @@ async def count_classes(stream: Any) -> None:
 
 @app.agent(version_count_deltas, concurrency=1)
 async def count_versions(stream: Any) -> None:
-    """Add each micro-batch's count to its model version's total."""
-    async for version, n in stream.items():
-        scored_by_version[version] += int(n)
+    """Add each micro-batch's count to its model version's total; keep the newest
+    :data:`SCORED_MAX_VERSIONS` versions."""
+    async for event in stream.events():
+        version, n = event.key, int(event.value)
+        scored_by_version[version] += n
+        _version_partition[version] = event.message.partition
+        _drop_oldest_versions()
+
+
+def _drop_oldest_versions() -> None:
+    store = scored_by_version.data
+    excess = len(store) - SCORED_MAX_VERSIONS
+    if excess <= 0:
+        return
+    for version in list(islice(store.keys(), excess)):
+        del store[version]
+        partition = _version_partition.pop(version, None)
+        if partition is not None:  # else recovered from a changelog this worker no longer has
+            scored_by_version.send_changelog(partition, version, None,
+                                             value_serializer="raw")
+
+
+def table_size(name: str) -> int:
+    """Rows of table ``name`` on this worker (an estimate for ``latest_predictions``)."""
+    if name == latest_predictions.name:
+        store = latest_predictions.data
+        return sum(db.property_int_value("rocksdb.estimate-num-keys") or 0
+                   for db in store._dbs_for_actives())
+    return len(app.tables[name].data)
 
 
 def table_rows(name: str, limit: int) -> dict[str, Any]:
     """This worker's rows of table ``name`` as JSON, newest first, at most ``limit``."""
     table = app.tables[name]
     rows: list[dict[str, Any]] = []
-    newest_first = islice(reversed(table.data.items()), limit)
+    newest_first: Iterable[tuple[Any, Any]]
+    if name == latest_predictions.name:
+        newest_first = islice(reversed(_recent), limit)
+    else:
+        newest_first = islice(reversed(table.data.items()), limit)
     for key, value in newest_first:
         if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], tuple):
             label, (start, end) = key
@@ -106,4 +189,4 @@ def table_rows(name: str, limit: int) -> dict[str, Any]:
             rows.append({"key": key.decode("utf-8", "replace"), "value": orjson.loads(value)})
         else:
             rows.append({"key": key, "value": value})
-    return {"name": name, "help": table.help, "size": len(table.data), "rows": rows}
+    return {"name": name, "help": table.help, "size": table_size(name), "rows": rows}

@@ -11,14 +11,17 @@ import json
 import logging
 import time
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 from faust import web
 
 from agents.metrics import prometheus_text
 from agents.model_manager import model_manager, pin_message
 from agents.scoring import SourceMessage, feature_matrix, predictions_from, triage
-from agents.serving import scoring_executor
-from agents.tables import CLASS_WINDOW_S, latest_predictions, table_rows
+from agents.serving import scoring_executor, serving
+from agents.tables import (CLASS_WINDOW_S, LATEST_CHANGELOG, latest_prediction,
+                           latest_predictions, table_rows, table_size)
 from app import app
 
 settings = app.settings
@@ -31,6 +34,10 @@ MAX_PREDICT_ITEMS = 1024
 MAX_TABLE_ROWS = 1000
 #: How long a pin request waits for this worker to act on it.
 PIN_WAIT_S = 30.0
+#: Marks a lookup one worker asks of another: answer from local rows only.
+PEER_HEADER = "X-Stratum-Peer"
+#: How long a lookup waits for the other workers.
+PEER_TIMEOUT_S = 5.0
 
 
 class StratumView(web.View):
@@ -54,7 +61,7 @@ class Ready(StratumView):
         if model is None:
             return self.json({"error": "no model loaded yet", "model_version": None},
                              status=503)
-        if app.rebalancing or not app.tables.recovery.completed.is_set():
+        if not serving.ready:
             return self.json({"error": "partitions are being assigned or tables recovered",
                               "model_version": model.version}, status=503)
         return self.json({"model_version": model.version})
@@ -66,7 +73,7 @@ class TableList(StratumView):
 
     async def get(self, request: web.Request) -> web.Response:
         return self.json({"tables": [
-            {"name": name, "help": table.help, "size": len(table.data)}
+            {"name": name, "help": table.help, "size": table_size(name)}
             for name, table in sorted(app.tables.items())]})
 
 
@@ -85,14 +92,52 @@ class TableDetail(StratumView):
 
 @app.page("/predictions/{id}/")
 class PredictionDetail(StratumView):
-    """The latest prediction for an id, answered by the worker that owns the id."""
+    """The latest prediction for an id, answered by the worker that holds it.
 
-    @app.table_route(table=latest_predictions, match_info="id")
+    A row lives in the table partition of the input event it answers, which the id alone
+    does not name (the input may be keyed otherwise, or not at all). So a worker answers from
+    its own rows, else asks every other worker that holds partitions of the table, each of
+    which answers from its own rows only.
+    """
+
     async def get(self, request: web.Request, id: str) -> web.Response:
-        prediction = latest_predictions.get(id.encode())
-        if prediction is None:
-            return self.error(404, f"no prediction for id {id!r}")
-        return self.bytes(prediction, content_type="application/json")
+        key = id.encode()
+        prediction = latest_prediction(key)
+        if prediction is not None:
+            return self.bytes(prediction, content_type="application/json")
+        if request.headers.get(PEER_HEADER) is None:
+            found = await _ask_peers(f"/predictions/{quote(id, safe='')}/")
+            if found is not None:
+                return self.bytes(found, content_type="application/json")
+        return self.error(404, f"no prediction for id {id!r}")
+
+
+async def _ask_peers(path: str) -> bytes | None:
+    """The first 200 body any other worker holding table partitions answers for ``path``."""
+    me = str(app.conf.canonical_url).rstrip("/")
+    peers = [url.rstrip("/") for url, topics in
+             app.router.table_metadata(latest_predictions.name).items()
+             if topics.get(LATEST_CHANGELOG) and url.rstrip("/") != me]
+    if not peers:
+        return None
+    session = app.http_client
+    timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT_S)
+
+    async def ask(url: str) -> bytes | None:
+        try:
+            async with session.get(f"{url}{path}", headers={PEER_HEADER: "1"},
+                                   timeout=timeout) as response:
+                if response.status == 200:
+                    return await response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("lookup at %s failed: %s", url, exc)
+        return None
+
+    for answer in asyncio.as_completed([ask(url) for url in peers]):
+        found = await answer
+        if found is not None:
+            return found
+    return None
 
 
 @app.page("/models/")

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from operator import attrgetter
+from typing import Annotated, Any, Callable, Sequence, Union
 
+import msgspec
 import numpy as np
 import orjson
 
 __all__ = [
     "InvalidEvent",
     "ValidEvent",
+    "EventColumns",
     "parse_event",
     "validate_event",
+    "decode_events",
     "prediction_message",
     "dead_letter_message",
     "label_matches",
@@ -103,6 +108,142 @@ def validate_event(obj: dict[str, Any], features: Sequence[str],
     if unknown:
         raise InvalidEvent(f"unknown fields {unknown}")
     return ValidEvent(id=event_id, features=vector, label=label, ts=ts)
+
+
+@lru_cache(maxsize=16)
+def _wire_decoder(features: tuple[str, ...]) -> Callable[[bytes], Any]:
+    """A msgspec decoder for input events of a model with ``features``.
+
+    Features given by name decode straight into a struct with one field per feature (no dict
+    per event); the decoder is narrower than :func:`validate_event` allows, and anything it
+    refuses goes through that function, which has the final word.
+    """
+    names = [f"f{i}" for i in range(len(features))]
+    by_name = msgspec.defstruct(
+        "FeaturesByName", [(n, Union[float, None]) for n in names],
+        rename=dict(zip(names, features)), forbid_unknown_fields=True, gc=False)
+    event = msgspec.defstruct("WireEvent", [
+        ("id", Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]),
+        ("features", Union[by_name, list[Union[float, None]]]),
+        ("label", Union[str, int, None], None),
+        # orjson (the full validation) reads larger integers as floats, which it refuses.
+        ("ts", Union[Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)], None], None),
+    ], forbid_unknown_fields=True, gc=False)
+    return msgspec.json.Decoder(event).decode
+
+
+@dataclass
+class EventColumns:
+    """The valid events of a batch of raw messages as columns, and why the others failed.
+
+    Row ``i`` of every column is the event of message ``positions[i]``; rows follow message
+    order. ``features`` is ``(rows, n_features)`` float64 in the model's feature order, NaN
+    where the event gave ``null``.
+    """
+
+    positions: list[int]
+    ids: list[str]
+    features: np.ndarray
+    labels: list[Any]
+    ts: list[int | None]
+    #: ``(message index, reason)`` of every message that cannot be served, in order.
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def decode_events(values: Sequence[bytes | None], features: Sequence[str],
+                  classes: Sequence[Any]) -> EventColumns:
+    """Decode and validate a micro-batch of raw input messages at once.
+
+    Every message is decoded by msgspec straight into typed fields and the feature vectors are
+    stacked into one matrix; only a message that this narrow path refuses goes through
+    :func:`parse_event` and :func:`validate_event`, which decide (and word the reason). The
+    result is what calling those two on every message would give, at a fraction of the cost.
+
+    Parameters
+    ----------
+    values
+        Raw message values, in order.
+    features, classes
+        The active model's ordered feature names and class labels.
+    """
+    n_features = len(features)
+    decode = _wire_decoder(tuple(features))
+    fields = [f"f{i}" for i in range(n_features)]
+    pick: Callable[[Any], Any] = (attrgetter(*fields) if n_features > 1
+                                  else (lambda s: (getattr(s, fields[0]),)))
+    # Validation never lets a bool through as a label, so a set lookup is label_matches.
+    allowed = {c for c in classes if not isinstance(c, bool)}
+    positions: list[int] = []
+    ids: list[str] = []
+    rows: list[Any] = []
+    labels: list[Any] = []
+    ts: list[int | None] = []
+    slow: list[int] = []
+    for i, raw in enumerate(values):
+        try:
+            event = decode(raw)  # type: ignore[arg-type]
+        except (msgspec.DecodeError, TypeError):
+            slow.append(i)
+            continue
+        vector = event.features
+        if type(vector) is list:
+            if len(vector) != n_features:
+                slow.append(i)
+                continue
+        else:
+            vector = pick(vector)
+        label = event.label
+        if label is not None and label not in allowed:
+            slow.append(i)
+            continue
+        positions.append(i)
+        ids.append(event.id)
+        rows.append(vector)
+        labels.append(label)
+        ts.append(event.ts)
+    matrix = (np.array(rows, dtype=np.float64) if rows
+              else np.empty((0, n_features), dtype=np.float64))
+    infinite = np.isinf(matrix).any(axis=1)
+    if infinite.any():
+        keep = np.flatnonzero(~infinite)
+        slow.extend(positions[k] for k in np.flatnonzero(infinite))
+        positions = [positions[k] for k in keep]
+        ids = [ids[k] for k in keep]
+        labels = [labels[k] for k in keep]
+        ts = [ts[k] for k in keep]
+        matrix = matrix[keep]
+    columns = EventColumns(positions, ids, matrix, labels, ts)
+    if slow:
+        _decode_slowly(columns, values, sorted(slow), features, classes)
+    return columns
+
+
+def _decode_slowly(columns: EventColumns, values: Sequence[bytes | None], slow: list[int],
+                   features: Sequence[str], classes: Sequence[Any]) -> None:
+    """Run the full validation on the messages the fast path refused; merge the valid ones
+    into ``columns`` in message order and record the reasons of the others."""
+    extra: list[tuple[int, ValidEvent]] = []
+    for i in slow:
+        try:
+            extra.append((i, validate_event(parse_event(values[i]), features, classes)))
+        except InvalidEvent as exc:
+            columns.rejected.append((i, str(exc)))
+    if not extra:
+        return
+    positions = columns.positions + [i for i, _ in extra]
+    order = np.argsort(positions, kind="stable")
+    ids = columns.ids + [e.id for _, e in extra]
+    labels = columns.labels + [e.label for _, e in extra]
+    ts = columns.ts + [e.ts for _, e in extra]
+    matrix = np.concatenate([columns.features, np.stack([e.features for _, e in extra])])
+    columns.positions = [positions[k] for k in order]
+    columns.ids = [ids[k] for k in order]
+    columns.labels = [labels[k] for k in order]
+    columns.ts = [ts[k] for k in order]
+    columns.features = matrix[order]
 
 
 def label_matches(label: Any, cls: Any) -> bool:

@@ -85,7 +85,7 @@ class Settings:
         "METRICS_INTERVAL_S", "Seconds between broadcasts on the metrics topic."))
     latest_retention_s: int = field(default=900, metadata=_env(
         "LATEST_RETENTION_S",
-        "How long the latest-prediction table's changelog keeps a row; bounds restart time."))
+        "How long the latest-prediction table keeps a row (store and changelog)."))
     torch_threads: int = field(default=1, metadata=_env(
         "TORCH_THREADS", "Threads torch may use for scoring."))
     # ---- speed layer (agents/speed.py): incremental output-layer updates between rebuilds.
@@ -201,8 +201,8 @@ class Settings:
                "expected a positive integer")
         _check(self.metrics_interval_s > 0, "METRICS_INTERVAL_S", self.metrics_interval_s,
                "expected seconds > 0")
-        _check(self.latest_retention_s >= 60, "LATEST_RETENTION_S", self.latest_retention_s,
-               "expected seconds >= 60")
+        _check(self.latest_retention_s >= 5, "LATEST_RETENTION_S", self.latest_retention_s,
+               "expected seconds >= 5")
         _check(self.torch_threads >= 1, "TORCH_THREADS", self.torch_threads,
                "expected a positive integer")
         _check(self.speed_layer in (0, 1), "SPEED_LAYER", self.speed_layer, "expected 0 or 1")

@@ -12,8 +12,10 @@ and the suite can run while ``make run`` is up.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import secrets
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,6 +27,10 @@ from app.stack import DEFAULT_CACHE_DIR, S3_CREDENTIALS, LocalStack, free_port
 #: Fixtures that start the stack; a test using any of them (directly or through another
 #: fixture) is an integration test.
 STACK_FIXTURES = frozenset({"stack", "kafka_broker", "s3_server", "settings_env", "spark"})
+
+# Unit tests use the module-level app of the default settings: its local table stores (the
+# RocksDB files of latest_predictions) go to a temporary directory, not the checkout.
+os.environ.setdefault("STRATUM_DATA_DIR", tempfile.mkdtemp(prefix="stratum-unit-"))
 
 _counter = itertools.count(1)
 # Distinguishes this session's names from any other session's on a shared server.

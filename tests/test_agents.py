@@ -1,16 +1,22 @@
 """Agents and serving logic without Kafka: ``test_context()`` and plain functions."""
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pytest
+from confluent_kafka import KafkaError
+from faust.types import TP
 
 from app import app
 from agents import tables
 from agents.model_manager import ModelManager
-from agents.scoring import SourceMessage, class_counts, score, triage
+from agents.recovery import truncated_partitions
+from agents.scoring import SourceMessage, class_counts, encode_predictions, score, triage
+from agents.transport import Delivery, DeliveryFailed
 
 FEATURES = ["a", "b"]
 CLASSES = ["no", "yes"]
@@ -99,23 +105,95 @@ async def test_count_classes_agent_fills_the_current_window(test_app: Any) -> No
     assert tables.class_counts["yes"].now() == 7
 
 
-async def test_record_predictions_keeps_the_latest_per_id(test_app: Any) -> None:
-    first = json.dumps({"id": "x", "predicted": "no"}).encode()
-    second = json.dumps({"id": "x", "predicted": "yes"}).encode()
-    async with tables.record_predictions.test_context() as agent:
-        await agent.put(key=b"x", value=first)
-        await agent.put(key=b"x", value=second)
-        await agent.put(key=b"y", value=first)
-    assert tables.latest_predictions[b"x"] == second
-    rows = tables.table_rows("latest_predictions", 10)
-    assert rows["size"] == 2 and rows["rows"][0]["value"]["predicted"] in ("yes", "no")
+async def test_count_versions_keeps_the_newest_versions(test_app: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tables, "SCORED_MAX_VERSIONS", 3)
+    tables.scored_by_version.data.clear()
+    async with tables.count_versions.test_context() as agent:
+        for k in range(6):
+            await agent.put(key=f"v+{k}", value=k + 1)
+    assert dict(tables.scored_by_version.data.items()) == {"v+3": 4, "v+4": 5, "v+5": 6}
+
+
+def test_encoded_predictions_are_the_contract_messages() -> None:
+    model = Threshold()
+    probabilities = model.predict_proba(np.array([[4.0, 0.0], [-4.0, 0.0], [0.0, 0.0]]))
+    values, predicted = encode_predictions(model, ["hi", "lo", "even"], probabilities, 99)
+    valid, _ = triage([message({"id": i, "features": [x, 0]}, k)
+                       for k, (i, x) in enumerate([("hi", 4), ("lo", -4), ("even", 0)])],
+                      FEATURES, CLASSES)
+    assert [json.loads(v) for v in values] == score(model, [e for _, e in valid], now_ms=99)
+    assert predicted == ["yes", "no", "no"]  # a tie goes to the first class
+
+
+def test_latest_predictions_rows_are_kept_per_partition_and_expire() -> None:
+    now = int(time.time() * 1000)
+    fresh = json.dumps({"id": "x", "predicted": "yes", "ts": now}).encode()
+    stale = json.dumps({"id": "old", "predicted": "no",
+                        "ts": now - 1000 * (app.settings.latest_retention_s + 5)}).encode()
+    tables.store_latest(1, [b"x", b"old"], [fresh, stale])
+    tables.store_latest(2, [b"y"], [fresh])
+    assert tables.latest_prediction(b"x") == fresh and tables.latest_prediction(b"y") == fresh
+    # Older than LATEST_RETENTION_S: gone, whether or not RocksDB compacted it away yet.
+    assert tables.latest_prediction(b"old") is None
+    assert tables.latest_prediction(b"never") is None
+    tables.record_changelog_offsets({1: 41, 2: 7})
+    store = tables.latest_predictions.data
+    assert store.persisted_offset(TP(tables.LATEST_CHANGELOG, 1)) == 41
+    rows = tables.table_rows("latest_predictions", 2)
+    assert [r["key"] for r in rows["rows"]] == ["y", "old"]
+
+
+async def test_a_delivery_resolves_once_every_message_is_settled() -> None:
+    class Producer:
+        def __init__(self) -> None:
+            self.callbacks: list[Any] = []
+
+        def produce(self, topic: str, value: Any, key: Any, partition: int,
+                    on_delivery: Any) -> None:
+            self.callbacks.append(on_delivery)
+
+    class Stored:
+        def __init__(self, partition: int, offset: int) -> None:
+            self._p, self._o = partition, offset
+
+        def partition(self) -> int:
+            return self._p
+
+        def offset(self) -> int:
+            return self._o
+
+    producer = Producer()
+    delivery = Delivery(producer, asyncio.get_running_loop())  # type: ignore[arg-type]
+    delivery.produce("t", b"1")
+    delivery.produce_changelog("c", b"2", b"k", 3)
+    delivery.produce_changelog("c", b"3", b"k", 3)
+    done = delivery.seal()
+    # Delivery reports come from librdkafka's polling thread, in any order.
+    reports = [(producer.callbacks[2], Stored(3, 12)), (producer.callbacks[0], Stored(0, 5)),
+               (producer.callbacks[1], Stored(3, 11))]
+    for callback, stored in reports[:2]:
+        await asyncio.to_thread(callback, None, stored)
+    await asyncio.sleep(0.05)
+    assert not done.done()
+    await asyncio.to_thread(reports[2][0], None, reports[2][1])
+    await asyncio.wait_for(done, 5)
+    assert delivery.changelog_offsets == {3: 12}
+
+    failed = Delivery(producer, asyncio.get_running_loop())  # type: ignore[arg-type]
+    failed.produce("t", b"4")
+    failed.produce("t", b"5")
+    failed.seal()
+    error = KafkaError(KafkaError._MSG_TIMED_OUT)
+    await asyncio.to_thread(producer.callbacks[3], error, Stored(0, 6))
+    await asyncio.to_thread(producer.callbacks[4], None, Stored(0, 7))
+    with pytest.raises(DeliveryFailed, match="MSG_TIMED_OUT"):
+        await asyncio.wait_for(failed.done, 5)
 
 
 async def test_a_micro_batch_the_broker_did_not_store_stops_the_worker_at_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """No later micro-batch is needed to notice (none comes while the group rebalances)."""
-    import asyncio
-
     from agents import serving
 
     crashed: list[BaseException] = []
@@ -126,16 +204,36 @@ async def test_a_micro_batch_the_broker_did_not_store_stops_the_worker_at_once(
         crash_called.set()
 
     monkeypatch.setattr(serving.app, "crash", crash)
-    failure = RuntimeError("KafkaTimeoutError: batch expired")
-    failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    failed.add_done_callback(serving._stop_worker_if_not_stored)
-    stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    stored.add_done_callback(serving._stop_worker_if_not_stored)
-    cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    cancelled.add_done_callback(serving._stop_worker_if_not_stored)
+    stop = serving.serving._stop_if_not_stored
+    failure = DeliveryFailed("_MSG_TIMED_OUT: Local: Message timed out")
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future[None] = loop.create_future()
+    failed.add_done_callback(stop)
+    stored: asyncio.Future[None] = loop.create_future()
+    stored.add_done_callback(stop)
+    cancelled: asyncio.Future[None] = loop.create_future()
+    cancelled.add_done_callback(stop)
     stored.set_result(None)
     cancelled.cancel()
     failed.set_exception(failure)
     await asyncio.wait_for(crash_called.wait(), timeout=5)
     assert crashed == [failure]  # once: the stored and the cancelled batch crash nothing
     assert failed.exception() is failure
+
+
+def test_scored_version_series_are_bounded() -> None:
+    from agents import metrics
+
+    for k in range(metrics.METRIC_MAX_VERSIONS + 5):
+        metrics.count_scored(f"base+{k}", 2)
+    series = {s.labels["model_version"] for m in metrics.EVENTS_SCORED.collect()
+              for s in m.samples if s.name.endswith("_total")}
+    assert len(series) == metrics.METRIC_MAX_VERSIONS
+    assert f"base+{metrics.METRIC_MAX_VERSIONS + 4}" in series and "base+0" not in series
+
+
+def test_recovery_gives_up_only_on_records_the_log_no_longer_has() -> None:
+    highwaters = {"emptied": 99, "trimmed": 99, "done": 50, "waiting": 80, "nothing": None}
+    applied = {"emptied": 20, "trimmed": 20, "done": 50, "waiting": 10, "nothing": None}
+    starts = {"emptied": 100, "trimmed": 60, "done": 51, "waiting": 0, "nothing": 0}
+    assert truncated_partitions(highwaters, applied, starts) == {"emptied": 99}

@@ -18,10 +18,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from agents.archive import (HOUR_MS, MAX_TS_MS, LakeArchiver, PartitionState,
+from agents import archive
+from agents.archive import (HOUR_MS, MAX_TS_MS, LakeArchiver, PartitionState, partition_rows,
                             build_table, event_rows, file_name, hour_directory, lake_files,
                             label_type, parse_file_name, prepare_flush, read_intent,
                             split_by_hour, write_flush)
+from app.schemas import decode_events
 from app.settings import Settings, SettingsError
 from app.topics import ensure_topics
 from batch.demo_data import FEATURES as HIGGS
@@ -273,16 +275,57 @@ async def _value(result: Any) -> Any:
     return await result if asyncio.iscoroutine(result) else result
 
 
-def read_up_to(archivers: list[LakeArchiver], ends: dict[int, int]) -> bool:
-    """Whether ``archivers`` together have read every partition up to ``ends``."""
-    positions = {p: s.next_offset for a in archivers for p, s in a.states.items()}
-    return positions == ends
+async def feed(archiver: LakeArchiver, settings: Settings, starts: dict[int, int | None],
+               ends: dict[int, int]) -> None:
+    """Read each partition from ``starts`` (None: the beginning) to ``ends`` and hand the
+    archiver what the serving path would: offsets and the decoded rows."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = {p: TopicPartition(settings.events_topic, p) for p in starts}
+        consumer.assign(list(tps.values()))
+        for p, start in starts.items():
+            if start is None:
+                await consumer.seek_to_beginning(tps[p])
+            else:
+                consumer.seek(tps[p], start)
+        deadline = time.monotonic() + 60
+
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < ends[p] for p, tp in tps.items()])
+
+        while await behind():
+            assert time.monotonic() < deadline, "the topic was not read to its end"
+            for tp, records in (await consumer.getmany(timeout_ms=200)).items():
+                if archiver.full(tp.partition):  # what the serving path does: wait for room
+                    consumer.seek(tp, records[0].offset)
+                    await archiver.flush_due()
+                    await asyncio.sleep(0.05)
+                    continue
+                values = [r.value for r in records]
+                columns = decode_events(values, FEATURES, CLASSES)
+                archiver.add(tp.partition, [r.offset for r in records], partition_rows(
+                    FEATURES, CLASSES, columns, np.arange(len(records)),
+                    [r.timestamp for r in records]))
+    finally:
+        await consumer.stop()
 
 
-async def test_a_crash_before_the_commit_rewrites_the_same_files_and_a_rebalance_loses_nothing(
-        settings_env: Callable[..., dict[str, str]]) -> None:
-    settings = Settings.from_env(settings_env(TOPIC_PARTITIONS="2", ARCHIVE_FLUSH_S="0.3"))
-    schema = lambda: (FEATURES, CLASSES)  # noqa: E731
+async def flush_until(archiver: LakeArchiver, condition: Callable[[], Any], what: str,
+                      timeout: float = 60.0) -> None:
+    """Run the archiver's flushes (as the serving path's task does) until ``condition``."""
+    deadline = time.monotonic() + timeout
+    while not await _value(condition()):
+        assert time.monotonic() < deadline, f"{what}: not after {timeout}s"
+        await archiver.flush_due()
+        await asyncio.sleep(0.1)
+
+
+async def test_a_crash_before_the_commit_rewrites_the_same_files_and_a_revoke_loses_nothing(
+        settings_env: Callable[..., dict[str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings.from_env(settings_env(TOPIC_PARTITIONS="2", ARCHIVE_FLUSH_S="0.3",
+                                              ARCHIVE_MAX_ROWS="100"))
     await ensure_topics(settings, [settings.events_topic])
     ids: set[str] = set()
 
@@ -298,12 +341,11 @@ async def test_a_crash_before_the_commit_rewrites_the_same_files_and_a_rebalance
     # 1. Read everything, then die half-way through writing: partition 0 gets its intent and
     #    the first of its hour files, partition 1 all of its files; nothing is committed.
     ends = await send(events(400, "one"))
-    crashed = LakeArchiver(settings, schema)
+    big = dataclasses.replace(settings, archive_max_rows=10_000)
+    crashed = LakeArchiver(big)
     await crashed.start()
-    deadline = time.monotonic() + 60
-    while not read_up_to([crashed], ends):
-        assert time.monotonic() < deadline, "the archiver did not read the backlog"
-        await crashed.poll(200)
+    assert await crashed.assign([0, 1]) == {0: None, 1: None}
+    await feed(crashed, settings, {0: None, 1: None}, ends)
     before_crash = []
     for partition, state in sorted(crashed.states.items()):
         state.seal()
@@ -311,42 +353,77 @@ async def test_a_crash_before_the_commit_rewrites_the_same_files_and_a_rebalance
         assert len(flush.files) >= 2  # the range spans hours
         before_crash += await asyncio.to_thread(write_flush, crashed.fs, crashed.root, flush,
                                                 1 if partition == 0 else None)
-    await crashed.abandon()
+    await crashed.stop(flush=False)
     assert await committed_offsets(settings) == {}
 
-    # 2. The next owner rewrites both ranges under the same names.
-    slow = dataclasses.replace(settings, archive_flush_s=30.0)
-    survivor = LakeArchiver(slow, schema)
+    # 2. The next owner reads each planned range again and rewrites it under the same names.
+    slow = dataclasses.replace(big, archive_flush_s=30.0)
+    survivor = LakeArchiver(slow)
     await survivor.start()
-    survivor_task = asyncio.create_task(survivor.run())
-    await wait_for(lambda: all_committed(ends), "the replayed ranges committed")
+    starts = await survivor.assign([0, 1])
+    assert starts == {0: 0, 1: 0}
+    assert {p: s.plan for p, s in survivor.states.items()} == {
+        p: (0, ends[p] - 1) for p in (0, 1)}
+    await feed(survivor, settings, starts, ends)
+    await flush_until(survivor, lambda: all_committed(ends), "the replayed ranges committed")
     table, files = await asyncio.to_thread(read_lake, settings)
     assert set(before_crash) < set(files)
     assert table.num_rows == len(ids) == len(set(table.column("id").to_pylist()))
 
-    # 3. A second member joins while the survivor holds unwritten events (it flushes every
-    #    30 s): the revoked partition is written and committed before it moves.
+    # 3. Revoking a partition writes and commits what was read of it (the survivor flushes
+    #    only every 30 s); the other partition's events stay in memory.
+    previous = ends
     ends = await send(events(300, "two", start=400))
-    await wait_for(lambda: read_up_to([survivor], ends), "the survivor read batch two")
-    assert await committed_offsets(settings) != ends
-    joiner = LakeArchiver(settings, schema)
-    await joiner.start()
-    joiner_task = asyncio.create_task(joiner.run())
-    await wait_for(lambda: len(joiner.states) == 1, "the joiner's share")
-    await wait_for(lambda: all_committed(ends), "batch two committed", timeout=20)
-    assert len(survivor.states) == 1
-
-    # 4. Both keep archiving their share; stopping writes what they hold.
-    ends = await send(events(300, "three", start=700))
-    await wait_for(lambda: read_up_to([survivor, joiner], ends), "both read batch three")
+    await feed(survivor, settings, previous, ends)
+    await survivor.flush_due()
+    assert await committed_offsets(settings) == previous
+    await survivor.revoke([1])
+    assert list(survivor.states) == [0]
+    assert await committed_offsets(settings) == {0: previous[0], 1: ends[1]}
     await survivor.stop()
-    await joiner.stop()
-    await asyncio.gather(survivor_task, joiner_task)
     assert await committed_offsets(settings) == ends
+
+    # 4. The lake unreachable for long: a partition drops its buffers instead of growing, and
+    #    once the lake answers it asks to be read again from its committed offset.
+    failing = {"on": True}
+    real_write = archive.write_flush
+
+    def write_or_fail(*args: Any, **kwargs: Any) -> Any:
+        if failing["on"]:
+            raise OSError("the lake is unreachable")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(archive, "write_flush", write_or_fail)
+    previous = ends
+    middle = await send(events(400, "three", start=700))
+    unlucky = LakeArchiver(settings)  # ARCHIVE_MAX_ROWS=100: holds 300 records at most
+    await unlucky.start()
+    starts = await unlucky.assign([0, 1])
+    assert starts == previous
+    await feed(unlucky, settings, starts, middle)
+    await unlucky.flush_due()
+    assert unlucky.failures >= 1 and await committed_offsets(settings) == previous
+    ends = await send(events(400, "four", start=1100))
+    await feed(unlucky, settings, middle, ends)
+    assert all(s.buffered_records() <= unlucky.max_buffered for s in unlucky.states.values())
+    behind = sorted(p for p, s in unlucky.states.items() if not s.ready)
+    assert behind == [0, 1]
+    failing["on"] = False
+    rewinds: dict[int, int] = {}
+
+    def rewound() -> bool:
+        rewinds.update(unlucky.take_rewinds())
+        return sorted(rewinds) == behind
+
+    await flush_until(unlucky, rewound, "the rewinds once the lake answers")
+    assert rewinds == previous
+    await feed(unlucky, settings, dict(rewinds), ends)
+    await flush_until(unlucky, lambda: all_committed(ends), "everything committed")
+    await unlucky.stop()
 
     table, files = await asyncio.to_thread(read_lake, settings)
     archived = table.column("id").to_pylist()
-    assert len(archived) == len(ids) == 1000 and set(archived) == ids
+    assert len(archived) == len(ids) == 1500 and set(archived) == ids
     assert_disjoint(written_ranges(files))
     for row in table.select(["ts", "path"]).to_pylist():
         assert f"/{hour_directory(row['ts'] // HOUR_MS)}/" in row["path"]

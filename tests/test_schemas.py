@@ -5,10 +5,11 @@ import base64
 import json
 import math
 
+import numpy as np
 import pytest
 
-from app.schemas import (InvalidEvent, dead_letter_message, parse_event, prediction_message,
-                         validate_event)
+from app.schemas import (InvalidEvent, decode_events, dead_letter_message, parse_event,
+                         prediction_message, validate_event)
 
 FEATURES = ["a", "b", "c"]
 CLASSES = ["b", "s"]
@@ -70,6 +71,49 @@ def test_malformed_event_has_a_reason(raw: bytes | None, reason: str) -> None:
 def test_infinite_value_from_a_decoded_object() -> None:
     with pytest.raises(InvalidEvent, match="feature 'c' is infinite"):
         validate_event({"id": "x", "features": [1, 2, math.inf]}, FEATURES, CLASSES)
+
+
+VALID = [
+    b'{"id": "x1", "features": {"c": 3, "a": 1.5, "b": -999.0}, "label": "s", "ts": 5}',
+    b'{"id": "x2", "features": [1, null, 2]}',
+    b' {"id":"x3","features":[0,0,0],"label":null,"ts":null}\n',
+    b'{"id": "x4", "features": {"a": 1, "a": 2, "b": 3, "c": 4}}',
+    b'{"id": "x5", "features": [1, 2, 3], "ts": 9223372036854775808}',
+    b'{"id": "%s", "features": [1, 2, 3]}' % (b"\xc3\xa9" * 256),
+]
+
+
+def test_a_micro_batch_decodes_as_validating_each_message_would() -> None:
+    """The batch decoder is a fast path: its answer for every message is exactly what
+    parse_event + validate_event give, valid rows in order and every reason word for word."""
+    batch: list[bytes | None] = []
+    for k, (raw, _) in enumerate(MALFORMED):
+        batch += [VALID[k % len(VALID)], raw]
+    columns = decode_events(batch, FEATURES, CLASSES)
+    expected_rows, expected_rejected = [], []
+    for i, raw in enumerate(batch):
+        try:
+            expected_rows.append((i, check(raw)))
+        except InvalidEvent as exc:
+            expected_rejected.append((i, str(exc)))
+    assert columns.rejected == expected_rejected
+    assert columns.positions == [i for i, _ in expected_rows]
+    assert columns.ids == [e.id for _, e in expected_rows]
+    assert columns.labels == [e.label for _, e in expected_rows]
+    assert columns.ts == [e.ts for _, e in expected_rows]
+    np.testing.assert_array_equal(columns.features,
+                                  np.stack([e.features for _, e in expected_rows]))
+    assert len(columns) == len(MALFORMED) and len(columns.rejected) == len(MALFORMED)
+
+
+def test_a_micro_batch_of_one_feature_and_integer_classes() -> None:
+    columns = decode_events([b'{"id": "a", "features": {"only": 2}, "label": 1}',
+                             b'{"id": "b", "features": [3], "label": "1"}',
+                             b'{"id": "c", "features": [true]}'], ["only"], [0, 1])
+    assert columns.ids == ["a"] and columns.labels == [1]
+    assert columns.features.tolist() == [[2.0]]
+    assert [(i, r.split(";")[0]) for i, r in columns.rejected] == [
+        (1, "unknown label '1'"), (2, "feature 'only' is not a number: True")]
 
 
 def test_prediction_message_picks_most_probable() -> None:

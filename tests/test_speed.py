@@ -6,6 +6,7 @@ turn into a chain of UP messages that serving applies.
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 import time
@@ -17,8 +18,8 @@ import pytest
 
 from agents import speed
 from agents.model_manager import model_manager
-from agents.scoring import SourceMessage, triage
 from app import app
+from app.schemas import decode_events
 from app.settings import Settings
 from app.topics import ensure_topics
 from models.online import ModelUpdate
@@ -38,84 +39,141 @@ class Scorer:
     classes = CLASSES
 
 
-def scored_batch(events: list[dict[str, Any]]) -> tuple[list[Any], np.ndarray]:
-    messages = [SourceMessage(json.dumps(e).encode(), "events", 0, i)
-                for i, e in enumerate(events)]
-    valid, rejected = triage(messages, FEATURES, CLASSES)
-    assert not rejected
-    probabilities = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.9, 0.1]][:len(valid)],
+def scored_batch(events: list[dict[str, Any]]) -> tuple[Any, np.ndarray]:
+    columns = decode_events([json.dumps(e).encode() for e in events], FEATURES, CLASSES)
+    assert not columns.rejected
+    probabilities = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.9, 0.1]][:len(columns)],
                              dtype=np.float32)
-    return valid, probabilities
+    return columns, probabilities
+
+
+def forward(columns: Any, probabilities: np.ndarray) -> list[bytes]:
+    return speed.labelled_messages(Scorer(), columns.ids, columns.labels, columns.features,
+                                   probabilities, columns.ts)
 
 
 def test_labelled_messages_carry_what_was_predicted_for_labelled_events_only() -> None:
-    valid, probabilities = scored_batch([
+    columns, probabilities = scored_batch([
         {"id": "a", "features": [1, 2, 3, 4], "label": "pos", "ts": 5},
         {"id": "b", "features": [1, 2, 3, 4]},
         {"id": "c", "features": {"x3": 4, "x2": None, "x1": -999.0, "x0": 0.5},
          "label": "pos"},
     ])
-    messages = speed.labelled_messages(Scorer(), valid, probabilities)
+    messages = forward(columns, probabilities)
     assert len(messages) == 1
-    message = json.loads(messages[0])
-    # Features in model order; a null feature stays null (missing), -999 stays as sent.
-    probs = message.pop("probabilities")
-    assert message == {"version": "v1+2", "base_version": "v1", "ids": ["a", "c"],
-                       "labels": [1, 1], "features": [[1.0, 2.0, 3.0, 4.0],
-                                                      [0.5, -999.0, None, 4.0]],
-                       "ts": [5, None]}
-    assert probs[0] == pytest.approx([0.8, 0.2]) and probs[1] == pytest.approx([0.4, 0.6])
-    first, third = speed.parse_labelled(messages[0])
-    assert (first.version, first.base_version, first.label) == ("v1+2", "v1", 1)
-    assert not first.correct and first.log_loss == pytest.approx(-math.log(0.2), rel=1e-6)
-    assert third.correct and third.features == [0.5, -999.0, None, 4.0]
-    assert speed.labelled_messages(Scorer(), valid[1:2], probabilities[1:2]) == []
+    header = json.loads(messages[0])
+    assert {k: header[k] for k in ("version", "base_version", "ids", "labels", "ts")} == {
+        "version": "v1+2", "base_version": "v1", "ids": ["a", "c"], "labels": [1, 1],
+        "ts": [5, None]}
+    batch = speed.parse_labelled(messages[0])
+    assert (batch.version, batch.base_version, batch.labels.tolist()) == ("v1+2", "v1", [1, 1])
+    # Features in model order; a null feature stays missing (NaN), -999 stays as sent.
+    np.testing.assert_array_equal(batch.features, [[1.0, 2.0, 3.0, 4.0],
+                                                   [0.5, -999.0, np.nan, 4.0]])
+    np.testing.assert_allclose(batch.probabilities, [[0.8, 0.2], [0.4, 0.6]])
+    assert batch.correct.tolist() == [False, True]
+    np.testing.assert_allclose(batch.log_loss, [-math.log(0.2), -math.log(0.6)], rtol=1e-6)
+    unlabelled, _ = scored_batch([{"id": "b", "features": [1, 2, 3, 4]}])
+    assert forward(unlabelled, probabilities[:1]) == []
 
 
 def test_a_large_batch_is_forwarded_in_bounded_messages() -> None:
     n = speed.LABELLED_PER_MESSAGE + 10
-    events = [{"id": str(i), "features": [i, 0, 0, 0], "label": "neg"} for i in range(n)]
-    messages = [SourceMessage(json.dumps(e).encode(), "events", 0, i)
-                for i, e in enumerate(events)]
-    valid, _ = triage(messages, FEATURES, CLASSES)
+    columns = decode_events([json.dumps({"id": str(i), "features": [i, 0, 0, 0],
+                                         "label": "neg"}).encode() for i in range(n)],
+                            FEATURES, CLASSES)
     probabilities = np.tile(np.array([[0.9, 0.1]], dtype=np.float32), (n, 1))
-    forwarded = speed.labelled_messages(Scorer(), valid, probabilities)
-    decoded = [speed.parse_labelled(m) for m in forwarded]
+    decoded = [speed.parse_labelled(m) for m in forward(columns, probabilities)]
     assert [len(d) for d in decoded] == [speed.LABELLED_PER_MESSAGE, 10]
-    assert [e.features[0] for d in decoded for e in d] == [float(i) for i in range(n)]
+    assert np.concatenate([d.features[:, 0] for d in decoded]).tolist() == list(range(n))
+
+
+def encoded(array: list[Any], dtype: str) -> str:
+    return base64.b64encode(np.asarray(array, dtype=dtype).tobytes()).decode()
+
+
+def labelled(version: str = "v", labels: Any = (0,), features: Any = ((1.0, 2.0),),
+             probabilities: Any = ((0.5, 0.5),), n_features: Any = 2, **extra: Any) -> bytes:
+    message = {"version": version, "base_version": "v", "labels": list(labels),
+               "n_features": n_features, "features": encoded(list(features), "<f8"),
+               "probabilities": encoded(list(probabilities), "<f4"), **extra}
+    return json.dumps(message).encode()
 
 
 @pytest.mark.parametrize("raw", [
     b"", b"[]", b"{}", b"not json",
-    b'{"version": "v", "base_version": "v", "labels": [2], "features": [[]], '
-    b'"probabilities": [[0.5, 0.5]]}',
-    b'{"version": 1, "base_version": "v", "labels": [0], "features": [[]], '
-    b'"probabilities": [[0.5, 0.5]]}',
-    b'{"version": "v", "base_version": "v", "labels": [0, 1], "features": [[]], '
-    b'"probabilities": [[0.5, 0.5]]}',
-    b'{"version": "v", "base_version": "v", "labels": [0], "features": [1], '
-    b'"probabilities": [[0.5, 0.5]]}'])
+    labelled(labels=[2]),
+    labelled(labels=[-1]),
+    labelled(version=1),
+    labelled(labels=[0, 1]),
+    labelled(labels=[]),
+    labelled(labels=[True]),
+    labelled(n_features=3),
+    labelled(n_features=0),
+    labelled(probabilities=[[1.0]]),
+    labelled(features=[[1.0]]),
+    labelled().replace(b'"features": "', b'"features": "!'),
+])
 def test_malformed_labelled_messages_are_refused(raw: bytes) -> None:
     with pytest.raises(ValueError, match="not a labelled-event message"):
         speed.parse_labelled(raw)
 
 
-def example(version: str, label: int, p_pos: float, base: str = "v1") -> speed.LabelledExample:
-    return speed.LabelledExample(version, base, label, [0.0] * 4, [1 - p_pos, p_pos])
+def batch_of(version: str, labels: list[int], p_pos: float,
+             base: str = "v1") -> speed.LabelledBatch:
+    n = len(labels)
+    return speed.LabelledBatch(version, base, np.asarray(labels, dtype=np.int64),
+                               np.zeros((n, 4)), np.tile([[1 - p_pos, p_pos]], (n, 1)))
+
+
+def stepwise(row: dict[str, Any] | None, hits: list[float], losses: list[float]
+             ) -> tuple[float, float]:
+    """The rolling figures one event at a time, as the definition reads."""
+    alpha = 1 - 0.5 ** (1 / speed.QUALITY_HALF_LIFE)
+    n = row["n"] if row else 0
+    r_acc = row["rolling_accuracy"] if row else None
+    r_loss = row["rolling_log_loss"] if row else None
+    for hit, loss in zip(hits, losses):
+        n += 1
+        a = max(alpha, 1 / n)
+        r_acc = hit if r_acc is None else r_acc + a * (hit - r_acc)
+        r_loss = loss if r_loss is None else r_loss + a * (loss - r_loss)
+    return r_acc, r_loss
 
 
 def test_update_quality_counts_and_rolls() -> None:
-    row = speed.update_quality(None, [example("v", 1, 0.9), example("v", 0, 0.9)], now_ms=10)
+    row = speed.update_quality(None, batch_of("v", [1, 0], 0.9), now_ms=10)
     assert row["n"] == 2 and row["correct"] == 1 and row["accuracy"] == 0.5
     assert row["log_loss"] == pytest.approx((-math.log(0.9) - math.log(0.1)) / 2)
     assert row["rolling_accuracy"] == pytest.approx(0.5) and row["first_ms"] == 10
     # A long run of correct predictions pulls the rolling figure up, the overall one less.
-    row = speed.update_quality(row, [example("v", 1, 0.9)] * 1000, now_ms=20)
+    before = row
+    row = speed.update_quality(row, batch_of("v", [1] * 1000, 0.9), now_ms=20)
     assert row["n"] == 1002 and row["accuracy"] == pytest.approx(1001 / 1002)
     assert row["rolling_accuracy"] > 0.99 and row["last_ms"] == 20
-    row = speed.update_quality(row, [example("v", 0, 0.9)] * speed.QUALITY_HALF_LIFE, now_ms=30)
+    # The vectorised update is the one-event-at-a-time definition.
+    expected = stepwise(before, [1.0] * 1000, [-math.log(0.9)] * 1000)
+    assert (row["rolling_accuracy"], row["rolling_log_loss"]) == pytest.approx(expected)
+    before = row
+    row = speed.update_quality(row, batch_of("v", [0] * speed.QUALITY_HALF_LIFE, 0.9),
+                               now_ms=30)
     assert row["rolling_accuracy"] == pytest.approx(0.5, abs=0.01)
     assert row["accuracy"] > 0.8
+    expected = stepwise(before, [0.0] * speed.QUALITY_HALF_LIFE,
+                        [-math.log(0.1)] * speed.QUALITY_HALF_LIFE)
+    assert (row["rolling_accuracy"], row["rolling_log_loss"]) == pytest.approx(expected)
+    # Across the warm-up boundary (mean first, then the half-life), in uneven pieces.
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 700).tolist()
+    row, hits = None, []
+    for piece in (5, 200, 95, 400):
+        chunk, labels = labels[:piece], labels[piece:]
+        previous = row
+        row = speed.update_quality(row, batch_of("w", chunk, 0.7), now_ms=1)
+        hits = [float(label == 1) for label in chunk]
+        losses = [-math.log(0.7 if label == 1 else 0.3) for label in chunk]
+        assert (row["rolling_accuracy"], row["rolling_log_loss"]) == pytest.approx(
+            stepwise(previous, hits, losses))
 
 
 @pytest.fixture()
@@ -128,11 +186,8 @@ def test_app() -> Iterator[Any]:
 
 async def test_quality_agent_fills_the_table_per_version(test_app: Any) -> None:
     def forwarded(version: str, labels: list[int], p_pos: float) -> bytes:
-        return json.dumps({"version": version, "base_version": "v1",
-                           "ids": [str(i) for i in range(len(labels))], "labels": labels,
-                           "features": [[0.0] * 4] * len(labels),
-                           "probabilities": [[1 - p_pos, p_pos]] * len(labels),
-                           "ts": [None] * len(labels)}).encode()
+        return labelled(version, labels, [[0.0] * 4] * len(labels),
+                        [[1 - p_pos, p_pos]] * len(labels), n_features=4)
 
     async with speed.learn_from_labels.test_context() as agent:
         # v1 is right 7 times out of 10, v1+1 always.
@@ -155,10 +210,12 @@ async def test_quality_agent_fills_the_table_per_version(test_app: Any) -> None:
 def test_the_learner_keeps_the_serving_base_and_continues_the_chain() -> None:
     base = make_model()
     layer = speed.SpeedLayer()
-    assert layer.collect([example(base.version, 1, 0.5)], None) == 0
-    kept = layer.collect([example("other", 1, 0.5), example(base.version, 1, 0.5, base.version),
-                          example(f"{base.version}+3", 0, 0.5, base.version)], base)
-    assert kept == 2 and layer.pending_y == [1, 0] and layer.pending_base == base.version
+    assert layer.collect([batch_of(base.version, [1], 0.5)], None) == 0
+    kept = layer.collect([batch_of("other", [1], 0.5), batch_of(base.version, [1], 0.5,
+                                                                base.version),
+                          batch_of(f"{base.version}+3", [0], 0.5, base.version)], base)
+    assert kept == 2 and layer.pending == 2 and layer.pending_base == base.version
+    assert np.concatenate(layer.pending_y).tolist() == [1, 0]
     # The chain continues after the newest update seen by the manager or published here.
     ledger = model_manager.ledger
     saved = dict(ledger.updates)
@@ -177,8 +234,20 @@ def test_the_learner_keeps_the_serving_base_and_continues_the_chain() -> None:
         ledger.updates.update(saved)
     # A new base version starts afresh.
     other = make_model(version="20261124T000000Z-abcdef")
-    layer.collect([example(other.version, 1, 0.5, other.version)], other)
-    assert layer.pending_y == [1] and layer.pending_base == other.version
+    layer.collect([batch_of(other.version, [1], 0.5, other.version)], other)
+    assert layer.pending == 1 and layer.pending_base == other.version
+
+
+def test_the_learner_holds_at_most_its_buffer_of_examples(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    import dataclasses
+
+    base = make_model()
+    monkeypatch.setattr(speed, "settings", dataclasses.replace(speed.settings, speed_buffer=100))
+    layer = speed.SpeedLayer()
+    for _ in range(30):
+        layer.collect([batch_of(base.version, [1] * 40, 0.5, base.version)], base)
+    assert 100 <= layer.pending < 140
 
 
 # -- end to end ------------------------------------------------------------------------------
