@@ -16,9 +16,8 @@ partition recovered. Faust's recovery loop then ends at its next idle check (eve
 from __future__ import annotations
 
 import logging
+import asyncio
 from typing import Any, Mapping
-
-from mode import Service
 
 from app import app
 
@@ -63,13 +62,23 @@ def truncated_partitions(highwaters: Mapping[Any, int | None],
     return out
 
 
-class RecoveryWatchdog(Service):
-    """Marks changelog partitions recovered when the log was emptied under the recovery."""
+class RecoveryWatchdog:
+    """Marks changelog partitions recovered when the log was emptied under the recovery.
 
-    @Service.task
+    It starts with the worker's first partition assignment: a service of the app would start
+    only once the first recovery is over, which is too late for this one.
+    """
+
+    def __init__(self) -> None:
+        self._running: asyncio.Future[None] | None = None
+
+    async def on_partitions_assigned(self, sender: Any, assigned: Any, **kwargs: Any) -> None:
+        if self._running is None or self._running.done():
+            self._running = app.add_future(self._watch())
+
     async def _watch(self) -> None:
-        while not self.should_stop:
-            await self.sleep(CHECK_INTERVAL_S)
+        while not app.should_stop:
+            await asyncio.sleep(CHECK_INTERVAL_S)
             recovery = app.tables.recovery
             if not recovery.in_recovery:
                 continue
@@ -79,6 +88,7 @@ class RecoveryWatchdog(Service):
                 log.debug("recovery check failed: %s", exc)
 
     async def check(self, recovery: Any) -> None:
+        """Mark as recovered every active partition whose log lost what recovery waits for."""
         highwaters = dict(recovery.active_highwaters)
         offsets = recovery.active_offsets
         waiting = [tp for tp, hw in highwaters.items()
@@ -94,4 +104,4 @@ class RecoveryWatchdog(Service):
 
 
 recovery_watchdog = RecoveryWatchdog()
-app.service(recovery_watchdog)
+app.on_partitions_assigned.connect(recovery_watchdog.on_partitions_assigned)

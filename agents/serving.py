@@ -9,9 +9,10 @@ micro-batch is
 2. handed to the lake archive as columns (the archive does not read the topic again);
 3. scored in one forward pass in the scoring thread, while the loop reads and decodes the
    next micro-batch;
-4. answered: predictions, their ``latest_predictions`` rows (store and changelog, from this
-   loop: nothing reads the predictions back), dead letters, count deltas and the labelled
-   events for the speed layer, all queued to one producer.
+4. answered as soon as it is scored, by a second task: predictions, their
+   ``latest_predictions`` rows (store and changelog: nothing reads the predictions back),
+   dead letters, and one summary of the micro-batch (counts, and the labelled events for the
+   quality table and the speed layer), all queued to one producer.
 
 A micro-batch's offsets are committed (group ``<app id>-serving``) only once the broker has
 stored every message it produced, so a crash re-delivers rather than loses (at least once).
@@ -28,7 +29,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -42,9 +43,8 @@ from agents.archive import LakeArchiver, count_flush, partition_rows
 from agents.metrics import BATCH_SECONDS, BATCH_SIZE, EVENTS_DEAD_LETTERED, count_scored
 from agents.model_manager import model_manager
 from agents.scoring import encode_predictions
-from agents.speed import LABELLED_TOPIC, labelled_messages
-from agents.tables import (LATEST_CHANGELOG, class_count_deltas, record_changelog_offsets,
-                           store_latest, version_count_deltas)
+from agents.speed import SCORED_TOPIC, summary_messages
+from agents.tables import LATEST_CHANGELOG, record_changelog_offsets, store_latest
 from agents.transport import Delivery, EventReader, OutputProducer, client_config
 from app import app
 from app.schemas import EventColumns, dead_letter_message, decode_events
@@ -124,7 +124,8 @@ class ServingService(Service):
         self.next_offset: dict[int, int] = {}
         #: Offset after the last message read, per partition.
         self.read_offset: dict[int, int] = {}
-        self._scoring: MicroBatch | None = None
+        #: Micro-batches read and being scored, in order, for the answering task.
+        self._scored: asyncio.Queue[MicroBatch] = asyncio.Queue(maxsize=2)
         self._in_flight: deque[MicroBatch] = deque()
         #: Offsets whose every output is stored, and those last committed.
         self._stored: dict[int, int] = {}
@@ -181,7 +182,12 @@ class ServingService(Service):
                     reading = bool(self.partitions)
                     if reading:
                         assert self.reader is not None
-                        await self._step(await self.reader.read())
+                        messages = await self.reader.read()
+                        batch = self._prepare(messages) if messages else None
+                        if batch is not None:
+                            # Waits while two micro-batches are already being scored.
+                            await self._scored.put(batch)
+                    self._settle()
                 if not reading:
                     await self.sleep(0.05)
             except asyncio.CancelledError:
@@ -205,13 +211,23 @@ class ServingService(Service):
             except Exception:  # a bug: the archive's own errors are handled inside
                 log.exception("archive flush failed")
 
-    async def _step(self, messages: list[Message]) -> None:
-        """Read -> decode -> score the new micro-batch while the previous one is answered."""
-        batch = self._prepare(messages) if messages else None
-        previous, self._scoring = self._scoring, batch
-        if previous is not None:
-            await self._answer(previous)
-        self._settle()
+    @Service.task
+    async def _answer_scored(self) -> None:
+        """Answer each micro-batch as soon as it is scored, in the order they were read, while
+        the loop above reads and decodes the next ones. (It runs until the service's tasks
+        are cancelled, after :meth:`on_stop` has answered everything read.)"""
+        while True:
+            batch = await self._scored.get()
+            try:
+                await self._answer(batch)
+                self._settle()
+            except Exception as exc:
+                log.exception("serving failed; stopping this worker so that its partitions "
+                              "are read again from the last committed offsets")
+                await app.crash(exc)
+                return
+            finally:
+                self._scored.task_done()
 
     def _prepare(self, messages: list[Message]) -> MicroBatch | None:
         """Decode a micro-batch, feed the archive and start scoring it."""
@@ -302,19 +318,14 @@ class ServingService(Service):
             for key, value in zip(keys, values):
                 produce(topic, value, key)
             self._write_latest(delivery, batch, rows, keys, values)
-            for cls, n in Counter(map(str, predicted)).items():
-                produce(class_count_deltas.get_topic_name(), str(n).encode(), cls.encode())
-            produce(version_count_deltas.get_topic_name(), str(len(rows)).encode(),
-                    model.version.encode())
             labels = columns.labels if everything else [columns.labels[k] for k in rows]
-            if any(label is not None for label in labels):
-                features = columns.features if everything else columns.features[rows]
-                ts = columns.ts if everything else [columns.ts[k] for k in rows]
-                # Labelled events, with what was predicted before anything learns from
-                # them, feed the quality table and the speed layer (one partition).
-                for value in labelled_messages(model, ids, labels, features, probabilities,
-                                               ts):
-                    produce(LABELLED_TOPIC, value, None, 0)
+            features = columns.features if everything else columns.features[rows]
+            ts = columns.ts if everything else [columns.ts[k] for k in rows]
+            # The counts, and the labelled events with what was predicted before anything
+            # learns from them, for the count and quality tables and the speed layer.
+            for value in summary_messages(model, predicted, ids, labels, features,
+                                          probabilities, ts):
+                produce(SCORED_TOPIC, value, None, 0)
             count_scored(model.version, len(rows))
         for i, reason in batch.rejected:
             partition, offset = batch.partitions[i], batch.offsets[i]
@@ -428,9 +439,7 @@ class ServingService(Service):
         self._taken = False
         if not self.partitions or self.reader is None:
             return
-        if self._scoring is not None:
-            batch, self._scoring = self._scoring, None
-            await self._answer(batch)
+        await self._scored.join()
         for batch in list(self._in_flight):
             await self._wait_stored(batch)
         self._settle()

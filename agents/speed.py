@@ -1,16 +1,18 @@
 """The speed layer: live model quality and incremental updates from labelled events.
 
-The serving agent forwards the labelled events it scored (one message per micro-batch) to
-an internal topic with ONE partition, together with the version that predicted them and the
-probabilities it predicted (prequential evaluation: each example is predicted before anything
-learns from it). One agent of the group reads that topic, so exactly one worker learns and
-numbers the chain of updates. It
+The serving path summarises every micro-batch it scored in one message on an internal topic
+with ONE partition: the events predicted per class, and the labelled events with the version
+that predicted them and the probabilities it predicted (prequential evaluation: each example
+is predicted before anything learns from it). One agent of the group reads that topic, so
+exactly one worker keeps the counts, learns and numbers the chain of updates. It
 
+* adds the counts to ``class_counts`` and ``scored_by_version``;
 * keeps the ``quality_by_version`` table: per model version, the labelled events it predicted,
   their accuracy and log loss overall and as a rolling (exponentially weighted) figure;
 * when ``SPEED_LAYER=1``, buffers the examples of the serving base version and, every
   ``SPEED_WINDOW_S`` with at least ``SPEED_MIN_EXAMPLES`` new ones, refits the output layer in a
-  thread (:class:`models.online.OutputLayerLearner`) and publishes the result as an ``UP``
+  process of its own (:func:`models.online.refit`, so that a refit never holds the serving
+  process's GIL) and publishes the result as an ``UP``
   message on the update topic, numbered after the newest update of that base. Every worker's
   model manager applies it; a new base version from the batch layer starts a new chain.
 """
@@ -20,35 +22,36 @@ import asyncio
 import base64
 import logging
 import math
+import multiprocessing
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import orjson
-from faust.types import EventT
 
 from agents.model_manager import model_manager
+from agents.tables import count_scored
 from app import app
-from models.online import ModelUpdate, OutputLayerLearner, apply_update
+from models.errors import ModelError
+from models.online import BaseNotHeld, ModelUpdate, refit, start_learning_process
 from models.serving import LoadedModel
 
 settings = app.settings
 
-__all__ = ["LABELLED_TOPIC", "labelled_topic", "quality_by_version", "labelled_messages",
-           "parse_labelled", "LabelledBatch", "update_quality", "record_quality",
-           "learn_from_labels", "SpeedLayer", "speed_layer"]
+__all__ = ["SCORED_TOPIC", "scored_topic", "quality_by_version", "summary_messages",
+           "parse_summary", "ScoredSummary", "LabelledBatch", "update_quality",
+           "record_quality", "summarize_scored", "SpeedLayer", "speed_layer"]
 
 log = logging.getLogger(__name__)
 
-#: The internal topic of labelled, already-predicted events.
-LABELLED_TOPIC = f"{settings.app_id}-labelled"
-#: Most labelled events forwarded in one message (about 200 KB of JSON with 30 features).
+#: The internal topic where serving summarises each micro-batch it scored.
+SCORED_TOPIC = f"{settings.app_id}-scored"
+#: Most labelled events forwarded in one message (about 170 KB of JSON with 30 features).
 LABELLED_PER_MESSAGE = 512
-#: Messages the agent takes at once, and the longest it waits to fill a batch.
-LABELLED_BATCH = 64
-LABELLED_WITHIN_S = 0.2
 #: Half-life, in labelled events, of the rolling figures of ``quality_by_version``.
 QUALITY_HALF_LIFE = 200
 #: Most versions ``quality_by_version`` keeps (the least recently scored go first): with an
@@ -57,8 +60,8 @@ QUALITY_MAX_VERSIONS = 500
 # Probabilities are clipped to this before the log, as scikit-learn's log_loss does.
 _EPS = 1e-15
 
-labelled_topic = app.topic(LABELLED_TOPIC, internal=True, partitions=1, key_type=bytes,
-                           value_type=bytes, key_serializer="raw", value_serializer="raw")
+scored_topic = app.topic(SCORED_TOPIC, internal=True, partitions=1, key_type=bytes,
+                         value_type=bytes, key_serializer="raw", value_serializer="raw")
 
 quality_by_version = app.Table(
     "quality_by_version", key_type=str, partitions=1,
@@ -68,21 +71,24 @@ quality_by_version = app.Table(
 
 # -- serving side: what is forwarded ---------------------------------------------------------
 
-def labelled_messages(model: Any, ids: Sequence[str], labels: Sequence[Any],
-                      features: np.ndarray, probabilities: np.ndarray,
-                      ts: Sequence[int | None]) -> list[bytes]:
-    """The messages that forward the labelled events of a scored micro-batch.
+def summary_messages(model: Any, predicted: Sequence[Any], ids: Sequence[str],
+                     labels: Sequence[Any], features: np.ndarray, probabilities: np.ndarray,
+                     ts: Sequence[int | None]) -> list[bytes]:
+    """What serving tells the rest of the worker group about a scored micro-batch: how many
+    events each class was predicted for, and the labelled events with what was predicted.
 
-    One message carries up to :data:`LABELLED_PER_MESSAGE` events: a message per event would
-    cost the serving hot path a send, and the learning agent an event, for each of them. The
-    arrays travel as little-endian bytes in base64, so that neither side formats or parses a
-    number per feature.
+    One message per micro-batch (more only past :data:`LABELLED_PER_MESSAGE` labelled events),
+    on a one-partition topic, so that one worker of the group keeps the counts and the quality
+    per version and learns from the labels. The arrays travel as little-endian bytes in
+    base64: neither side formats or parses a number per feature.
 
     Parameters
     ----------
     model
         The model that scored the batch (``version``, ``classes``, optionally
         ``base_version``).
+    predicted
+        The class predicted for each event.
     ids, labels, features, probabilities, ts
         The batch's scored events as columns, row ``i`` of each for the same event: ``labels``
         holds None for an unlabelled event, ``features`` the raw ``(n, n_features)`` rows in
@@ -91,22 +97,24 @@ def labelled_messages(model: Any, ids: Sequence[str], labels: Sequence[Any],
     Returns
     -------
     list of bytes
-        Compact JSON, none when no event is labelled: ``version`` and ``base_version`` of the
-        model that predicted the events; per event (same order throughout) ``ids``, ``ts`` and
-        ``labels`` (class indexes); ``n_features``, and ``features`` (float64, NaN where
-        missing) and ``probabilities`` (float32) as base64 of row-major little-endian arrays.
+        Compact JSON: ``version`` and ``base_version`` of the model that scored the batch,
+        ``scored`` (events) and ``classes`` (class -> events predicted; in the first message
+        only); per labelled event (same order throughout) ``ids``, ``ts`` and ``labels``
+        (class indexes); ``n_features``, and ``features`` (float64, NaN where missing) and
+        ``probabilities`` (float32) as base64 of row-major little-endian arrays.
     """
-    labelled = [i for i, label in enumerate(labels) if label is not None]
-    if not labelled:
-        return []
     # Validation matched every label to a class: strings to strings, ints to ints.
     index = {c: k for k, c in enumerate(model.classes)}
     base_version = getattr(model, "base_version", model.version)
+    labelled = [i for i, label in enumerate(labels) if label is not None]
+    counts = Counter(map(str, predicted))
     out = []
-    for start in range(0, len(labelled), LABELLED_PER_MESSAGE):
+    for start in range(0, max(len(labelled), 1), LABELLED_PER_MESSAGE):
         chunk = labelled[start:start + LABELLED_PER_MESSAGE]
+        first = start == 0
         out.append(orjson.dumps({
             "version": model.version, "base_version": base_version,
+            "scored": len(predicted) if first else 0, "classes": counts if first else {},
             "ids": [ids[i] for i in chunk], "ts": [ts[i] for i in chunk],
             "labels": [index[labels[i]] for i in chunk],
             "n_features": int(features.shape[1]),
@@ -149,30 +157,47 @@ class LabelledBatch:
         return -np.log(np.clip(p, _EPS, 1.0))
 
 
-def parse_labelled(raw: bytes | None) -> LabelledBatch:
-    """Decode one message of :func:`labelled_messages`; raise ``ValueError`` when malformed."""
+@dataclass(frozen=True)
+class ScoredSummary:
+    """One micro-batch as :func:`summary_messages` summarised it."""
+
+    version: str
+    scored: int
+    #: Events predicted per class (class as a string).
+    classes: dict[str, int]
+    #: Its labelled events, or None when it had none.
+    labelled: LabelledBatch | None
+
+
+def parse_summary(raw: bytes | None) -> ScoredSummary:
+    """Decode one message of :func:`summary_messages`; raise ``ValueError`` when malformed."""
     try:
         m = orjson.loads(raw or b"")
         version, base_version = m["version"], m["base_version"]
+        scored, classes = m["scored"], m["classes"]
         labels, n_features = m["labels"], m["n_features"]
         features = base64.b64decode(m["features"], validate=True)
         probabilities = base64.b64decode(m["probabilities"], validate=True)
     except (orjson.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
-        raise ValueError(f"not a labelled-event message: {exc}") from None
+        raise ValueError(f"not a summary of scored events: {exc}") from None
     if not (isinstance(version, str) and isinstance(base_version, str)
-            and isinstance(labels, list) and labels
-            and all(type(label) is int for label in labels)
+            and type(scored) is int and scored >= 0 and isinstance(classes, dict)
+            and all(type(n) is int and n >= 0 for n in classes.values())
+            and isinstance(labels, list) and all(type(label) is int for label in labels)
             and type(n_features) is int and n_features >= 1):
-        raise ValueError("not a labelled-event message: bad field types")
+        raise ValueError("not a summary of scored events: bad field types")
+    if not labels:
+        return ScoredSummary(version, scored, classes, None)
     n = len(labels)
     if len(features) != 8 * n * n_features or len(probabilities) % (4 * n):
-        raise ValueError("not a labelled-event message: array sizes do not match the labels")
+        raise ValueError("not a summary of scored events: array sizes do not match the "
+                         "labels")
     X = np.frombuffer(features, dtype="<f8").reshape(n, n_features)
     P = np.frombuffer(probabilities, dtype="<f4").reshape(n, -1)
     y = np.asarray(labels, dtype=np.int64)
     if P.shape[1] < 2 or y.min() < 0 or y.max() >= P.shape[1]:
-        raise ValueError("not a labelled-event message: a label is not a class index")
-    return LabelledBatch(version, base_version, y, X, P)
+        raise ValueError("not a summary of scored events: a label is not a class index")
+    return ScoredSummary(version, scored, classes, LabelledBatch(version, base_version, y, X, P))
 
 
 def update_quality(row: dict[str, Any] | None, batch: LabelledBatch,
@@ -238,30 +263,31 @@ def record_quality(batches: Sequence[LabelledBatch], partition: int, now_ms: int
 
 # -- learning side: state and wiring ---------------------------------------------------------
 
-def _init_learning_thread() -> None:
-    import torch
-
-    torch.set_num_threads(settings.torch_threads)
-    # The first optimizer built imports torch._dynamo: seconds of CPU holding the GIL. Paid
-    # here, when the worker starts, rather than in the middle of the stream.
-    import torch._dynamo  # noqa: F401
-
-
-# One thread: refits run one after another, never on the event loop.
-learning_executor = ThreadPoolExecutor(1, thread_name_prefix="speed",
-                                       initializer=_init_learning_thread)
+def _learning_process() -> ProcessPoolExecutor:
+    """One spawned process for refits (see :func:`models.online.refit`)."""
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=start_learning_process,
+                               initargs=(settings.torch_threads,))
 
 
 class SpeedLayer:
     """This worker's learner: examples of the serving base since the last update, and the
     chain of updates it published.
 
-    Only the event loop touches the attributes; the learner itself is used by the learning
-    thread only.
+    Only the event loop touches the attributes; the learner itself lives in the learning
+    process.
     """
 
+    def start(self) -> None:
+        """Start the learning process (its imports take seconds: better at start-up)."""
+        if self.process is None:
+            self.process = _learning_process()
+            self.process.submit(int)
+
     def __init__(self) -> None:
-        self.learner: OutputLayerLearner | None = None
+        self.process: ProcessPoolExecutor | None = None
+        #: The base version whose learner the learning process holds.
+        self.process_base: str | None = None
         self.pending_base: str | None = None
         #: Examples of the serving base since the last refit, in chunks as they came.
         self.pending_X: list[np.ndarray] = []
@@ -294,6 +320,31 @@ class SpeedLayer:
             del self.pending_X[0], self.pending_y[0]
         return kept
 
+    async def _refit(self, base: LoadedModel, newest: ModelUpdate | None, X: np.ndarray,
+                     y: np.ndarray, seq: int) -> ModelUpdate:
+        """Refit in the learning process, sending the base model only when it lacks it (and
+        starting a new process if the last one died)."""
+        loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            self.start()
+            assert self.process is not None
+            send = base if self.process_base != base.base_version else None
+            try:
+                update = await loop.run_in_executor(
+                    self.process, refit, send, base.base_version, settings.speed_buffer,
+                    settings.speed_half_life, newest, X, y, seq)
+            except BaseNotHeld:
+                self.process_base = None
+            except BrokenProcessPool:
+                log.error("the learning process died; starting another")
+                self.process, self.process_base = None, None
+                if attempt:
+                    raise
+            else:
+                self.process_base = base.base_version
+                return update
+        raise ModelError("the learning process lost the base model twice in a row")
+
     def next_seq(self, base: LoadedModel) -> tuple[ModelUpdate | None, int]:
         """The newest update of ``base``'s chain (this worker's or any applied one), and the
         sequence number of the next."""
@@ -312,9 +363,6 @@ class SpeedLayer:
         new = self.pending
         if new < settings.speed_min_examples:
             return None
-        if self.learner is None or self.learner.base.base_version != base.base_version:
-            self.learner = OutputLayerLearner(base, capacity=settings.speed_buffer,
-                                              half_life=settings.speed_half_life)
         # Only the newest SPEED_BUFFER can stay in the buffer: the hidden layers never see
         # the others, which matters when labels arrive faster than the buffer turns over.
         keep = settings.speed_buffer
@@ -323,8 +371,7 @@ class SpeedLayer:
         self.pending_X, self.pending_y = [], []
         newest, seq = self.next_seq(base)
         started = time.monotonic()
-        update = await asyncio.get_running_loop().run_in_executor(
-            learning_executor, _learn, self.learner, base, newest, X, y, seq)
+        update = await self._refit(base, newest, X, y, seq)
         fit_s = time.monotonic() - started
         await app.producer.send_and_wait(
             settings.updates_topic, update.model.encode(), orjson.dumps(update.to_message()),
@@ -338,40 +385,29 @@ class SpeedLayer:
         return update
 
 
-def _learn(learner: OutputLayerLearner, base: LoadedModel, newest: ModelUpdate | None,
-           X: np.ndarray, y: np.ndarray, seq: int) -> ModelUpdate:
-    """Runs in the learning thread: add the examples, refit from the chain's head."""
-    learner.add(X, y)
-    head = apply_update(base, newest) if newest is not None else base
-    return learner.fit(head, seq)
 
 
 speed_layer = SpeedLayer()
 
 
-@app.agent(labelled_topic, concurrency=1)
-async def learn_from_labels(stream: Any) -> None:
-    """Measure each version's quality on labelled events and collect them for learning."""
-    async for events in stream.noack_take(LABELLED_BATCH, within=LABELLED_WITHIN_S):
-        examples = _decode(events)
-        if examples:
-            record_quality(examples, events[0].message.partition, int(time.time() * 1000))
-            if settings.speed_layer:
-                speed_layer.collect(examples, model_manager.base)
-        for event in events:
-            await stream.ack(event)
-
-
-def _decode(events: list[EventT]) -> list[LabelledBatch]:
-    examples: list[LabelledBatch] = []
-    for event in events:
+@app.agent(scored_topic, concurrency=1)
+async def summarize_scored(stream: Any) -> None:
+    """Count what serving scored, measure each version's quality on labelled events and
+    collect them for learning: one summary per micro-batch of any worker."""
+    async for event in stream.events():  # the count tables are written in an event's context
         try:
-            examples.append(parse_labelled(event.value))
+            summary = parse_summary(event.value)
         except ValueError as exc:
             message = event.message
             log.error("skipped %s[%s]@%s: %s", message.topic, message.partition,
                       message.offset, exc)
-    return examples
+            continue
+        count_scored(summary.version, summary.scored, summary.classes)
+        if summary.labelled is not None:
+            record_quality([summary.labelled], event.message.partition,
+                           int(time.time() * 1000))
+            if settings.speed_layer:
+                speed_layer.collect([summary.labelled], model_manager.base)
 
 
 async def publish_update() -> None:
@@ -386,6 +422,6 @@ if settings.speed_layer:
     app.timer(settings.speed_window_s, name="speed_layer_updates")(publish_update)
 
     @app.task
-    async def start_learning_thread() -> None:
-        """Start the learning thread (and its imports) while the worker starts."""
-        await asyncio.get_running_loop().run_in_executor(learning_executor, lambda: None)
+    async def start_learner() -> None:
+        """Start the learning process (and its imports) while the worker starts."""
+        speed_layer.start()

@@ -9,8 +9,8 @@ one that writes and answers for it, however many workers run:
   ``LATEST_RETENTION_S``, like the changelog's. Memory stays bounded however many ids the
   stream carries, and a restart reads only the changelog written since the store's last
   recorded offset.
-* ``class_counts`` and ``scored_by_version`` are fed by per-micro-batch count messages keyed
-  by what they count, so one worker owns each key.
+* ``class_counts`` and ``scored_by_version`` (like ``quality_by_version``) have one partition:
+  the worker that reads the one-partition summaries of scored micro-batches keeps them.
 """
 from __future__ import annotations
 
@@ -28,10 +28,9 @@ from app import app
 
 settings = app.settings
 
-__all__ = ["latest_predictions", "class_counts", "scored_by_version", "class_count_deltas",
-           "version_count_deltas", "store_latest", "record_changelog_offsets",
-           "latest_prediction", "count_classes", "count_versions", "table_rows", "table_size",
-           "CLASS_WINDOW_S", "SCORED_MAX_VERSIONS", "LATEST_CHANGELOG"]
+__all__ = ["latest_predictions", "class_counts", "scored_by_version", "store_latest",
+           "record_changelog_offsets", "latest_prediction", "count_scored", "table_rows",
+           "table_size", "CLASS_WINDOW_S", "SCORED_MAX_VERSIONS", "LATEST_CHANGELOG"]
 
 log = logging.getLogger(__name__)
 
@@ -66,28 +65,20 @@ latest_predictions = app.Table(
 #: input partitions that worker serves.
 LATEST_CHANGELOG = latest_predictions.changelog_topic.get_topic_name()
 
+# Fed by the one-partition summaries of scored micro-batches (agents.speed): one worker of
+# the group keeps them.
 class_counts = app.Table(
-    "class_counts", default=int, key_type=str, partitions=N,
+    "class_counts", default=int, key_type=str, partitions=1,
     help=f"Predicted-class counts in {CLASS_WINDOW_S}-second tumbling windows.",
 ).tumbling(CLASS_WINDOW_S, expires=timedelta(hours=1)).relative_to_stream()
 
 scored_by_version = app.Table(
-    "scored_by_version", default=int, key_type=str, partitions=N,
+    "scored_by_version", default=int, key_type=str, partitions=1,
     help=f"Events scored per model version (the newest {SCORED_MAX_VERSIONS} versions).")
-
-# Per-micro-batch count deltas, keyed by what they count so that one worker owns each key.
-class_count_deltas = app.topic(f"{settings.app_id}-class-count-deltas", internal=True,
-                               key_type=str, key_serializer="raw", value_serializer="json",
-                               partitions=N)
-version_count_deltas = app.topic(f"{settings.app_id}-version-count-deltas", internal=True,
-                                 key_type=str, key_serializer="raw", value_serializer="json",
-                                 partitions=N)
 
 #: The newest rows this worker wrote to ``latest_predictions`` (for the web view: the store
 #: itself is ordered by key, and counting it would read all of it).
 _recent: deque[tuple[bytes, bytes]] = deque(maxlen=RECENT_ROWS)
-#: Partition of each ``scored_by_version`` row, to drop a row where it was written.
-_version_partition: dict[str, int] = {}
 
 
 def store_latest(partition: int, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
@@ -131,35 +122,18 @@ def latest_prediction(key: bytes) -> bytes | None:
     return value
 
 
-@app.agent(class_count_deltas, concurrency=1)
-async def count_classes(stream: Any) -> None:
-    """Add each micro-batch's per-class counts to the current window."""
-    async for cls, n in stream.items():
-        class_counts[cls] += int(n)
-
-
-@app.agent(version_count_deltas, concurrency=1)
-async def count_versions(stream: Any) -> None:
-    """Add each micro-batch's count to its model version's total; keep the newest
+def count_scored(version: str, scored: int, classes: dict[str, int]) -> None:
+    """Add a scored micro-batch's counts (inside an agent's ``async for event``: windowed
+    table writes take the event's time and partition); keep the newest
     :data:`SCORED_MAX_VERSIONS` versions."""
-    async for event in stream.events():
-        version, n = event.key, int(event.value)
-        scored_by_version[version] += n
-        _version_partition[version] = event.message.partition
-        _drop_oldest_versions()
-
-
-def _drop_oldest_versions() -> None:
-    store = scored_by_version.data
-    excess = len(store) - SCORED_MAX_VERSIONS
-    if excess <= 0:
-        return
-    for version in list(islice(store.keys(), excess)):
-        del store[version]
-        partition = _version_partition.pop(version, None)
-        if partition is not None:  # else recovered from a changelog this worker no longer has
-            scored_by_version.send_changelog(partition, version, None,
-                                             value_serializer="raw")
+    for cls, n in classes.items():
+        class_counts[cls] += n
+    if scored:
+        scored_by_version[version] += scored
+        excess = len(scored_by_version) - SCORED_MAX_VERSIONS
+        if excess > 0:
+            for old in list(islice(scored_by_version.keys(), excess)):
+                del scored_by_version[old]
 
 
 def table_size(name: str) -> int:

@@ -46,7 +46,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Callable, Iterator, Sequence
+from typing import IO, Callable, Iterator, Mapping, Sequence
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -658,6 +658,9 @@ class LocalStack:
         Buckets s3rver creates at start (existing ones are kept as they are).
     start_timeout
         Seconds each service may take to become ready.
+    broker_config
+        Broker properties added to (or replacing) the defaults, e.g.
+        ``{"log.retention.check.interval.ms": 1000}`` for tests of retention.
     die_with_parent
         Kill the children if this process dies without stopping them (Linux). The signal
         follows the *thread* that started them, so keep it False when starting from a
@@ -668,7 +671,8 @@ class LocalStack:
                  *, zk_port: int | None = None, kafka_port: int | None = None,
                  s3_port: int | None = None, with_kafka: bool = True, with_s3: bool = True,
                  s3_buckets: Sequence[str] = (), start_timeout: float = 120.0,
-                 die_with_parent: bool = True) -> None:
+                 die_with_parent: bool = True,
+                 broker_config: Mapping[str, object] | None = None) -> None:
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).resolve()
         self.data_dir = Path(data_dir or DEFAULT_DATA_DIR).resolve()
         self.zk_port = zk_port
@@ -679,6 +683,7 @@ class LocalStack:
         self.s3_buckets = list(s3_buckets)
         self.start_timeout = start_timeout
         self.die_with_parent = die_with_parent
+        self.broker_config = dict(broker_config or {})
         self._services: dict[str, _Service] = {}
         self._lock_handle: IO[str] | None = None
 
@@ -1020,6 +1025,7 @@ class LocalStack:
             "num.recovery.threads.per.data.dir": 1,
             "log.cleaner.threads": 1,
             "log.cleaner.dedupe.buffer.size": 32 * 1024 * 1024,
+            **self.broker_config,
         }))
         log4j = self._write_log4j(conf)
         # The newer ZooKeeper client must come before the bundled 3.4.14 one (ZOOKEEPER-3779).

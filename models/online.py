@@ -37,7 +37,8 @@ from models.preprocessing import missing_mask
 from models.serving import LoadedModel
 
 __all__ = ["UP_TYPE", "ModelUpdate", "apply_update", "output_layer", "hidden_activations",
-           "recency_weights", "OutputLayerLearner"]
+           "recency_weights", "OutputLayerLearner", "BaseNotHeld", "start_learning_process",
+           "refit"]
 
 #: ``"type"`` of the update-topic message that carries an incremental update.
 UP_TYPE = "UP"
@@ -404,3 +405,52 @@ def _feature_statistics(features: list[str], X: np.ndarray) -> dict[str, Any]:
     return {"features": list(features), "count": count.astype(int).tolist(),
             "mean": [round(float(m), 6) if c else None for m, c in zip(mean, count)],
             "std": [round(float(math.sqrt(v)), 6) if c else None for v, c in zip(var, count)]}
+
+
+# -- a learner in a process of its own ---------------------------------------------------------
+#
+# A refit is a burst of Python-level work (L-BFGS steps, autograd) that holds the GIL: run in
+# a thread of the serving process it would stall the event loop for as long. The speed layer
+# runs it in a process of its own instead (a ProcessPoolExecutor of one spawned process), at a
+# lower priority than serving. The process keeps the learner, and its buffer, between refits.
+
+_process_learner: OutputLayerLearner | None = None
+
+
+class BaseNotHeld(ModelError):
+    """The learning process holds no learner for the base: send the base model."""
+
+
+def start_learning_process(threads: int, niceness: int = 10) -> None:
+    """Initialiser of the learning process: its threads, its priority and its imports."""
+    import importlib
+    import os
+
+    torch.set_num_threads(threads)
+    if niceness:
+        os.nice(niceness)
+    # The first optimizer built imports torch._dynamo (seconds of CPU): paid now.
+    importlib.import_module("torch._dynamo")
+
+
+def refit(base: LoadedModel | None, base_version: str, capacity: int, half_life: float,
+          newest: ModelUpdate | None, X: np.ndarray, y: np.ndarray, seq: int) -> ModelUpdate:
+    """In the learning process: add the examples to the learner of ``base_version`` (made
+    from ``base``, which only needs to be sent when the process holds no learner for it) and
+    refit from the chain's head, ``newest`` applied to the base.
+
+    Raises
+    ------
+    BaseNotHeld
+        ``base`` is None and the process has no learner for ``base_version``.
+    """
+    global _process_learner
+    learner = _process_learner
+    if learner is None or learner.base.base_version != base_version:
+        if base is None:
+            raise BaseNotHeld(f"the learning process holds no learner for {base_version}")
+        learner = _process_learner = OutputLayerLearner(base, capacity=capacity,
+                                                        half_life=half_life)
+    learner.add(X, y)
+    head = apply_update(learner.base, newest) if newest is not None else learner.base
+    return learner.fit(head, seq)

@@ -104,8 +104,11 @@ class S3Server:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """ZooKeeper, Kafka and s3rver on free ports, for the whole session."""
+    # Retention checked every second (Kafka's default is every 5 minutes), so that tests of
+    # expiring changelogs see the broker delete what expired.
     with LocalStack(cache_dir=DEFAULT_CACHE_DIR, data_dir=tmp_path_factory.mktemp("stack"),
-                    with_kafka=True, with_s3=True) as running:
+                    with_kafka=True, with_s3=True,
+                    broker_config={"log.retention.check.interval.ms": 1000}) as running:
         yield running
 
 

@@ -90,31 +90,6 @@ def test_update_messages_are_recorded_or_refused() -> None:
     assert ledger.pinned is None
 
 
-async def test_count_versions_agent_adds_batch_counts(test_app: Any) -> None:
-    async with tables.count_versions.test_context() as agent:
-        await agent.put(key="v1", value=3)
-        await agent.put(key="v1", value=4)
-        await agent.put(key="v2", value=1)
-    assert tables.scored_by_version["v1"] == 7 and tables.scored_by_version["v2"] == 1
-
-
-async def test_count_classes_agent_fills_the_current_window(test_app: Any) -> None:
-    async with tables.count_classes.test_context() as agent:
-        await agent.put(key="yes", value=5)
-        await agent.put(key="yes", value=2)
-    assert tables.class_counts["yes"].now() == 7
-
-
-async def test_count_versions_keeps_the_newest_versions(test_app: Any,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tables, "SCORED_MAX_VERSIONS", 3)
-    tables.scored_by_version.data.clear()
-    async with tables.count_versions.test_context() as agent:
-        for k in range(6):
-            await agent.put(key=f"v+{k}", value=k + 1)
-    assert dict(tables.scored_by_version.data.items()) == {"v+3": 4, "v+4": 5, "v+5": 6}
-
-
 def test_encoded_predictions_are_the_contract_messages() -> None:
     model = Threshold()
     probabilities = model.predict_proba(np.array([[4.0, 0.0], [-4.0, 0.0], [0.0, 0.0]]))

@@ -437,7 +437,9 @@ N_BEFORE_KILL = 20_000
 
 def test_a_worker_killed_half_way_leaves_every_event_in_the_lake_exactly_once(
         settings_env: Callable[..., dict[str, str]], tmp_path: Path, spark: Any) -> None:
-    env = settings_env(ARCHIVE_FLUSH_S="1", ARCHIVE_MAX_ROWS="2000")
+    # Small ranges: the backlog is read in a second or two, and writing it range by range
+    # takes long enough for the kill to land half-way.
+    env = settings_env(ARCHIVE_FLUSH_S="1", ARCHIVE_MAX_ROWS="250")
     settings = Settings.from_env(env)
     registry = Registry(settings.registry_uri, settings.storage_options)
     ref = publish_small_model(registry, settings.model_name, list(HIGGS), CLASSES)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pytest
 
-from agents import speed
+from agents import speed, tables
 from agents.model_manager import model_manager
 from app import app
 from app.schemas import decode_events
@@ -48,11 +48,12 @@ def scored_batch(events: list[dict[str, Any]]) -> tuple[Any, np.ndarray]:
 
 
 def forward(columns: Any, probabilities: np.ndarray) -> list[bytes]:
-    return speed.labelled_messages(Scorer(), columns.ids, columns.labels, columns.features,
-                                   probabilities, columns.ts)
+    predicted = [CLASSES[k] for k in probabilities.argmax(axis=1)]
+    return speed.summary_messages(Scorer(), predicted, columns.ids, columns.labels,
+                                  columns.features, probabilities, columns.ts)
 
 
-def test_labelled_messages_carry_what_was_predicted_for_labelled_events_only() -> None:
+def test_a_summary_counts_the_classes_and_carries_the_labelled_events() -> None:
     columns, probabilities = scored_batch([
         {"id": "a", "features": [1, 2, 3, 4], "label": "pos", "ts": 5},
         {"id": "b", "features": [1, 2, 3, 4]},
@@ -62,10 +63,15 @@ def test_labelled_messages_carry_what_was_predicted_for_labelled_events_only() -
     messages = forward(columns, probabilities)
     assert len(messages) == 1
     header = json.loads(messages[0])
-    assert {k: header[k] for k in ("version", "base_version", "ids", "labels", "ts")} == {
-        "version": "v1+2", "base_version": "v1", "ids": ["a", "c"], "labels": [1, 1],
-        "ts": [5, None]}
-    batch = speed.parse_labelled(messages[0])
+    assert {k: header[k] for k in ("version", "base_version", "scored", "classes", "ids",
+                                   "labels", "ts")} == {
+        "version": "v1+2", "base_version": "v1", "scored": 3, "classes": {"neg": 1, "pos": 2},
+        "ids": ["a", "c"], "labels": [1, 1], "ts": [5, None]}
+    summary = speed.parse_summary(messages[0])
+    assert (summary.version, summary.scored, summary.classes) == ("v1+2", 3,
+                                                                  {"neg": 1, "pos": 2})
+    batch = summary.labelled
+    assert batch is not None
     assert (batch.version, batch.base_version, batch.labels.tolist()) == ("v1+2", "v1", [1, 1])
     # Features in model order; a null feature stays missing (NaN), -999 stays as sent.
     np.testing.assert_array_equal(batch.features, [[1.0, 2.0, 3.0, 4.0],
@@ -74,7 +80,8 @@ def test_labelled_messages_carry_what_was_predicted_for_labelled_events_only() -
     assert batch.correct.tolist() == [False, True]
     np.testing.assert_allclose(batch.log_loss, [-math.log(0.2), -math.log(0.6)], rtol=1e-6)
     unlabelled, _ = scored_batch([{"id": "b", "features": [1, 2, 3, 4]}])
-    assert forward(unlabelled, probabilities[:1]) == []
+    [only] = forward(unlabelled, probabilities[:1])
+    assert speed.parse_summary(only) == speed.ScoredSummary("v1+2", 1, {"neg": 1}, None)
 
 
 def test_a_large_batch_is_forwarded_in_bounded_messages() -> None:
@@ -83,19 +90,22 @@ def test_a_large_batch_is_forwarded_in_bounded_messages() -> None:
                                          "label": "neg"}).encode() for i in range(n)],
                             FEATURES, CLASSES)
     probabilities = np.tile(np.array([[0.9, 0.1]], dtype=np.float32), (n, 1))
-    decoded = [speed.parse_labelled(m) for m in forward(columns, probabilities)]
-    assert [len(d) for d in decoded] == [speed.LABELLED_PER_MESSAGE, 10]
-    assert np.concatenate([d.features[:, 0] for d in decoded]).tolist() == list(range(n))
+    decoded = [speed.parse_summary(m) for m in forward(columns, probabilities)]
+    assert [(d.scored, d.classes) for d in decoded] == [(n, {"neg": n}), (0, {})]
+    assert [len(d.labelled) for d in decoded] == [speed.LABELLED_PER_MESSAGE, 10]
+    assert np.concatenate([d.labelled.features[:, 0] for d in decoded]).tolist() == list(
+        range(n))
 
 
 def encoded(array: list[Any], dtype: str) -> str:
     return base64.b64encode(np.asarray(array, dtype=dtype).tobytes()).decode()
 
 
-def labelled(version: str = "v", labels: Any = (0,), features: Any = ((1.0, 2.0),),
+def labelled(version: Any = "v", labels: Any = (0,), features: Any = ((1.0, 2.0),),
              probabilities: Any = ((0.5, 0.5),), n_features: Any = 2, **extra: Any) -> bytes:
-    message = {"version": version, "base_version": "v", "labels": list(labels),
-               "n_features": n_features, "features": encoded(list(features), "<f8"),
+    message = {"version": version, "base_version": "v", "scored": len(labels), "classes": {},
+               "labels": list(labels), "n_features": n_features,
+               "features": encoded(list(features), "<f8"),
                "probabilities": encoded(list(probabilities), "<f4"), **extra}
     return json.dumps(message).encode()
 
@@ -106,17 +116,18 @@ def labelled(version: str = "v", labels: Any = (0,), features: Any = ((1.0, 2.0)
     labelled(labels=[-1]),
     labelled(version=1),
     labelled(labels=[0, 1]),
-    labelled(labels=[]),
     labelled(labels=[True]),
+    labelled(scored=-1),
+    labelled(classes={"a": "many"}),
     labelled(n_features=3),
     labelled(n_features=0),
     labelled(probabilities=[[1.0]]),
     labelled(features=[[1.0]]),
     labelled().replace(b'"features": "', b'"features": "!'),
 ])
-def test_malformed_labelled_messages_are_refused(raw: bytes) -> None:
-    with pytest.raises(ValueError, match="not a labelled-event message"):
-        speed.parse_labelled(raw)
+def test_malformed_summaries_are_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError, match="not a summary of scored events"):
+        speed.parse_summary(raw)
 
 
 def batch_of(version: str, labels: list[int], p_pos: float,
@@ -187,20 +198,28 @@ def test_app() -> Iterator[Any]:
 async def test_quality_agent_fills_the_table_per_version(test_app: Any) -> None:
     def forwarded(version: str, labels: list[int], p_pos: float) -> bytes:
         return labelled(version, labels, [[0.0] * 4] * len(labels),
-                        [[1 - p_pos, p_pos]] * len(labels), n_features=4)
+                        [[1 - p_pos, p_pos]] * len(labels), n_features=4,
+                        classes={"neg": 0, "pos": 0})
 
-    async with speed.learn_from_labels.test_context() as agent:
+    tables.scored_by_version.data.clear()
+    async with speed.summarize_scored.test_context() as agent:
         # v1 is right 7 times out of 10, v1+1 always.
         await agent.put(value=forwarded("v1", [1, 1, 1, 1, 0], 0.75))
         await agent.put(value=b"garbage")  # logged and skipped, never stops the agent
         await agent.put(value=forwarded("v1", [1, 1, 1, 0, 0], 0.75))
         await agent.put(value=forwarded("v1+1", [0, 0, 0, 0], 0.4))
+        await agent.put(value=json.dumps({
+            "version": "v1+1", "base_version": "v1", "scored": 6, "classes": {"pos": 6},
+            "labels": [], "n_features": 4, "features": "", "probabilities": ""}).encode())
     table = speed.quality_by_version
     assert table["v1"]["n"] == 10 and table["v1"]["accuracy"] == pytest.approx(0.7)
     assert table["v1"]["log_loss"] == pytest.approx(
         (-7 * math.log(0.75) - 3 * math.log(0.25)) / 10)
     assert table["v1+1"]["n"] == 4 and table["v1+1"]["accuracy"] == 1.0
     assert table["v1+1"]["rolling_log_loss"] == pytest.approx(-math.log(0.6))
+    # What each summary counted: events per version and per class in the current window.
+    assert dict(tables.scored_by_version.data.items()) == {"v1": 10, "v1+1": 10}
+    assert tables.class_counts["pos"].now() == 6
     from agents.tables import table_rows  # what GET /tables/{name}/ and the web view show
 
     shown = table_rows("quality_by_version", 10)
@@ -349,3 +368,15 @@ def poll(read: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 60
         time.sleep(0.2)
         value = read()
     return value
+
+
+async def test_the_summaries_keep_the_newest_versions(test_app: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tables, "SCORED_MAX_VERSIONS", 3)
+    tables.scored_by_version.data.clear()
+    async with speed.summarize_scored.test_context() as agent:
+        for k in range(6):
+            await agent.put(value=json.dumps({
+                "version": f"v+{k}", "base_version": "v", "scored": k + 1, "classes": {},
+                "labels": [], "n_features": 4, "features": "", "probabilities": ""}).encode())
+    assert dict(tables.scored_by_version.data.items()) == {"v+3": 4, "v+4": 5, "v+5": 6}
