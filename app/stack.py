@@ -1050,7 +1050,11 @@ class LocalStack:
         # ListObjectsV2 (s3rver's continuation tokens use a cipher OpenSSL 3 dropped).
         node_options = " ".join(filter(None, [os.environ.get("NODE_OPTIONS", ""),
                                               "--openssl-legacy-provider"]))
-        self._spawn("s3rver", cmd, env={"NODE_OPTIONS": node_options})
+        # A stand-in for remote storage: on a laptop it should not take CPU from the broker
+        # and the workers when a large object arrives.
+        nice = shutil.which("nice")
+        self._spawn("s3rver", [nice, "-n", "10", *cmd] if nice else cmd,
+                    env={"NODE_OPTIONS": node_options})
 
 
 def _java() -> str:

@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 import torch  # noqa: E402
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
+from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
 from app.settings import Settings  # noqa: E402
 from app.stack import LocalStack, free_port, free_ports  # noqa: E402
@@ -67,11 +68,11 @@ def say(message: str) -> None:
 
 # -- measuring a process ----------------------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads) and of its live
-    descendants (the speed layer's learning process)."""
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) and, unless
+    ``children`` is False, of its live descendants (the speed layer's learning process)."""
     total = 0.0
-    for p in [pid, *descendants(pid)]:
+    for p in [pid, *(descendants(pid) if children else [])]:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # gone meanwhile
@@ -282,7 +283,9 @@ class Feed:
 
     def __init__(self, bootstrap: str, topic: str, rate: float, prefix: str) -> None:
         self.topic, self.rate, self.prefix = topic, rate, prefix
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1,
+        # linger.ms as a producer of a real feed would batch (the send time stamped in an
+        # event's id is before it, so its wait counts in the latency).
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5,
                                   "partitioner": "murmur2_random"})
         pool = event_messages(1000, seed=11)
         self.bodies = [orjson.dumps({k: v for k, v in m.items() if k != "id"})[1:]
@@ -315,47 +318,44 @@ class Feed:
             time.sleep(0.001)
 
 
-class Collector:
-    """Reads predictions from a thread: arrival time minus send time per id, duplicates."""
+def create_topic(bootstrap: str, name: str, partitions: int,
+                 config: dict[str, str] | None = None) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic(name, partitions, 1,
+                                                config=config or {})]).values():
+        future.result(timeout=30)
+
+
+class Scan:
+    """Every prediction of a topic, read after the fact: which ids were answered how often,
+    and each one's latency, the broker's append time of the prediction (the topic stamps
+    LogAppendTime) minus the send time in the id; no consumer competes with the worker while
+    it is measured."""
 
     def __init__(self, bootstrap: str, topic: str, capacity: int) -> None:
-        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"c-{topic}",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 5})
-        # From the current end of every partition, assigned at once (no group to join).
-        self.consumer.assign([TopicPartition(t, p, end) for (t, p), (_, end)
-                              in end_offsets(bootstrap, [topic]).items()])
         self.seen = np.zeros(capacity, dtype=np.uint8)
-        self.latencies_ms: list[float] = []
-        #: Of each latency, the part until the worker built the prediction (its ``ts``).
-        self.until_scored_ms: list[float] = []
-        #: When each event was sent (epoch ms).
-        self.sent_ms: list[int] = []
-        self.received = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> "Collector":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.consumer.close()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            # A short wait: the time a message waits here would count as its latency.
-            for message in self.consumer.consume(1000, 0.002):
-                if message.error():
-                    continue
-                now_ms = time.time() * 1000
-                _, n, sent_ms = message.key().decode().rsplit("-", 2)
-                self.latencies_ms.append(now_ms - int(sent_ms))
-                self.until_scored_ms.append(orjson.loads(message.value())["ts"] - int(sent_ms))
-                self.sent_ms.append(int(sent_ms))
-                self.seen[int(n)] = min(self.seen[int(n)] + 1, 255)
-                self.received += 1
+        sent, latency, scored = [], [], []
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"scan-{topic}",
+                             "enable.auto.commit": False})
+        ends = end_offsets(bootstrap, [topic])
+        consumer.assign([TopicPartition(t, p, first) for (t, p), (first, _) in ends.items()])
+        remaining = {p: end - first for (_, p), (first, end) in ends.items()}
+        try:
+            while any(remaining.values()):
+                for message in consumer.consume(10_000, 1.0):
+                    if message.error():
+                        continue
+                    remaining[message.partition()] -= 1
+                    _, n, sent_ms = message.key().decode().rsplit("-", 2)
+                    self.seen[int(n)] = min(self.seen[int(n)] + 1, 255)
+                    sent.append(int(sent_ms))
+                    latency.append(message.timestamp()[1] - int(sent_ms))
+                    scored.append(orjson.loads(message.value())["ts"] - int(sent_ms))
+        finally:
+            consumer.close()
+        self.sent_ms = np.array(sent)
+        self.latencies_ms = np.array(latency)
+        self.until_scored_ms = np.array(scored)
 
     def lost_and_duplicated(self, sent: int) -> tuple[int, int]:
         seen = self.seen[:sent]
@@ -366,30 +366,35 @@ def latency_run(stack: LocalStack, work: Path, partitions: int, rate: float,
                 seconds: float, warmup: float, extra: dict[str, str]) -> dict[str, Any]:
     """Feed ``rate`` events/s for ``warmup`` + ``seconds``; latency of the last ``seconds``."""
     d = Deployment(stack, work, "latency", "latency-events", partitions, extra)
+    create_topic(stack.bootstrap, d.settings.predictions_topic, partitions,
+                 {"message.timestamp.type": "LogAppendTime"})
     asyncio.run(ensure_topics(d.settings))
     worker = WorkerProcess(d.env, work / "latency.log").start()
     try:
         worker.wait_ready(timeout=180)
         total = warmup + seconds
-        collector = Collector(stack.bootstrap, d.settings.predictions_topic,
-                              int(rate * total * 2) + 1000).start()
         say(f"latency: feeding {rate:.0f} events/s for {warmup:.0f} s of warm-up and "
             f"{seconds:.0f} s measured")
         feed = Feed(stack.bootstrap, d.settings.events_topic, rate, "lat").start()
         started_ms = time.time() * 1000
-        time.sleep(total)
+        time.sleep(warmup)  # the feed runs for this long: the measurement itself
+        pids = {"worker": worker.proc.pid, "broker": stack.pids["kafka"], "bench": os.getpid()}
+        cpu0 = {k: cpu_seconds(p, k != "bench") for k, p in pids.items()}
+        sent0 = feed.sent
+        time.sleep(seconds)
+        cpu = {k: cpu_seconds(p, k != "bench") - cpu0[k] for k, p in pids.items()}
+        measured = feed.sent - sent0
         sent = feed.stop()
         deadline = time.monotonic() + 60
-        while collector.received < sent and time.monotonic() < deadline:
+        while count(stack.bootstrap, [d.settings.predictions_topic]) < sent and \
+                time.monotonic() < deadline:
             worker._check_alive()
             time.sleep(0.1)
-        collector.stop()
     finally:
         worker.stop()
-    lost, duplicated = collector.lost_and_duplicated(sent)
-    sent_ms = np.array(collector.sent_ms)
-    latencies = np.array(collector.latencies_ms)
-    scored = np.array(collector.until_scored_ms)
+    scan = Scan(stack.bootstrap, d.settings.predictions_topic, sent + 1000)
+    lost, duplicated = scan.lost_and_duplicated(sent)
+    sent_ms, latencies, scored = scan.sent_ms, scan.latencies_ms, scan.until_scored_ms
     steady = sent_ms >= started_ms + warmup * 1000
     windows = []
     for start in np.arange(started_ms + warmup * 1000, started_ms + total * 1000, 5000):
@@ -401,14 +406,18 @@ def latency_run(stack: LocalStack, work: Path, partitions: int, rate: float,
                "p50_ms": round(float(np.percentile(latencies[steady], 50)), 1),
                "p99_ms": round(float(np.percentile(latencies[steady], 99)), 1),
                "max_ms": round(float(latencies[steady].max()), 1),
-               # Send to the prediction built (its ts): the rest is producing and fetching.
+               # Send to the prediction built (its ts): the rest is the broker storing it.
                "p50_until_scored_ms": round(float(np.percentile(scored[steady], 50)), 1),
                "p99_until_scored_ms": round(float(np.percentile(scored[steady], 99)), 1),
                "p99_ms_per_5s": windows,
+               # CPU per event while measured: worker (and its learning process), broker,
+               # and this process (the feed).
+               "cpu_us_per_event": {k: round(1e6 * v / measured, 1) for k, v in cpu.items()},
                "warmup_p99_ms": round(float(np.percentile(latencies[~steady], 99)), 1)}
     say(f"latency at {rate:.0f} events/s: p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} "
         f"ms, max {figures['max_ms']} ms; {lost} lost, {duplicated} duplicated; p99 per 5 s "
-        f"{windows}; during warm-up p99 {figures['warmup_p99_ms']} ms")
+        f"{windows}; during warm-up p99 {figures['warmup_p99_ms']} ms; CPU us per event "
+        f"{figures['cpu_us_per_event']}")
     return figures
 
 
@@ -504,13 +513,15 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             extra["LATEST_RETENTION_S"] = str(args.retention)
         d = Deployment(running, work, "soak", "soak-events", args.partitions, extra)
         retention_s = d.settings.latest_retention_s
+        create_topic(running.bootstrap, d.settings.predictions_topic, args.partitions,
+                     {"message.timestamp.type": "LogAppendTime"})
         asyncio.run(ensure_topics(d.settings))
         rate = args.rate or measure_rate(running, work, args.partitions, extra)
         worker = WorkerProcess(d.env, work / "soak.log").start()
         worker.wait_ready(timeout=180)
         pid = worker.proc.pid
         capacity = int(rate * 60 * args.soak * 1.2) + 10_000
-        collector = Collector(running.bootstrap, d.settings.predictions_topic, capacity).start()
+        outputs = [d.settings.predictions_topic]
         feed = Feed(running.bootstrap, d.settings.events_topic, rate, "s").start()
         say(f"soak: {rate:.0f} events/s for {args.soak} min")
         minutes = []
@@ -520,18 +531,18 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                 worker._check_alive()
                 time.sleep(1)
             row = {"minute": minute, "rss_mib": round(rss_mib(pid)), "sent": feed.sent,
-                   "received": collector.received, "load": load()}
+                   "received": count(running.bootstrap, outputs), "load": load()}
             minutes.append(row)
             say(f"  minute {minute}: worker RSS {row['rss_mib']} MiB, {row['sent']} sent, "
                 f"{row['received']} predicted; load {row['load']}")
         sent = feed.stop()
         deadline = time.monotonic() + 120
-        while collector.received < sent and time.monotonic() < deadline:
+        while count(running.bootstrap, outputs) < sent and time.monotonic() < deadline:
             time.sleep(0.5)
-        time.sleep(2)  # anything still arriving would be a duplicate: give it the chance
-        collector.stop()
-        lost, duplicated = collector.lost_and_duplicated(sent)
-        latencies = np.array(collector.latencies_ms)
+        worker.stop()  # whatever it still had to send is on the topic now: duplicates too
+        scan = Scan(running.bootstrap, d.settings.predictions_topic, capacity)
+        lost, duplicated = scan.lost_and_duplicated(sent)
+        latencies = scan.latencies_ms
         figures.update({
             "rate": round(rate), "sent": sent, "lost": lost, "duplicated": duplicated,
             "rss_mib_by_minute": [m["rss_mib"] for m in minutes],
@@ -542,7 +553,6 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                 minutes[-1]["rss_mib"] / minutes[4]["rss_mib"], 3)
         say(f"soak: {sent} sent, {lost} lost, {duplicated} duplicated; RSS by minute "
             f"{figures['rss_mib_by_minute']}")
-        worker.stop()
         readiness = []
         for k in range(args.restarts):
             running.stop()
