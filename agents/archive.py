@@ -52,7 +52,7 @@ from models.storage import LOCAL_PROTOCOLS, ensure_bucket, filesystem
 
 __all__ = [
     "ArchiveRows", "Flush", "PartitionBuffer", "PartitionState", "LakeArchiver",
-    "event_rows", "column_rows", "partition_rows", "build_table", "split_by_hour", "hour_directory", "file_name",
+    "event_rows", "column_rows", "BatchRows", "partition_rows", "build_table", "split_by_hour", "hour_directory", "file_name",
     "parse_file_name", "intent_path", "read_intent", "write_flush", "prepare_flush",
     "label_type", "lake_files", "count_flush", "MAX_TS_MS",
 ]
@@ -68,8 +68,8 @@ _MAX_BACKOFF_S = 30.0
 #: must not take CPU time from scoring on a busy machine (the thread holds the GIL only
 #: briefly; Parquet encoding and the upload run without it).
 ARCHIVE_NICENESS = 10
-#: Rows per second a worker's archive writes at most (ten times what one worker serves).
-WRITE_ROWS_PER_S = 200_000
+#: Rows per second a worker's archive writes at most (a few times what one worker serves).
+WRITE_ROWS_PER_S = 50_000
 #: A partition may hold this many ``ARCHIVE_MAX_ROWS`` ranges in memory while they wait to be
 #: written; then its reading pauses (or, while writes fail, its buffers are dropped).
 MAX_BUFFERED_RANGES = 3
@@ -211,6 +211,10 @@ def build_table(parts: Sequence[ArchiveRows]) -> pa.Table:
             and p.table.column("label").null_count < len(p) for p in parts):
         kind = pa.string()
     names = ["id", *features, "label", "ts"]
+    if all(p.features == features and p.table.schema.field("label").type == kind
+           for p in parts):
+        # Contiguous columns: the Parquet writer pays per chunk, and there is one per part.
+        return pa.concat_tables([p.table for p in parts]).combine_chunks()
     tables = []
     for part in parts:
         t = part.table
@@ -434,9 +438,11 @@ def write_flush(fs: AbstractFileSystem, root: str, flush: Flush,
     written = []
     for path, table in flush.files[:max_files]:
         sink = pa.BufferOutputStream()
-        # No dictionary for the feature columns: trying one on float columns costs twice the
-        # rest of the encoding, and saves a few percent of space.
-        pq.write_table(table, sink, compression="snappy", use_dictionary=["label"])
+        # No dictionary for the feature columns (trying one on float columns costs twice the
+        # rest of the encoding, and saves a few percent of space) and statistics for ``ts``
+        # only (what readers filter on; min/max of every feature cost a fifth of the rest).
+        pq.write_table(table, sink, compression="snappy", use_dictionary=["label"],
+                       write_statistics=["ts"])
         _write_bytes(fs, f"{root}/{path}", sink.getvalue().to_pybytes())
         written.append(f"{root}/{path}")
     return written
@@ -502,6 +508,7 @@ class LakeArchiver:
     async def start(self) -> None:
         """Make sure the lake's bucket exists."""
         await self._io(ensure_bucket, self.fs, self.root)
+        _lower_io_thread_priority()
 
     async def stop(self, flush: bool = True) -> None:
         """Write what is buffered (unless ``flush`` is False) and commit it."""
@@ -732,38 +739,76 @@ def _lower_priority() -> None:
         log.debug("archive thread keeps its priority: %s", exc)
 
 
-def partition_rows(features: Sequence[str], classes: Sequence[Any], columns: EventColumns,
-                   messages: np.ndarray, timestamps: Sequence[int]
-                   ) -> Callable[[int, int], ArchiveRows]:
-    """``rows(i, j)`` for :meth:`LakeArchiver.add`: the valid events among one partition's
-    messages ``i..j-1`` of a decoded micro-batch.
+def _lower_io_thread_priority() -> None:
+    """The same for fsspec's I/O thread, where s3fs signs and sends the uploads (hashing
+    each file's bytes): it serves the lake and the model registry, neither of them on the
+    path of an event."""
+    import fsspec.asyn
+
+    try:
+        fsspec.asyn.get_loop().call_soon_threadsafe(_lower_priority)
+    except RuntimeError as exc:  # no I/O loop (a local lake)
+        log.debug("no fsspec I/O thread to lower: %s", exc)
+
+
+class BatchRows:
+    """The valid events of one decoded micro-batch as one Arrow table, its rows grouped by
+    partition (message order kept within each), so that any range of one partition's records
+    is a zero-copy slice of it: one conversion per micro-batch, not one per partition.
 
     Parameters
     ----------
     features, classes
         The model the batch was validated with.
     columns
-        The decoded micro-batch (all partitions).
-    messages
-        Indexes, in the batch, of this partition's messages (ascending).
-    timestamps
-        Kafka timestamp of every message of the batch.
+        The decoded micro-batch.
+    partitions, timestamps
+        Partition and Kafka timestamp of every message of the batch.
     """
-    positions = np.asarray(columns.positions, dtype=np.int64)
-    rows = np.flatnonzero(np.isin(positions, messages))
-    row_positions = positions[rows]
 
-    def rows_between(i: int, j: int) -> ArchiveRows:
-        lo = np.searchsorted(row_positions, messages[i], side="left")
-        hi = np.searchsorted(row_positions, messages[j - 1], side="right")
-        chosen = rows[lo:hi].tolist()
-        return column_rows(features, classes, [columns.ids[k] for k in chosen],
-                           columns.features[chosen], [columns.labels[k] for k in chosen],
-                           [columns.ts[k] for k in chosen],
-                           [timestamps[columns.positions[k]] for k in chosen],
-                           invalid=(j - i) - len(chosen))
+    def __init__(self, features: Sequence[str], classes: Sequence[Any], columns: EventColumns,
+                 partitions: Sequence[int], timestamps: Sequence[int]) -> None:
+        positions = np.asarray(columns.positions, dtype=np.int64)
+        part = (np.asarray(partitions, dtype=np.int64)[positions] if len(positions)
+                else positions)
+        order = np.argsort(part, kind="stable")
+        self._part = part[order]
+        self._positions = positions[order]
+        chosen = order.tolist()
+        self.rows = column_rows(features, classes, [columns.ids[k] for k in chosen],
+                                columns.features[order], [columns.labels[k] for k in chosen],
+                                [columns.ts[k] for k in chosen],
+                                [timestamps[p] for p in self._positions.tolist()])
 
-    return rows_between
+    def of_partition(self, partition: int, messages: np.ndarray
+                     ) -> Callable[[int, int], ArchiveRows]:
+        """``rows(i, j)`` for :meth:`LakeArchiver.add`: the valid events among ``partition``'s
+        messages ``i..j-1``, where ``messages`` are the indexes of that partition's messages
+        in the batch (ascending)."""
+        lo = int(np.searchsorted(self._part, partition, side="left"))
+        hi = int(np.searchsorted(self._part, partition, side="right"))
+        positions = self._positions[lo:hi]
+        whole = self.rows
+
+        def rows_between(i: int, j: int) -> ArchiveRows:
+            a = lo + int(np.searchsorted(positions, messages[i], side="left"))
+            b = lo + int(np.searchsorted(positions, messages[j - 1], side="right"))
+            return ArchiveRows(whole.features, whole.classes, whole.table.slice(a, b - a),
+                               invalid=(j - i) - (b - a))
+
+        return rows_between
+
+
+def partition_rows(features: Sequence[str], classes: Sequence[Any], columns: EventColumns,
+                   messages: np.ndarray, timestamps: Sequence[int]
+                   ) -> Callable[[int, int], ArchiveRows]:
+    """``rows(i, j)`` for :meth:`LakeArchiver.add` of a micro-batch read from one partition
+    (``messages``: the indexes of the messages to archive; ``timestamps``: every message's
+    Kafka timestamp)."""
+    partitions = np.full(len(timestamps), -1, dtype=np.int64)
+    partitions[messages] = 0
+    return BatchRows(features, classes, columns, partitions, timestamps).of_partition(
+        0, messages)
 
 
 def column_rows(features: Sequence[str], classes: Sequence[Any], ids: Sequence[str],

@@ -39,7 +39,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from mode import Service
 
-from agents.archive import LakeArchiver, count_flush, partition_rows
+from agents.archive import BatchRows, LakeArchiver, count_flush
 from agents.metrics import BATCH_SECONDS, BATCH_SIZE, EVENTS_DEAD_LETTERED, count_scored
 from agents.model_manager import model_manager
 from agents.scoring import encode_predictions
@@ -285,11 +285,11 @@ class ServingService(Service):
                       timestamps: list[int]) -> None:
         assert self.archiver is not None
         part_of_message = np.asarray(partitions, dtype=np.int64)
+        batch_rows = BatchRows(model.features, model.classes, columns, partitions, timestamps)
         for partition in set(partitions):
             messages = np.flatnonzero(part_of_message == partition)
             self.archiver.add(partition, [offsets[m] for m in messages.tolist()],
-                              partition_rows(model.features, model.classes, columns,
-                                             messages, timestamps))
+                              batch_rows.of_partition(partition, messages))
         full = {p for p in set(partitions) if self.archiver.full(p)} - self._paused
         if full:
             assert self.reader is not None

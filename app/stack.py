@@ -97,6 +97,10 @@ _MARKER = ".provisioned"
 ZK_SESSION_TIMEOUT_MS = 6000
 
 
+#: CPU niceness of the embedded S3 server.
+S3_NICENESS = 10
+
+
 class StackError(RuntimeError):
     """The local stack could not be provisioned, started or stopped; the message says why."""
 
@@ -1053,8 +1057,25 @@ class LocalStack:
         # A stand-in for remote storage: on a laptop it should not take CPU from the broker
         # and the workers when a large object arrives.
         nice = shutil.which("nice")
-        self._spawn("s3rver", [nice, "-n", "10", *cmd] if nice else cmd,
-                    env={"NODE_OPTIONS": node_options})
+        service = self._spawn("s3rver", [nice, "-n", str(S3_NICENESS), *cmd] if nice else cmd,
+                              env={"NODE_OPTIONS": node_options})
+        _lower_autogroup(service.process.pid, S3_NICENESS)
+
+
+def _lower_autogroup(pid: int, niceness: int) -> None:
+    """Lower the CPU weight of ``pid``'s scheduling autogroup (Linux).
+
+    Each service runs in a session of its own, and with autogroups (the default on many
+    kernels) the scheduler shares CPU between sessions first: a process's own niceness then
+    only ranks it against the threads of its own session. The autogroup's niceness is what
+    ranks it against the others (sched(7)).
+    """
+    path = Path(f"/proc/{pid}/autogroup")
+    try:
+        if path.exists():
+            path.write_text(f"{niceness}\n")
+    except OSError as exc:
+        log.debug("autogroup of %d keeps its weight: %s", pid, exc)
 
 
 def _java() -> str:

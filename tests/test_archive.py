@@ -19,7 +19,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from agents import archive
-from agents.archive import (HOUR_MS, MAX_TS_MS, LakeArchiver, PartitionState, partition_rows,
+from agents.archive import (HOUR_MS, MAX_TS_MS, BatchRows, LakeArchiver, PartitionState,
+                            partition_rows,
                             build_table, event_rows, file_name, hour_directory, lake_files,
                             label_type, parse_file_name, prepare_flush, read_intent,
                             split_by_hour, write_flush)
@@ -159,6 +160,29 @@ def test_a_planned_range_the_log_no_longer_has_is_given_up() -> None:
     _feed(state, [30, 31])  # 17..19 are gone (retention): the range cannot be rewritten
     assert [(b.first, b.last) for b in state.sealed] == [(15, 16)]
     assert state.plan is None and (state.current.first, state.current.last) == (30, 31)
+
+
+def test_a_micro_batch_of_interleaved_partitions_is_sliced_per_partition() -> None:
+    """One Arrow table per micro-batch; each partition's run of records is a slice of it with
+    exactly its valid events, in offset order."""
+    messages, partitions, timestamps = [], [], []
+    for i in range(12):
+        event = {"id": f"m{i}", "features": [float(i), 0, 0], "ts": T0 + i}
+        messages.append(b"{broken" if i % 5 == 4 else raw(event))
+        partitions.append(i % 3)
+        timestamps.append(T0 + 1000 + i)
+    columns = decode_events(messages, FEATURES, CLASSES)
+    batch = BatchRows(FEATURES, CLASSES, columns, partitions, timestamps)
+    for partition in range(3):
+        mine = np.flatnonzero(np.asarray(partitions) == partition)
+        rows = batch.of_partition(partition, mine)
+        whole = rows(0, len(mine))
+        expected = [f"m{i}" for i in mine if i % 5 != 4]
+        assert whole.ids == expected and whole.invalid == len(mine) - len(expected)
+        assert whole.values[:, 0].tolist() == [float(i[1:]) for i in expected]
+        # A run in the middle: records 1..2 of the partition.
+        middle = rows(1, 3)
+        assert middle.ids == [f"m{i}" for i in mine[1:3] if i % 5 != 4]
 
 
 def test_archive_settings_are_checked() -> None:
