@@ -334,7 +334,7 @@ class ModelManager(Service):
 
     def _switch(self, model: LoadedModel, load_s: float, kind: str = "swap") -> None:
         record = SwapRecord(model.version, time.time(), load_s=load_s, kind=kind)
-        self.ledger.active = model  # the serving agent picks it up at its next micro-batch
+        self.ledger.active = model  # the serving path picks it up at its next micro-batch
         self.ledger.last_swap = record
         self.ledger.history.append(record)
         self._ready.set()

@@ -31,7 +31,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -103,8 +103,6 @@ class MicroBatch:
     ends: dict[int, int]
     scoring: asyncio.Future[np.ndarray] | None = None
     delivery: Delivery | None = None
-    answered: int = 0
-    stored_at: float | None = field(default=None)
 
 
 class ServingService(Service):
@@ -135,7 +133,6 @@ class ServingService(Service):
         #: Partitions not read while the archive has no room for them.
         self._paused: set[int] = set()
         self._lock = asyncio.Lock()
-        self.events_served = 0
         # Receivers run before the consumer rejoins the group (Faust awaits them).
         app.on_partitions_revoked.connect(self._on_partitions_revoked)
         app.on_partitions_assigned.connect(self._on_partitions_assigned)
@@ -334,7 +331,6 @@ class ServingService(Service):
             delivery.produce(s.dlq_topic, orjson.dumps(dead_letter_message(
                 reason, batch.values[i], s.events_topic, partition, offset)))
         EVENTS_DEAD_LETTERED.inc(len(batch.rejected))
-        batch.answered = len(rows) + len(batch.rejected)
         batch.delivery = delivery
         delivery.seal().add_done_callback(self._stop_if_not_stored)
         self._in_flight.append(batch)
@@ -382,7 +378,6 @@ class ServingService(Service):
             self._stored.update(batch.ends)
             if batch.delivery.changelog_offsets:
                 record_changelog_offsets(batch.delivery.changelog_offsets)
-            self.events_served += len(batch.offsets)
             BATCH_SIZE.observe(len(batch.offsets))
             BATCH_SECONDS.observe(time.perf_counter() - batch.started)
         now = time.monotonic()

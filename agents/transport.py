@@ -73,6 +73,7 @@ class EventReader:
             "fetch.min.bytes": 64 * 1024,
             "fetch.wait.max.ms": 10,
             "error_cb": _log_client_error,
+            "on_commit": _log_failed_commit,
         })
         # consume() blocks in C with the GIL released; one thread, so reads stay in order.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="reader")
@@ -312,6 +313,13 @@ class OutputProducer:
                 self._on_fatal(err.str())
         else:
             _log_client_error(err)
+
+
+def _log_failed_commit(err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+    # The next commit of a partition supersedes a failed one; until then a crash
+    # re-delivers what it covered (never loses it).
+    if err is not None:
+        log.warning("committing offsets failed: %s", err.str())
 
 
 def _log_client_error(err: KafkaError) -> None:

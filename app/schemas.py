@@ -1,7 +1,7 @@
 """Message formats on Stratum's topics (CONTRACT.md) and the validation of input events.
 
 Validation is a pure function of the raw message bytes and the active model's feature names
-and classes, so it is unit-tested without Kafka and shared by the serving agent and
+and classes, so it is unit-tested without Kafka and shared by the serving path and
 ``POST /predict``.
 """
 from __future__ import annotations

@@ -72,7 +72,7 @@ class Settings:
     topic_partitions: int = field(default=4, metadata=_env(
         "TOPIC_PARTITIONS", "Partitions of the events and predictions topics when created."))
     serving_batch_size: int = field(default=512, metadata=_env(
-        "SERVING_BATCH_SIZE", "Largest micro-batch the serving agent scores at once."))
+        "SERVING_BATCH_SIZE", "Largest micro-batch the serving path scores at once."))
     serving_batch_ms: int = field(default=20, metadata=_env(
         "SERVING_BATCH_MS", "Longest a micro-batch waits to fill, in milliseconds."))
     archive: int = field(default=1, metadata=_env(

@@ -49,7 +49,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -68,6 +67,7 @@ from batch.candidates import Arrays, train_candidates  # noqa: E402
 from batch.demo_data import write_lake  # noqa: E402
 from batch.job import JobConfig, JobResult, run_job  # noqa: E402
 from batch.train import train_classifier  # noqa: E402
+from tests.support import scratch_dir  # noqa: E402
 
 #: Stages whose cost does not depend on the rows.
 FIXED_STAGES = ("lock", "list", "spark session", "lock check", "active model", "publish",
@@ -286,6 +286,8 @@ def main() -> int:
     parser.add_argument("--warmup-rows", type=int, default=50_000,
                         help="rows of the warm-up run (0: none)")
     parser.add_argument("--driver-memory", default="6g", help="SPARK_DRIVER_MEMORY")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the run's data directory (broker logs, worker logs, lake)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     args.compare = tuple(k.strip() for k in args.compare.split(",") if k.strip())
@@ -295,9 +297,9 @@ def main() -> int:
     os.environ.setdefault("SPARK_DRIVER_MEMORY", args.driver_memory)
     say(f"load average {load_average()} on {os.cpu_count()} cores")
 
-    work = Path(tempfile.mkdtemp(prefix="stratum-bench-batch-"))
-    say(f"starting Kafka and S3 on free ports (data in {work})")
-    with LocalStack(data_dir=work / "stack", s3_buckets=["bench"]) as stack:
+    with scratch_dir("stratum-bench-batch-", args.keep) as work, \
+            LocalStack(data_dir=work / "stack", s3_buckets=["bench"]) as stack:
+        say(f"Kafka and S3 up on free ports (data in {work})")
         env = {**stack.environment("bench"),
                "UPDATES_TOPIC": "bench-model-updates"}
         settings = Settings.from_env(env)

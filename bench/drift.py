@@ -33,7 +33,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from app.stack import LocalStack, free_port  # noqa: E402
 from app.topics import ensure_topics  # noqa: E402
-from tests.support import WorkerProcess, announce, consume_until  # noqa: E402
+from tests.support import WorkerProcess, announce, consume_until, scratch_dir  # noqa: E402
 
 FEATURES = ["x0", "x1", "x2", "x3"]
 #: The boundary before and after the shift: it turns by 30 degrees and moves by 0.8 standard
@@ -217,11 +216,13 @@ def main() -> int:
     parser.add_argument("--train-seconds", type=float, default=30.0,
                         help="training time budget of each batch run")
     parser.add_argument("--plot", default=str(REPO / "docs" / "drift.png"))
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the run's data directory (broker logs, worker logs, lake)")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="stratum-drift-"))
-    say(f"starting Kafka + S3 on free ports (data and logs in {work})")
-    with LocalStack(data_dir=work / "stack", s3_buckets=["drift"]) as stack:
+    with scratch_dir("stratum-drift-", args.keep) as work, \
+            LocalStack(data_dir=work / "stack", s3_buckets=["drift"]) as stack:
+        say(f"Kafka + S3 up on free ports (data and logs in {work})")
         common = {**stack.environment("drift"),
                   "EVENTS_TOPIC": "drift-events", "TOPIC_PARTITIONS": "2", "ARCHIVE": "0"}
         deployments = []

@@ -36,7 +36,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -56,7 +55,8 @@ from app.stack import LocalStack, free_port, free_ports  # noqa: E402
 from app.topics import ensure_topics  # noqa: E402
 from batch.demo_data import FEATURES, event_messages  # noqa: E402
 from models.registry import ModelRef, Registry  # noqa: E402
-from tests.support import WorkerProcess, announce, publish_small_model  # noqa: E402
+from tests.support import (WorkerProcess, announce, publish_small_model,  # noqa: E402
+                           scratch_dir)
 
 BENCH = Path(__file__).resolve().parent
 MALFORMED_EVERY = 1000
@@ -103,6 +103,11 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def dir_mib(path: Path) -> float:
+    """Size of the files under ``path``, in MiB."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
 def load() -> str:
@@ -436,8 +441,7 @@ def publish(stack: LocalStack) -> tuple[Registry, ModelRef]:
     return registry, ref
 
 
-def throughput(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="stratum-bench-"))
+def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     say(f"starting Kafka + S3 on free ports (data in {work}); load {load()}")
     figures: dict[str, Any] = {"events": args.events, "batch_size": args.batch_size,
                                "partitions": args.partitions, "torch_threads": args.threads,
@@ -495,8 +499,7 @@ def ratios(figures: dict[str, Any]) -> dict[str, float]:
 
 # -- the soak ---------------------------------------------------------------------------------
 
-def soak(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="stratum-soak-"))
+def soak(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     zk, kafka, s3 = free_ports(3)
 
     def stack() -> LocalStack:
@@ -526,15 +529,20 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         say(f"soak: {rate:.0f} events/s for {args.soak} min")
         minutes = []
         started = time.monotonic()
+        tables = Path(d.env["STRATUM_DATA_DIR"])
         for minute in range(1, args.soak + 1):
+            peak = 0.0
             while time.monotonic() - started < 60 * minute:
                 worker._check_alive()
+                peak = max(peak, rss_mib(pid))
                 time.sleep(1)
-            row = {"minute": minute, "rss_mib": round(rss_mib(pid)), "sent": feed.sent,
-                   "received": count(running.bootstrap, outputs), "load": load()}
+            row = {"minute": minute, "rss_mib": round(rss_mib(pid)), "peak_rss_mib": round(peak),
+                   "sent": feed.sent, "received": count(running.bootstrap, outputs),
+                   "store_mib": round(dir_mib(tables)), "load": load()}
             minutes.append(row)
-            say(f"  minute {minute}: worker RSS {row['rss_mib']} MiB, {row['sent']} sent, "
-                f"{row['received']} predicted; load {row['load']}")
+            say(f"  minute {minute}: worker RSS {row['rss_mib']} MiB (peak {row['peak_rss_mib']}), "
+                f"{row['sent']} sent, {row['received']} predicted, local store "
+                f"{row['store_mib']} MiB; load {row['load']}")
         sent = feed.stop()
         deadline = time.monotonic() + 120
         while count(running.bootstrap, outputs) < sent and time.monotonic() < deadline:
@@ -546,11 +554,15 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         figures.update({
             "rate": round(rate), "sent": sent, "lost": lost, "duplicated": duplicated,
             "rss_mib_by_minute": [m["rss_mib"] for m in minutes],
+            "peak_rss_mib_by_minute": [m["peak_rss_mib"] for m in minutes],
+            "store_mib_by_minute": [m["store_mib"] for m in minutes],
             "p50_ms": round(float(np.percentile(latencies, 50)), 1),
             "p99_ms": round(float(np.percentile(latencies, 99)), 1)})
         if len(minutes) >= 5:
             figures["rss_last_over_minute_5"] = round(
                 minutes[-1]["rss_mib"] / minutes[4]["rss_mib"], 3)
+            figures["peak_rss_last_over_minute_5"] = round(
+                minutes[-1]["peak_rss_mib"] / minutes[4]["peak_rss_mib"], 3)
         say(f"soak: {sent} sent, {lost} lost, {duplicated} duplicated; RSS by minute "
             f"{figures['rss_mib_by_minute']}")
         readiness = []
@@ -638,8 +650,11 @@ def main() -> int:
     parser.add_argument("--restarts", type=int, default=3)
     parser.add_argument("--retention", type=int, default=0,
                         help="LATEST_RETENTION_S of the soak worker (default: the setting's)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the run's data directory (broker logs, worker logs, lake)")
     args = parser.parse_args()
-    figures = soak(args) if args.soak else throughput(args)
+    with scratch_dir("stratum-soak-" if args.soak else "stratum-bench-", args.keep) as work:
+        figures = soak(args, work) if args.soak else throughput(args, work)
     print(json.dumps(figures), flush=True)
     return 0
 

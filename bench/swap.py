@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -38,7 +37,8 @@ from app.stack import LocalStack, free_port  # noqa: E402
 from app.topics import ensure_topics  # noqa: E402
 from batch.demo_data import FEATURES, event_messages  # noqa: E402
 from models.registry import Registry  # noqa: E402
-from tests.support import WorkerProcess, announce, http, publish_small_model  # noqa: E402
+from tests.support import (WorkerProcess, announce, http, publish_small_model,  # noqa: E402
+                           scratch_dir)
 
 HIDDEN = (500, 1000, 500)
 
@@ -122,11 +122,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60, help="length of the feed")
     parser.add_argument("--swaps", type=int, default=2, help="versions announced mid-feed")
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the run's data directory (broker logs, worker logs, lake)")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="stratum-bench-swap-"))
-    say(f"starting Kafka + S3 on free ports (data in {work})")
-    with LocalStack(data_dir=work / "stack", s3_buckets=["bench"]) as stack:
+    with scratch_dir("stratum-bench-swap-", args.keep) as work, \
+            LocalStack(data_dir=work / "stack", s3_buckets=["bench"]) as stack:
+        say(f"Kafka + S3 up on free ports (data in {work})")
         base_env = {**stack.environment("bench"),
                     "STRATUM_APP_ID": "bench-swap", "TOPIC_PARTITIONS": str(args.partitions),
                     "SPEED_LAYER": "0"}

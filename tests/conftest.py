@@ -11,10 +11,12 @@ and the suite can run while ``make run`` is up.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import re
 import secrets
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,9 @@ STACK_FIXTURES = frozenset({"stack", "kafka_broker", "s3_server", "settings_env"
 
 # Unit tests use the module-level app of the default settings: its local table stores (the
 # RocksDB files of latest_predictions) go to a temporary directory, not the checkout.
-os.environ.setdefault("STRATUM_DATA_DIR", tempfile.mkdtemp(prefix="stratum-unit-"))
+if "STRATUM_DATA_DIR" not in os.environ:
+    os.environ["STRATUM_DATA_DIR"] = tempfile.mkdtemp(prefix="stratum-unit-")
+    atexit.register(shutil.rmtree, os.environ["STRATUM_DATA_DIR"], ignore_errors=True)
 
 _counter = itertools.count(1)
 # Distinguishes this session's names from any other session's on a shared server.

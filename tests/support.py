@@ -2,22 +2,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from app.settings import Settings
 from app.stack import die_with_parent_preexec
+from app.topics import ensure_topics
 from models.classifier import MLPClassifier
 from models.manifest import Manifest
 from models.preprocessing import fit_preprocessor
@@ -26,6 +31,20 @@ from models.serving import LoadedModel
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, keep: bool = False) -> Iterator[Path]:
+    """A temporary directory for one run's broker data, lake and logs, removed afterwards
+    (a benchmark writes gigabytes) unless ``keep``."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    finally:
+        if keep:
+            print(f"[bench] data kept in {work}", file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def publish_small_model(registry: Registry, name: str, features: list[str],
@@ -52,6 +71,18 @@ def publish_small_model(registry: Registry, name: str, features: list[str],
     draft.reference = {"inputs": reference.tolist(), "probabilities": expected.tolist(),
                        "atol": 1e-5}
     return registry.publish(module, draft, onnx=False)
+
+
+def deploy_small_model(env: Mapping[str, str], features: list[str],
+                       classes: list[Any]) -> tuple[Settings, str]:
+    """For the deployment ``env`` names: publish a small model, create the topics and announce
+    the model; return the settings and the model's version."""
+    settings = Settings.from_env(env)
+    registry = Registry(settings.registry_uri, settings.storage_options)
+    ref = publish_small_model(registry, settings.model_name, features, classes)
+    run(ensure_topics(settings))
+    run(announce(settings.bootstrap_servers, settings.updates_topic, ref.to_message()))
+    return settings, ref.version
 
 
 async def announce(bootstrap: str, topic: str, message: Mapping[str, Any]) -> None:

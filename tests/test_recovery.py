@@ -12,15 +12,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from app.settings import Settings
-from app.topics import ensure_topics
-from models.registry import Registry
-from tests.support import (WorkerProcess, announce, consume_until, http, produce,
-                           publish_small_model, run)
+from tests.support import (WorkerProcess, consume_until, deploy_small_model, http, produce,
+                           run)
 
 FEATURES = ["a", "b", "c"]
 CLASSES = ["b", "s"]
@@ -29,12 +26,7 @@ CLASSES = ["b", "s"]
 def deploy(settings_env: Callable[..., dict[str, str]], **overrides: Any
            ) -> tuple[dict[str, str], Settings, str]:
     env = settings_env(SPEED_LAYER="0", ARCHIVE="0", **overrides)
-    settings = Settings.from_env(env)
-    registry = Registry(settings.registry_uri, settings.storage_options)
-    ref = publish_small_model(registry, settings.model_name, FEATURES, CLASSES)
-    run(ensure_topics(settings))
-    run(announce(settings.bootstrap_servers, settings.updates_topic, ref.to_message()))
-    return env, settings, ref.version
+    return (env, *deploy_small_model(env, FEATURES, CLASSES))
 
 
 def changelog(settings: Settings) -> str:
