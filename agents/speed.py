@@ -34,7 +34,7 @@ import numpy as np
 import orjson
 
 from agents.model_manager import model_manager
-from agents.tables import count_scored
+from agents.tables import SUMMARY_CHANGELOG_CONFIG, count_scored
 from app import app
 from models.errors import ModelError
 from models.online import BaseNotHeld, ModelUpdate, refit, start_learning_process
@@ -65,6 +65,7 @@ scored_topic = app.topic(SCORED_TOPIC, internal=True, partitions=1, key_type=byt
 
 quality_by_version = app.Table(
     "quality_by_version", key_type=str, partitions=1,
+    extra_topic_configs=SUMMARY_CHANGELOG_CONFIG,
     help="Prequential quality per model version on labelled events: n, accuracy, log loss, "
          f"and rolling figures (half-life {QUALITY_HALF_LIFE} events).")
 

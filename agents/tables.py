@@ -30,7 +30,8 @@ settings = app.settings
 
 __all__ = ["latest_predictions", "class_counts", "scored_by_version", "store_latest",
            "record_changelog_offsets", "latest_prediction", "count_scored", "table_rows",
-           "table_size", "CLASS_WINDOW_S", "SCORED_MAX_VERSIONS", "LATEST_CHANGELOG"]
+           "table_size", "CLASS_WINDOW_S", "SCORED_MAX_VERSIONS", "LATEST_CHANGELOG",
+           "SUMMARY_CHANGELOG_CONFIG"]
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,24 @@ latest_predictions = app.Table(
 #: input partitions that worker serves.
 LATEST_CHANGELOG = latest_predictions.changelog_topic.get_topic_name()
 
+#: Topic configuration of the changelogs of the tables fed by the one-partition summaries of
+#: scored micro-batches. They get records per micro-batch of every worker but hold few keys:
+#: once a segment closes the broker compacts it to the newest record per key, so what a
+#: restart reads stays bounded (the keys, plus at most this long of the newest records)
+#: however long the group has run.
+SUMMARY_CHANGELOG_CONFIG = {"segment.ms": str(5 * 60 * 1000)}
+
 # Fed by the one-partition summaries of scored micro-batches (agents.speed): one worker of
 # the group keeps them.
 class_counts = app.Table(
     "class_counts", default=int, key_type=str, partitions=1,
+    extra_topic_configs=SUMMARY_CHANGELOG_CONFIG,
     help=f"Predicted-class counts in {CLASS_WINDOW_S}-second tumbling windows.",
 ).tumbling(CLASS_WINDOW_S, expires=timedelta(hours=1)).relative_to_stream()
 
 scored_by_version = app.Table(
     "scored_by_version", default=int, key_type=str, partitions=1,
+    extra_topic_configs=SUMMARY_CHANGELOG_CONFIG,
     help=f"Events scored per model version (the newest {SCORED_MAX_VERSIONS} versions).")
 
 #: The newest rows this worker wrote to ``latest_predictions`` (for the web view: the store

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from confluent_kafka import Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ConfigResource
 
 from app.settings import Settings
 from tests.support import (WorkerProcess, consume_until, deploy_small_model, http, produce,
@@ -29,8 +29,13 @@ def deploy(settings_env: Callable[..., dict[str, str]], **overrides: Any
     return (env, *deploy_small_model(env, FEATURES, CLASSES))
 
 
-def changelog(settings: Settings) -> str:
-    return f"{settings.app_id}-latest_predictions-changelog"
+def changelog(settings: Settings, table: str = "latest_predictions") -> str:
+    return f"{settings.app_id}-{table}-changelog"
+
+
+def topic_config(admin: AdminClient, topic: str) -> dict[str, str]:
+    (future,) = admin.describe_configs([ConfigResource("topic", topic)]).values()
+    return {name: entry.value for name, entry in future.result(timeout=10).items()}
 
 
 def log_bounds(admin: AdminClient, bootstrap: str, topic: str, partition: int = 0
@@ -146,3 +151,13 @@ def test_a_worker_stopped_longer_than_the_retention_comes_back_quickly(
                 break
             assert time.monotonic() < deadline, f"the changelog was not emptied: {bounds}"
             time.sleep(0.5)
+    # What bounds a recovery on the broker's side: rows of latest_predictions expire with the
+    # retention; the summary tables' changelogs (records per micro-batch, few keys) roll
+    # segments often enough for the broker to compact them to a record per key.
+    latest = topic_config(admin, changelog(settings))
+    assert latest["cleanup.policy"] == "compact,delete"
+    assert latest["retention.ms"] == str(retention_s * 1000)
+    for table in ("class_counts", "scored_by_version", "quality_by_version"):
+        config = topic_config(admin, changelog(settings, table))
+        assert "compact" in config["cleanup.policy"]
+        assert int(config["segment.ms"]) <= 5 * 60 * 1000
