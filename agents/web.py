@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+from aiohttp.web_exceptions import HTTPException
 from faust import web
 
 from agents.metrics import prometheus_text
@@ -46,6 +47,10 @@ class StratumView(web.View):
     async def dispatch(self, request: Any) -> Any:
         try:
             return await super().dispatch(request)
+        except HTTPException as exc:  # aiohttp's own refusals, e.g. a body over its 1 MiB limit
+            if exc.status >= 500:
+                log.error("%s %s failed: %s", request.method, request.path, exc.text)
+            return self.error(exc.status, exc.text or exc.reason)
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             return self.error(500, "internal error; see the worker log")
@@ -191,7 +196,7 @@ class Pin(AdminView):
     async def post(self, request: web.Request) -> web.Response:
         try:
             payload = json.loads(await request.read())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             return self.error(400, f"body is not JSON: {exc}")
         if not isinstance(payload, dict) or "version" not in payload:
             return self.error(400, 'body must be {"version": "<version>"} or {"version": null}')
@@ -232,7 +237,7 @@ class Predict(StratumView):
         body = await request.read()
         try:
             payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             return self.error(400, f"body is not JSON: {exc}")
         single = isinstance(payload, dict)
         items = [payload] if single else payload

@@ -135,6 +135,10 @@ def test_web_endpoints(deployment: Deployment) -> None:
     assert status == 400 and body["errors"][0]["index"] == 1
     status, body, _ = http("POST", f"{url}/predict", raw=b"{nope")
     assert status == 400 and "not JSON" in body["error"]
+    status, body, _ = http("POST", f"{url}/predict", raw=b"[" * 100_000)  # too deep to parse
+    assert status == 400 and "not JSON" in body["error"]
+    status, body, _ = http("POST", f"{url}/predict", raw=b" " * (3 * 1024 * 1024))
+    assert status == 413 and "body size" in body["error"]
     assert http("POST", f"{url}/predict", [])[0] == 400
     assert http("GET", f"{url}/predict")[0] == 405
 
