@@ -36,6 +36,7 @@ import orjson
 from agents.model_manager import model_manager
 from agents.tables import SUMMARY_CHANGELOG_CONFIG, count_scored
 from app import app
+from app.topics import durability_config
 from models.errors import ModelError
 from models.online import BaseNotHeld, ModelUpdate, refit, start_learning_process
 from models.serving import LoadedModel
@@ -61,7 +62,8 @@ QUALITY_MAX_VERSIONS = 500
 _EPS = 1e-15
 
 scored_topic = app.topic(SCORED_TOPIC, internal=True, partitions=1, key_type=bytes,
-                         value_type=bytes, key_serializer="raw", value_serializer="raw")
+                         value_type=bytes, key_serializer="raw", value_serializer="raw",
+                         config=durability_config(settings))
 
 quality_by_version = app.Table(
     "quality_by_version", key_type=str, partitions=1,

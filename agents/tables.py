@@ -25,6 +25,7 @@ import orjson
 from faust.types import TP
 
 from app import app
+from app.topics import durability_config
 
 settings = app.settings
 
@@ -55,6 +56,7 @@ latest_predictions = app.Table(
              "block_cache_size": 8 * MIB},
     # The changelog would keep every id forever under compaction alone: old segments go too.
     extra_topic_configs={
+        **durability_config(settings),
         "cleanup.policy": "compact,delete",
         "retention.ms": str(settings.latest_retention_s * 1000),
         "segment.ms": str(max(settings.latest_retention_s * 1000 // 3, 60_000)),
@@ -71,7 +73,7 @@ LATEST_CHANGELOG = latest_predictions.changelog_topic.get_topic_name()
 #: once a segment closes the broker compacts it to the newest record per key, so what a
 #: restart reads stays bounded (the keys, plus at most this long of the newest records)
 #: however long the group has run.
-SUMMARY_CHANGELOG_CONFIG = {"segment.ms": str(5 * 60 * 1000)}
+SUMMARY_CHANGELOG_CONFIG = {**durability_config(settings), "segment.ms": str(5 * 60 * 1000)}
 
 # Fed by the one-partition summaries of scored micro-batches (agents.speed): one worker of
 # the group keeps them.

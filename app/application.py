@@ -60,7 +60,7 @@ def create_app(settings: Settings) -> StratumApp:
         store="memory://",
         datadir=str(Path(settings.data_dir) / settings.app_id),
         topic_partitions=settings.topic_partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.topic_replication_factor,
         consumer_auto_offset_reset="earliest",
         web_bind=settings.web_bind,
         web_port=settings.web_port,

@@ -71,6 +71,12 @@ class Settings:
         "METRICS_TOPIC", "Topic where runtime metrics are broadcast."))
     topic_partitions: int = field(default=4, metadata=_env(
         "TOPIC_PARTITIONS", "Partitions of the events and predictions topics when created."))
+    topic_replication_factor: int = field(default=1, metadata=_env(
+        "TOPIC_REPLICATION_FACTOR",
+        "Replicas of every topic and changelog Stratum creates (3 on a production cluster)."))
+    topic_min_insync_replicas: int = field(default=0, metadata=_env(
+        "TOPIC_MIN_INSYNC_REPLICAS",
+        "min.insync.replicas of the topics Stratum creates; 0 keeps the broker's default."))
     serving_batch_size: int = field(default=512, metadata=_env(
         "SERVING_BATCH_SIZE", "Largest micro-batch the serving path scores at once."))
     serving_batch_ms: int = field(default=20, metadata=_env(
@@ -190,6 +196,11 @@ class Settings:
         _check(1 <= self.web_port <= 65535, "WEB_PORT", self.web_port, "expected 1-65535")
         _check(self.topic_partitions >= 1, "TOPIC_PARTITIONS", self.topic_partitions,
                "expected a positive integer")
+        _check(self.topic_replication_factor >= 1, "TOPIC_REPLICATION_FACTOR",
+               self.topic_replication_factor, "expected a positive integer")
+        _check(0 <= self.topic_min_insync_replicas <= self.topic_replication_factor,
+               "TOPIC_MIN_INSYNC_REPLICAS", self.topic_min_insync_replicas,
+               "expected 0 (the broker's default) up to TOPIC_REPLICATION_FACTOR")
         _check(self.serving_batch_size >= 1, "SERVING_BATCH_SIZE", self.serving_batch_size,
                "expected a positive integer")
         _check(self.serving_batch_ms >= 0, "SERVING_BATCH_MS", self.serving_batch_ms,

@@ -14,7 +14,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from app.settings import Settings
 
-__all__ = ["TopicSpec", "topic_specs", "ensure_topics", "ensure_topics_sync"]
+__all__ = ["TopicSpec", "topic_specs", "durability_config", "ensure_topics", "ensure_topics_sync"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,14 @@ class TopicSpec:
     name: str
     partitions: int
     config: dict[str, str] = field(default_factory=dict)
+
+
+def durability_config(settings: Settings) -> dict[str, str]:
+    """Topic configuration every topic Stratum creates gets (Faust's changelogs and internal
+    topics included): ``min.insync.replicas`` when set, else the broker's default."""
+    if settings.topic_min_insync_replicas:
+        return {"min.insync.replicas": str(settings.topic_min_insync_replicas)}
+    return {}
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
@@ -56,8 +64,9 @@ async def ensure_topics(settings: Settings, names: list[str] | None = None,
         missing = [s for s in wanted if s.name not in existing]
         for spec in missing:
             try:
-                await admin.create_topics([NewTopic(spec.name, spec.partitions, 1,
-                                                    topic_configs=dict(spec.config))])
+                await admin.create_topics([NewTopic(
+                    spec.name, spec.partitions, settings.topic_replication_factor,
+                    topic_configs={**durability_config(settings), **spec.config})])
                 created.append(spec.name)
             except TopicAlreadyExistsError:  # another worker won the race: fine
                 pass

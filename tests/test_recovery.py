@@ -34,8 +34,10 @@ def changelog(settings: Settings, table: str = "latest_predictions") -> str:
 
 
 def topic_config(admin: AdminClient, topic: str) -> dict[str, str]:
+    """What the topic's creator set (the broker's defaults left out)."""
     (future,) = admin.describe_configs([ConfigResource("topic", topic)]).values()
-    return {name: entry.value for name, entry in future.result(timeout=10).items()}
+    return {name: entry.value for name, entry in future.result(timeout=10).items()
+            if not entry.is_default}
 
 
 def log_bounds(admin: AdminClient, bootstrap: str, topic: str, partition: int = 0
@@ -115,7 +117,8 @@ def test_a_worker_stopped_longer_than_the_retention_comes_back_quickly(
         settings_env: Callable[..., dict[str, str]], tmp_path: Path) -> None:
     retention_s = 5
     env, settings, version = deploy(settings_env, TOPIC_PARTITIONS="2",
-                                    LATEST_RETENTION_S=str(retention_s))
+                                    LATEST_RETENTION_S=str(retention_s),
+                                    TOPIC_MIN_INSYNC_REPLICAS="1")
     bootstrap = settings.bootstrap_servers
     admin = AdminClient({"bootstrap.servers": bootstrap})
     for round_ in range(3):
@@ -161,3 +164,7 @@ def test_a_worker_stopped_longer_than_the_retention_comes_back_quickly(
         config = topic_config(admin, changelog(settings, table))
         assert "compact" in config["cleanup.policy"]
         assert int(config["segment.ms"]) <= 5 * 60 * 1000
+    # TOPIC_MIN_INSYNC_REPLICAS reaches the topics Stratum creates and Faust's changelogs.
+    for topic in (settings.events_topic, settings.predictions_topic, changelog(settings),
+                  changelog(settings, "scored_by_version")):
+        assert topic_config(admin, topic)["min.insync.replicas"] == "1"

@@ -1,6 +1,7 @@
 """Settings: CONTRACT defaults, environment overrides, and start-up failures naming the variable."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -40,6 +41,8 @@ def test_overrides_and_real_aws() -> None:
     ({"BATCH_CRON": "every night"}, "BATCH_CRON"),
     ({"SERVING_BATCH_SIZE": "0"}, "SERVING_BATCH_SIZE"),
     ({"ADMIN_TOKEN": "short"}, "ADMIN_TOKEN"),
+    ({"TOPIC_REPLICATION_FACTOR": "0"}, "TOPIC_REPLICATION_FACTOR"),
+    ({"TOPIC_MIN_INSYNC_REPLICAS": "2"}, "TOPIC_MIN_INSYNC_REPLICAS"),  # above the replicas
 ])
 def test_bad_value_names_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
@@ -57,3 +60,26 @@ def test_worker_refuses_to_start_on_bad_setting() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "WEB_PORT" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_replication_settings_reach_every_topic_stratum_creates() -> None:
+    from app.topics import durability_config
+
+    default = Settings.from_env({})
+    assert default.topic_replication_factor == 1 and durability_config(default) == {}
+    cluster = Settings.from_env({"TOPIC_REPLICATION_FACTOR": "3",
+                                 "TOPIC_MIN_INSYNC_REPLICAS": "2"})
+    assert cluster.topic_replication_factor == 3
+    assert durability_config(cluster) == {"min.insync.replicas": "2"}
+    # Faust's own topics (changelogs, the summary topic) in a worker with those settings.
+    proc = subprocess.run([sys.executable, "-c", """
+from app import app
+from agents import speed, tables
+topics = [tables.latest_predictions.changelog_topic, tables.class_counts.table.changelog_topic,
+          tables.scored_by_version.changelog_topic, speed.quality_by_version.changelog_topic,
+          speed.scored_topic]
+print(app.conf.topic_replication_factor, {t.config.get("min.insync.replicas") for t in topics})
+"""], env={**os.environ, "TOPIC_REPLICATION_FACTOR": "3", "TOPIC_MIN_INSYNC_REPLICAS": "2"},
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[-2] == "3 {'2'}"
