@@ -37,6 +37,8 @@ MAX_TABLE_ROWS = 1000
 PIN_WAIT_S = 30.0
 #: Marks a lookup one worker asks of another: answer from local rows only.
 PEER_HEADER = "X-Stratum-Peer"
+#: Names, on a prediction lookup's answer, the worker (its advertised URL) that holds the row.
+WORKER_HEADER = "X-Stratum-Worker"
 #: How long a lookup waits for the other workers.
 PEER_TIMEOUT_S = 5.0
 
@@ -109,17 +111,25 @@ class PredictionDetail(StratumView):
         key = id.encode()
         prediction = latest_prediction(key)
         if prediction is not None:
-            return self.bytes(prediction, content_type="application/json")
+            return self.bytes(prediction, content_type="application/json",
+                              headers={WORKER_HEADER: _me()})
         if request.headers.get(PEER_HEADER) is None:
             found = await _ask_peers(f"/predictions/{quote(id, safe='')}/")
             if found is not None:
-                return self.bytes(found, content_type="application/json")
+                body, holder = found
+                return self.bytes(body, content_type="application/json",
+                                  headers={WORKER_HEADER: holder})
         return self.error(404, f"no prediction for id {id!r}")
 
 
-async def _ask_peers(path: str) -> bytes | None:
-    """The first 200 body any other worker holding table partitions answers for ``path``."""
-    me = str(app.conf.canonical_url).rstrip("/")
+def _me() -> str:
+    return str(app.conf.canonical_url).rstrip("/")
+
+
+async def _ask_peers(path: str) -> tuple[bytes, str] | None:
+    """The first 200 body any other worker holding table partitions answers for ``path``,
+    with the URL of the worker that answered."""
+    me = _me()
     peers = [url.rstrip("/") for url, topics in
              app.router.table_metadata(latest_predictions.name).items()
              if topics.get(LATEST_CHANGELOG) and url.rstrip("/") != me]
@@ -128,12 +138,12 @@ async def _ask_peers(path: str) -> bytes | None:
     session = app.http_client
     timeout = aiohttp.ClientTimeout(total=PEER_TIMEOUT_S)
 
-    async def ask(url: str) -> bytes | None:
+    async def ask(url: str) -> tuple[bytes, str] | None:
         try:
             async with session.get(f"{url}{path}", headers={PEER_HEADER: "1"},
                                    timeout=timeout) as response:
                 if response.status == 200:
-                    return await response.read()
+                    return await response.read(), url
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             log.warning("lookup at %s failed: %s", url, exc)
         return None

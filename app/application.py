@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import faust
 from aiohttp import web as aiohttp_web
@@ -51,7 +52,6 @@ async def json_errors(request: aiohttp_web.Request, handler: Any) -> aiohttp_web
 
 def create_app(settings: Settings) -> StratumApp:
     """Build the Faust App for ``settings`` (no I/O happens until the worker starts)."""
-    canonical_host = "127.0.0.1" if settings.web_bind in ("0.0.0.0", "::") else settings.web_bind
     return StratumApp(
         settings,
         broker=settings.kafka_broker,
@@ -64,8 +64,9 @@ def create_app(settings: Settings) -> StratumApp:
         consumer_auto_offset_reset="earliest",
         web_bind=settings.web_bind,
         web_port=settings.web_port,
-        web_host=canonical_host,
-        canonical_url=f"http://{canonical_host}:{settings.web_port}",
+        web_host=urlparse(settings.advertised_url).hostname,
+        # What the other workers are told to ask for this worker's table partitions.
+        canonical_url=settings.advertised_url,
         # Stratum serves its own /, /tables/ and /metrics; Faust's debug pages stay off.
         web_stats_enabled=False,
         web_graph_enabled=False,

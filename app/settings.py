@@ -51,6 +51,10 @@ class Settings:
         "WEB_BIND", "Address the worker's web server binds."))
     web_port: int = field(default=6066, metadata=_env(
         "WEB_PORT", "Port of the worker's web server."))
+    web_advertised_url: str | None = field(default=None, metadata=_env(
+        "WEB_ADVERTISED_URL",
+        "URL the other workers reach this one at (default http://WEB_BIND:WEB_PORT, and "
+        "http://127.0.0.1:WEB_PORT when bound to every address)."))
     admin_token: str | None = field(default=None, repr=False, metadata=_env(
         "ADMIN_TOKEN", "Bearer token for admin endpoints; unset disables them."))
     batch_cron: str = field(default="0 2 * * *", metadata=_env(
@@ -185,6 +189,10 @@ class Settings:
             host, _, port = host_port.rpartition(":")
             _check(bool(host) and port.isdigit(), "KAFKA_BROKER", self.kafka_broker,
                    "expected kafka://host:port")
+        if self.web_advertised_url is not None:
+            parsed = urlparse(self.web_advertised_url)
+            _check(parsed.scheme in ("http", "https") and bool(parsed.hostname),
+                   "WEB_ADVERTISED_URL", self.web_advertised_url, "expected http(s)://host:port")
         if self.s3_endpoint_url is not None:
             parsed = urlparse(self.s3_endpoint_url)
             _check(parsed.scheme in ("http", "https") and bool(parsed.netloc),
@@ -283,6 +291,14 @@ class Settings:
     def bootstrap_servers(self) -> str:
         """Comma-separated bootstrap list as aiokafka expects it."""
         return ",".join(self.broker_servers())
+
+    @property
+    def advertised_url(self) -> str:
+        """The URL the other workers reach this one's web server at."""
+        if self.web_advertised_url:
+            return self.web_advertised_url.rstrip("/")
+        host = "127.0.0.1" if self.web_bind in ("0.0.0.0", "::") else self.web_bind
+        return f"http://{host}:{self.web_port}"
 
     @property
     def storage_options(self) -> dict[str, Any]:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
 from confluent_kafka import Consumer, TopicPartition
 
 from app.settings import Settings
+from app.stack import free_port
 from tests.support import (WorkerProcess, consume_until, deploy_small_model, http, produce,
                            run)
 
@@ -123,3 +125,45 @@ def test_a_worker_starts_where_the_faust_agent_it_replaces_stopped(
         assert {p["id"] for p in predictions} == {f"new-{i}" for i in range(200)}
     finally:
         worker.stop()
+
+
+def test_workers_on_different_hosts_each_answer_every_lookup(
+        settings_env: Callable[..., dict[str, str]], tmp_path: Path) -> None:
+    """Two workers bound to every address, each advertising its own host (127.0.0.2 and
+    127.0.0.3 stand for two machines): a lookup on either finds a row wherever it lives."""
+    env, settings, version = deploy(settings_env, ARCHIVE="0", WEB_BIND="0.0.0.0")
+    workers, urls = [], []
+    for k, host in enumerate(("127.0.0.2", "127.0.0.3")):
+        port = free_port()
+        url = f"http://{host}:{port}"
+        workers.append(WorkerProcess({**env, "WEB_PORT": str(port), "WEB_ADVERTISED_URL": url,
+                                      "STRATUM_DATA_DIR": str(tmp_path / f"w{k}")},
+                                     tmp_path / f"w{k}.log"))
+        urls.append(url)
+    try:
+        for worker in workers:
+            worker.start().wait_ready()
+        wait_until(lambda: all(http("GET", f"{u}/ready")[0] == 200 for u in urls),
+                   "both workers ready after the rebalance")
+        batch = events("hosts", 400)
+        ids = [json.loads(v)["id"] for v in batch]
+        run(produce(settings.bootstrap_servers, settings.events_topic, batch))
+        run(consume_until(settings.bootstrap_servers, settings.predictions_topic,
+                          lambda vs: {v["id"] for v in vs} >= set(ids)))
+        # Each worker serves some of the input partitions, so some rows are the other's: it
+        # asks its peer at the URL the peer advertised, and the answer names the holder.
+        holders: dict[str, set[str]] = {}
+        for url in urls:
+            for event_id in ids[::10]:
+                with urllib.request.urlopen(f"{url}/predictions/{event_id}/",
+                                            timeout=30) as response:
+                    body = json.loads(response.read())
+                    holders.setdefault(event_id, set()).add(
+                        response.headers["X-Stratum-Worker"])
+                assert body["id"] == event_id and body["model_version"] == version
+        assert all(len(h) == 1 for h in holders.values())  # both name the same holder
+        assert set().union(*holders.values()) == set(urls)  # and each worker holds some
+    finally:
+        for worker in workers:
+            if worker.proc is not None:
+                worker.stop()

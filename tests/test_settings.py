@@ -42,6 +42,7 @@ def test_overrides_and_real_aws() -> None:
     ({"SERVING_BATCH_SIZE": "0"}, "SERVING_BATCH_SIZE"),
     ({"ADMIN_TOKEN": "short"}, "ADMIN_TOKEN"),
     ({"TOPIC_REPLICATION_FACTOR": "0"}, "TOPIC_REPLICATION_FACTOR"),
+    ({"WEB_ADVERTISED_URL": "worker-2:6066"}, "WEB_ADVERTISED_URL"),
     ({"TOPIC_MIN_INSYNC_REPLICAS": "2"}, "TOPIC_MIN_INSYNC_REPLICAS"),  # above the replicas
 ])
 def test_bad_value_names_the_variable(env: dict[str, str], named: str) -> None:
@@ -83,3 +84,12 @@ print(app.conf.topic_replication_factor, {t.config.get("min.insync.replicas") fo
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[-2] == "3 {'2'}"
+
+
+def test_advertised_url() -> None:
+    assert Settings.from_env({}).advertised_url == "http://127.0.0.1:6066"
+    assert Settings.from_env({"WEB_BIND": "0.0.0.0", "WEB_PORT": "7000"}).advertised_url == \
+        "http://127.0.0.1:7000"
+    assert Settings.from_env({"WEB_BIND": "0.0.0.0", "WEB_ADVERTISED_URL":
+                              "http://worker-2.internal:6066/"}).advertised_url == \
+        "http://worker-2.internal:6066"
