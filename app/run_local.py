@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from app.settings import Settings, SettingsError
-from app.stack import LocalStack, StackError, die_with_parent_preexec
+from app.stack import S3_CREDENTIALS, LocalStack, StackError, die_with_parent_preexec
 
 __all__ = ["main"]
 
@@ -112,6 +112,7 @@ def main() -> int:
                 env["KAFKA_BROKER"] = stack.kafka_broker
             if own_s3:
                 env["S3_ENDPOINT_URL"] = stack.s3_endpoint_url
+                env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = S3_CREDENTIALS
         _say("checking the model registry (bootstraps a base model when it is empty)")
         bootstrap = _spawn([sys.executable, "-m", "batch", "bootstrap"], env)
         children.append(("bootstrap", bootstrap))

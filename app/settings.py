@@ -38,9 +38,11 @@ class Settings:
     s3_endpoint_url: str | None = field(default=EMBEDDED_S3_ENDPOINT, metadata=_env(
         "S3_ENDPOINT_URL", "S3-API endpoint; set it empty to use real AWS S3."))
     aws_access_key_id: str | None = field(default=None, metadata=_env(
-        "AWS_ACCESS_KEY_ID", "S3 access key; S3RVER for the embedded server."))
+        "AWS_ACCESS_KEY_ID", "S3 access key; unset: the standard AWS credential chain "
+        "(S3RVER at the embedded server's default endpoint)."))
     aws_secret_access_key: str | None = field(default=None, repr=False, metadata=_env(
-        "AWS_SECRET_ACCESS_KEY", "S3 secret key; S3RVER for the embedded server."))
+        "AWS_SECRET_ACCESS_KEY", "S3 secret key; unset: the standard AWS credential chain "
+        "(S3RVER at the embedded server's default endpoint)."))
     lake_uri: str = field(default="s3://stratum/lake/events", metadata=_env(
         "LAKE_URI", "Where archived input lives as Parquet (dt=/hour= partitions)."))
     registry_uri: str = field(default="s3://stratum/models", metadata=_env(
@@ -304,7 +306,9 @@ class Settings:
     def storage_options(self) -> dict[str, Any]:
         """Keyword arguments for ``s3fs.S3FileSystem`` / fsspec on the lake and registry."""
         key, secret = self.aws_access_key_id, self.aws_secret_access_key
-        if self.s3_endpoint_url is not None and key is None and secret is None:
+        # Without keys, botocore's chain (environment, config files, instance role) decides;
+        # only the embedded server at its default address gets its fixed credentials.
+        if self.s3_endpoint_url == EMBEDDED_S3_ENDPOINT and key is None and secret is None:
             key, secret = EMBEDDED_S3_CREDENTIALS
         options: dict[str, Any] = {}
         if key is not None:

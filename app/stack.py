@@ -722,7 +722,9 @@ class LocalStack:
     def environment(self, bucket: str) -> dict[str, str]:
         """Stratum settings (environment variables) for this stack, with the lake and the
         registry in ``bucket``."""
+        key, secret = S3_CREDENTIALS
         return {"KAFKA_BROKER": self.kafka_broker, "S3_ENDPOINT_URL": self.s3_endpoint_url,
+                "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
                 "REGISTRY_URI": f"s3://{bucket}/models", "LAKE_URI": f"s3://{bucket}/lake"}
 
     @property

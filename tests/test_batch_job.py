@@ -181,7 +181,7 @@ def test_command_line_reports_an_unreachable_store_in_one_line() -> None:
 
     env = {"S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
            "LAKE_URI": "s3://nowhere/lake", "REGISTRY_URI": "s3://nowhere/models",
-           "AWS_MAX_ATTEMPTS": "1"}
+           "AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK", "AWS_MAX_ATTEMPTS": "1"}
     run = _cli(["run"], env, timeout=120)
     assert run.returncode == 1
     errors = [line for line in run.stderr.splitlines() if line.strip()]

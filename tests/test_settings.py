@@ -93,3 +93,13 @@ def test_advertised_url() -> None:
     assert Settings.from_env({"WEB_BIND": "0.0.0.0", "WEB_ADVERTISED_URL":
                               "http://worker-2.internal:6066/"}).advertised_url == \
         "http://worker-2.internal:6066"
+
+
+def test_s3_credentials_come_from_the_standard_chain_except_for_the_embedded_server() -> None:
+    assert Settings.from_env({}).storage_options["key"] == "S3RVER"  # embedded, default address
+    minio = Settings.from_env({"S3_ENDPOINT_URL": "https://minio.internal:9000"})
+    assert minio.storage_options == {"client_kwargs": {"endpoint_url":
+                                                       "https://minio.internal:9000"}}
+    keyed = Settings.from_env({"S3_ENDPOINT_URL": "https://minio.internal:9000",
+                               "AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"})
+    assert (keyed.storage_options["key"], keyed.storage_options["secret"]) == ("AK", "SK")
