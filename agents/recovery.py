@@ -15,8 +15,8 @@ partition recovered. Faust's recovery loop then ends at its next idle check (eve
 """
 from __future__ import annotations
 
-import logging
 import asyncio
+import logging
 from typing import Any, Mapping
 
 from app import app

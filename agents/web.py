@@ -112,7 +112,7 @@ class PredictionDetail(StratumView):
         prediction = latest_prediction(key)
         if prediction is not None:
             return self.bytes(prediction, content_type="application/json",
-                              headers={WORKER_HEADER: _me()})
+                              headers={WORKER_HEADER: settings.advertised_url})
         if request.headers.get(PEER_HEADER) is None:
             found = await _ask_peers(f"/predictions/{quote(id, safe='')}/")
             if found is not None:
@@ -122,14 +122,10 @@ class PredictionDetail(StratumView):
         return self.error(404, f"no prediction for id {id!r}")
 
 
-def _me() -> str:
-    return str(app.conf.canonical_url).rstrip("/")
-
-
 async def _ask_peers(path: str) -> tuple[bytes, str] | None:
     """The first 200 body any other worker holding table partitions answers for ``path``,
     with the URL of the worker that answered."""
-    me = _me()
+    me = settings.advertised_url  # the app advertises it as its canonical URL
     peers = [url.rstrip("/") for url, topics in
              app.router.table_metadata(latest_predictions.name).items()
              if topics.get(LATEST_CHANGELOG) and url.rstrip("/") != me]
