@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, TypeVar
 from urllib.parse import urlparse
@@ -18,6 +19,12 @@ EMBEDDED_S3_ENDPOINT = "http://127.0.0.1:9000"
 EMBEDDED_S3_CREDENTIALS = ("S3RVER", "S3RVER")
 
 T = TypeVar("T")
+
+#: Fields KAFKA_PREFIX is put in front of: every topic and consumer group derives from these.
+PREFIXED_FIELDS = ("app_id", "events_topic", "predictions_topic", "dlq_topic", "updates_topic",
+                   "metrics_topic")
+#: Characters Kafka allows in a topic name.
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]*")
 
 
 class SettingsError(ValueError):
@@ -75,6 +82,9 @@ class Settings:
         "UPDATES_TOPIC", "Model update topic (MODEL-REF and UP messages)."))
     metrics_topic: str = field(default="metrics", metadata=_env(
         "METRICS_TOPIC", "Topic where runtime metrics are broadcast."))
+    kafka_prefix: str = field(default="", metadata=_env(
+        "KAFKA_PREFIX", "Put before every topic name and STRATUM_APP_ID (so before every "
+        "consumer group and changelog), so that several deployments share one cluster."))
     topic_partitions: int = field(default=4, metadata=_env(
         "TOPIC_PARTITIONS", "Partitions of the events and predictions topics when created."))
     topic_replication_factor: int = field(default=1, metadata=_env(
@@ -167,6 +177,12 @@ class Settings:
         "SPARK_MASTER", "Spark master URL of the batch job."))
     spark_driver_memory: str = field(default="1g", metadata=_env(
         "SPARK_DRIVER_MEMORY", "Driver heap of the batch job's Spark session."))
+    spark_driver_host: str | None = field(default=None, metadata=_env(
+        "SPARK_DRIVER_HOST", "Address Spark executors reach the batch job's driver at "
+        "(default SPARK_LOCAL_IP, else 127.0.0.1); on a cluster, this host's routable address."))
+    spark_driver_bind: str | None = field(default=None, metadata=_env(
+        "SPARK_DRIVER_BIND", "Address the batch job's driver listens on (default "
+        "SPARK_DRIVER_HOST; 0.0.0.0 for every interface)."))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -179,6 +195,11 @@ class Settings:
                 continue
             raw = environ[name]
             values[f.name] = _convert(name, raw, f.type)
+        prefix = values.get("kafka_prefix", "")
+        if prefix:
+            defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+            for name in PREFIXED_FIELDS:
+                values[name] = prefix + values.get(name, defaults[name])
         settings = cls(**values)
         settings.validate()
         return settings
@@ -203,6 +224,12 @@ class Settings:
             parsed = urlparse(uri)
             _check(parsed.scheme in ("s3", "file") and bool(parsed.netloc or parsed.path),
                    env, uri, "expected s3://bucket/prefix or file:///path")
+        _check(_TOPIC_NAME.fullmatch(self.kafka_prefix) is not None, "KAFKA_PREFIX",
+               self.kafka_prefix, "expected letters, digits, '.', '_' or '-'")
+        for name in PREFIXED_FIELDS:
+            value = getattr(self, name)
+            _check(bool(value) and len(value) <= 200 and _TOPIC_NAME.fullmatch(value) is not None,
+                   _env_name(name), value, "expected 1-200 letters, digits, '.', '_' or '-'")
         _check(1 <= self.web_port <= 65535, "WEB_PORT", self.web_port, "expected 1-65535")
         _check(self.topic_partitions >= 1, "TOPIC_PARTITIONS", self.topic_partitions,
                "expected a positive integer")
@@ -326,6 +353,11 @@ class Settings:
         for f in dataclasses.fields(cls):
             lines.append(f"{f.metadata['env']:<24} {f.default!s:<28} {f.metadata['help']}")
         return "\n".join(lines)
+
+
+def _env_name(field_name: str) -> str:
+    """The environment variable of a settings field."""
+    return next(f.metadata["env"] for f in dataclasses.fields(Settings) if f.name == field_name)
 
 
 def _check(ok: bool, env: str, value: Any, expected: str) -> None:
