@@ -17,7 +17,13 @@ dependencies are installed. Command line::
 
     python -m app.stack provision
     python -m app.stack up [--kafka-port 9092] [--zk-port 2181] [--s3-port 9000]
-                           [--data-dir .stack/data] [--no-kafka] [--no-s3] [--bucket stratum]
+                           [--brokers 1] [--data-dir .stack/data] [--no-kafka] [--no-s3]
+                           [--bucket stratum]
+
+With ``brokers=3`` (``--brokers 3``) the stack is a replicated cluster on one ZooKeeper:
+topics are created with three replicas and ``min.insync.replicas=2``, as on a production
+cluster, and single brokers can be killed and restarted (:meth:`LocalStack.kill_broker`,
+:meth:`LocalStack.start_broker`).
 """
 from __future__ import annotations
 
@@ -485,6 +491,12 @@ def _zk_serving(port: int) -> bool:
         return False
 
 
+def _zk_registered(port: int, broker_id: int) -> bool:
+    """Whether ZooKeeper still holds the ephemeral registration ``/brokers/ids/<id>``."""
+    answer = _zk_command(port, "dump")
+    return re.search(rf"^\s*/brokers/ids/{broker_id}\s*$", answer, re.MULTILINE) is not None
+
+
 def _zk_ephemeral_sessions(port: int) -> int:
     """How many ZooKeeper sessions still hold ephemeral nodes (a broker's registration)."""
     answer = _zk_command(port, "dump")
@@ -495,7 +507,7 @@ def _zk_ephemeral_sessions(port: int) -> int:
 
 
 def _kafka_metadata(port: int, timeout: float = 5.0) -> tuple[int, int]:
-    """Ask the broker for cluster metadata; return (number of brokers, controller id).
+    """Ask the broker for cluster metadata; return (number of live brokers, controller id).
 
     A raw Metadata v1 request keeps this module free of client libraries. The broker answers
     only once its request handlers run, and lists itself only once the controller has sent it
@@ -547,12 +559,12 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(data)
 
 
-def _kafka_ready(port: int) -> bool:
+def _kafka_ready(port: int, brokers_expected: int = 1) -> bool:
     try:
         brokers, controller = _kafka_metadata(port)
     except (OSError, struct.error, StackError):
         return False
-    return brokers > 0 and controller >= 0
+    return brokers >= brokers_expected and controller >= 0
 
 
 def _http_answers(port: int) -> bool:
@@ -641,7 +653,7 @@ def _open_log(path: Path) -> tuple[IO[bytes], int]:
 
 
 class LocalStack:
-    """ZooKeeper, a Kafka broker and s3rver as child processes on 127.0.0.1.
+    """ZooKeeper, one or more Kafka brokers and s3rver as child processes on 127.0.0.1.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. Each process runs in its
     own process group and logs to ``<data_dir>/logs/``. Data lives under ``data_dir`` and
@@ -655,7 +667,12 @@ class LocalStack:
     data_dir
         Where ZooKeeper, Kafka and s3rver keep data and logs; default ``<repo>/.stack/data``.
     zk_port, kafka_port, s3_port
-        Ports on 127.0.0.1; ``None`` picks a free one at :meth:`start`.
+        Ports on 127.0.0.1; ``None`` picks a free one at :meth:`start`. ``kafka_port`` is the
+        first broker's; the others always get free ports.
+    brokers
+        How many Kafka brokers (ids 0..n-1) share the ZooKeeper. With three or more, topics
+        get three replicas by default and ``min.insync.replicas`` is 2, internal topics
+        included, as on a production cluster.
     with_kafka, with_s3
         Which parts to run.
     s3_buckets
@@ -675,8 +692,10 @@ class LocalStack:
                  *, zk_port: int | None = None, kafka_port: int | None = None,
                  s3_port: int | None = None, with_kafka: bool = True, with_s3: bool = True,
                  s3_buckets: Sequence[str] = (), start_timeout: float = 120.0,
-                 die_with_parent: bool = True,
+                 die_with_parent: bool = True, brokers: int = 1,
                  broker_config: Mapping[str, object] | None = None) -> None:
+        if brokers < 1:
+            raise StackError(f"brokers must be at least 1, not {brokers}")
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).resolve()
         self.data_dir = Path(data_dir or DEFAULT_DATA_DIR).resolve()
         self.zk_port = zk_port
@@ -688,6 +707,10 @@ class LocalStack:
         self.start_timeout = start_timeout
         self.die_with_parent = die_with_parent
         self.broker_config = dict(broker_config or {})
+        self.brokers = brokers
+        #: Port of each broker by id (the first is ``kafka_port``), set at :meth:`start`.
+        self.kafka_ports: list[int] = []
+        self._paths: StackPaths | None = None
         self._services: dict[str, _Service] = {}
         self._lock_handle: IO[str] | None = None
 
@@ -695,15 +718,20 @@ class LocalStack:
 
     @property
     def bootstrap(self) -> str:
-        """The broker as ``127.0.0.1:PORT`` (aiokafka's ``bootstrap_servers``)."""
-        if not self.with_kafka or self.kafka_port is None:
+        """The brokers as ``127.0.0.1:PORT[,127.0.0.1:PORT...]`` (``bootstrap_servers``)."""
+        if not self.with_kafka or not self.kafka_ports:
             raise StackError("this stack runs no Kafka broker (or has not been started)")
-        return f"{HOST}:{self.kafka_port}"
+        return ",".join(f"{HOST}:{port}" for port in self.kafka_ports)
 
     @property
     def kafka_broker(self) -> str:
-        """The broker as ``kafka://127.0.0.1:PORT`` (Faust's broker URL, ``KAFKA_BROKER``)."""
-        return f"kafka://{self.bootstrap}"
+        """The brokers as ``kafka://127.0.0.1:PORT[;127.0.0.1:PORT...]`` (``KAFKA_BROKER``)."""
+        return "kafka://" + self.bootstrap.replace(",", ";")
+
+    @staticmethod
+    def broker_service(broker_id: int) -> str:
+        """Name of a broker's service (its key in :attr:`pids`, its log's name)."""
+        return "kafka" if broker_id == 0 else f"kafka-{broker_id}"
 
     @property
     def s3_endpoint_url(self) -> str:
@@ -757,7 +785,8 @@ class LocalStack:
         self.stop()
 
     def start(self) -> "LocalStack":
-        """Provision if needed, start the services and block until each is ready.
+        """Provision if needed, start the services and block until each is ready (with
+        several brokers, until every one of them is in the cluster's metadata).
 
         Raises
         ------
@@ -771,6 +800,7 @@ class LocalStack:
         if not (self.with_kafka or self.with_s3):
             raise StackError("nothing to start: both Kafka and S3 are disabled")
         paths = provision(self.cache_dir, kafka=self.with_kafka, s3=self.with_s3)
+        self._paths = paths
         self._lock_data_dir()
         began = time.monotonic()
         try:
@@ -780,7 +810,10 @@ class LocalStack:
             if self.with_kafka:
                 self._launch_zookeeper(paths)
                 self._wait_until("zookeeper", lambda: _zk_serving(self._port("zk")))
-                self._start_broker(paths)
+                for broker_id in range(self.brokers):
+                    self._launch_broker(paths, broker_id)
+                for broker_id in range(self.brokers):
+                    self._await_broker(paths, broker_id)
             if self.with_s3:
                 self._wait_until("s3rver", lambda: _http_answers(self._port("s3")))
         except BaseException:
@@ -801,17 +834,18 @@ class LocalStack:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop every service (SIGTERM, then SIGKILL after ``timeout``) and wait for it.
 
-        The broker goes first and ZooKeeper last, so the broker can close its ZooKeeper
+        The brokers go first and ZooKeeper last, so each broker can close its ZooKeeper
         session and a restart does not find a stale registration. Safe to call twice.
         """
         try:
-            broker = self._services.get("kafka")
+            brokers = [service for name, service in self._services.items()
+                       if name == "kafka" or name.startswith("kafka-")]
             s3rver = self._services.get("s3rver")
-            for service in (broker, s3rver):
+            for service in (*brokers, s3rver):
                 if service is not None:
                     service.signal(signal.SIGTERM)
-            if broker is not None:
-                self._reap(broker, timeout)
+            for service in brokers:
+                self._reap(service, timeout)
             zookeeper = self._services.get("zookeeper")
             if zookeeper is not None:
                 zookeeper.signal(signal.SIGTERM)
@@ -820,6 +854,53 @@ class LocalStack:
         finally:
             self._services.clear()
             self._unlock_data_dir()
+
+    # -- faults -------------------------------------------------------------------------
+
+    def broker_pid(self, broker_id: int) -> int | None:
+        """Process id of a running broker, or ``None`` when it is not running."""
+        service = self._services.get(self.broker_service(broker_id))
+        return service.process.pid if service is not None and service.alive else None
+
+    def kill_broker(self, broker_id: int, sig: signal.Signals = signal.SIGKILL,
+                    timeout: float = 60.0) -> None:
+        """Stop one broker with ``sig`` (SIGKILL: a crash; SIGTERM: a controlled shutdown)
+        and wait until its process is gone. Its data stays for :meth:`start_broker`."""
+        name = self.broker_service(broker_id)
+        service = self._services.get(name)
+        if service is None:
+            raise StackError(f"broker {broker_id} is not running")
+        service.signal(sig)
+        self._reap(service, timeout)
+        del self._services[name]
+
+    def start_broker(self, broker_id: int) -> None:
+        """(Re)start one broker on its port and data, and wait until it is in the cluster.
+
+        A broker killed moments ago leaves a registration that lives until its ZooKeeper
+        session expires (``ZK_SESSION_TIMEOUT_MS``): this waits for that first."""
+        if self._paths is None or not self.kafka_ports:
+            raise StackError("the stack has not been started")
+        if self.broker_service(broker_id) in self._services:
+            raise StackError(f"broker {broker_id} is already running")
+        self._launch_broker(self._paths, broker_id)
+        self._await_broker(self._paths, broker_id)
+
+    def stop_s3(self, timeout: float = 30.0) -> None:
+        """Stop the S3 server (an outage); :meth:`start_s3` brings it back on the same port
+        and data."""
+        service = self._services.pop("s3rver", None)
+        if service is None:
+            raise StackError("the S3 server is not running")
+        service.signal(signal.SIGTERM)
+        self._reap(service, timeout)
+
+    def start_s3(self) -> None:
+        """Start the S3 server again after :meth:`stop_s3` and wait until it answers."""
+        if self._paths is None or "s3rver" in self._services:
+            raise StackError("the S3 server is running or the stack was never started")
+        self._launch_s3rver(self._paths)
+        self._wait_until("s3rver", lambda: _http_answers(self._port("s3")))
 
     @staticmethod
     def _reap(service: _Service, timeout: float) -> None:
@@ -871,9 +952,14 @@ class LocalStack:
                     f"{label} port {HOST}:{port} is already in use (another stack or server "
                     f"is running there): stop it or choose another port{hints.get(attr, '')}")
         unassigned = [attr for attr, _ in wanted if getattr(self, f"{attr}_port") is None]
-        for attr, port in zip(unassigned, free_ports(len(unassigned)), strict=True):
+        extra = self.brokers - 1 if self.with_kafka else 0
+        fresh = free_ports(len(unassigned) + extra)
+        for attr, port in zip(unassigned, fresh, strict=False):
             setattr(self, f"{attr}_port", port)
-        ports = [getattr(self, f"{attr}_port") for attr, _ in wanted]
+        if self.with_kafka:
+            assert self.kafka_port is not None
+            self.kafka_ports = [self.kafka_port, *fresh[len(unassigned):]]
+        ports = [getattr(self, f"{attr}_port") for attr, _ in wanted] + self.kafka_ports[1:]
         if len(set(ports)) != len(ports):
             raise StackError(f"ports must differ: {ports}")
 
@@ -953,36 +1039,44 @@ class LocalStack:
                str(properties)]
         self._spawn("zookeeper", cmd)
 
-    def _start_broker(self, paths: StackPaths, attempts: int = 3) -> None:
+    def _await_broker(self, paths: StackPaths, broker_id: int, attempts: int = 3) -> None:
+        """Wait until a launched broker serves metadata listing the whole cluster; relaunch it
+        if it stopped on a stale registration of its id."""
+        name = self.broker_service(broker_id)
+        port = self.kafka_ports[broker_id]
+        expected = sum(1 for i in range(self.brokers) if self.broker_service(i) in self._services)
         for attempt in range(1, attempts + 1):
-            self._wait_for_stale_registration()
-            self._launch_broker(paths)
             try:
-                self._wait_until("kafka", lambda: _kafka_ready(self._port("kafka")))
+                self._wait_until(name, lambda: _kafka_ready(port, expected))
                 return
             except StackError:
-                broker = self._services["kafka"]
+                broker = self._services[name]
                 stale = not broker.alive and "NodeExists" in broker.log_tail(200)
                 if not stale or attempt == attempts:
                     raise
                 # A registration from a broker that died moments ago; it expires with its
                 # ZooKeeper session, so wait for that and try again.
-                log.warning("broker found a stale ZooKeeper registration; retrying")
-                del self._services["kafka"]
+                log.warning("broker %d found a stale ZooKeeper registration; retrying",
+                            broker_id)
+                del self._services[name]
+                self._launch_broker(paths, broker_id)
 
-    def _wait_for_stale_registration(self) -> None:
-        """Wait until no ZooKeeper session holds ephemeral nodes.
+    def _wait_for_stale_registration(self, broker_id: int) -> None:
+        """Wait until ZooKeeper no longer holds broker ``broker_id``'s registration.
 
-        Only the broker creates ephemeral nodes (its /brokers/ids entry and /controller). A
-        broker that was killed leaves them behind until its session expires, and a new broker
-        then refuses to start with NodeExists.
+        A broker that was killed leaves its ephemeral ``/brokers/ids/<id>`` node behind until
+        its session expires, and a new broker with that id then refuses to start with
+        NodeExists. With one broker, a ``/controller`` node left behind is waited out too.
         """
         port = self._port("zk")
         deadline = time.monotonic() + 3 * ZK_SESSION_TIMEOUT_MS / 1000 + 10
         announced = False
         while True:
             try:
-                if _zk_ephemeral_sessions(port) == 0:
+                if self.brokers == 1:
+                    if _zk_ephemeral_sessions(port) == 0:
+                        return
+                elif not _zk_registered(port, broker_id):
                     return
             except OSError:
                 pass
@@ -995,15 +1089,19 @@ class LocalStack:
             self._check_alive(self._services["zookeeper"])
             time.sleep(0.5)
 
-    def _launch_broker(self, paths: StackPaths) -> None:
+    def _launch_broker(self, paths: StackPaths, broker_id: int = 0) -> None:
+        self._wait_for_stale_registration(broker_id)
         conf = self.data_dir / "conf"
         conf.mkdir(parents=True, exist_ok=True)
-        kafka_logs = self.data_dir / "kafka-logs"
+        suffix = "" if broker_id == 0 else f"-{broker_id}"
+        kafka_logs = self.data_dir / f"kafka-logs{suffix}"
         kafka_logs.mkdir(parents=True, exist_ok=True)
-        listener = f"PLAINTEXT://{HOST}:{self._port('kafka')}"
-        properties = conf / "server.properties"
+        listener = f"PLAINTEXT://{HOST}:{self.kafka_ports[broker_id]}"
+        replicas = min(self.brokers, 3)
+        min_isr = 2 if self.brokers >= 3 else 1
+        properties = conf / f"server{suffix}.properties"
         properties.write_text(_render({
-            "broker.id": 0,
+            "broker.id": broker_id,
             "listeners": listener,
             "advertised.listeners": listener,
             "log.dirs": kafka_logs,
@@ -1012,14 +1110,16 @@ class LocalStack:
             "zookeeper.connection.timeout.ms": 30000,
             # One node: without this every consumer group join waits 3 s for more members.
             "group.initial.rebalance.delay.ms": 0,
-            "offsets.topic.replication.factor": 1,
+            "offsets.topic.replication.factor": replicas,
             # Fewer partitions than the default 50 make the first group join quicker.
             "offsets.topic.num.partitions": 10,
-            "transaction.state.log.replication.factor": 1,
-            "transaction.state.log.min.isr": 1,
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.min.isr": min_isr,
             "transaction.state.log.num.partitions": 10,
-            "default.replication.factor": 1,
-            "min.insync.replicas": 1,
+            "default.replication.factor": replicas,
+            "min.insync.replicas": min_isr,
+            # A replica that lost its data must never become leader.
+            "unclean.leader.election.enable": "false",
             "num.partitions": 1,
             "auto.create.topics.enable": "true",
             "delete.topic.enable": "true",
@@ -1042,7 +1142,7 @@ class LocalStack:
                    "-XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent",
                    log4j),
                "-cp", classpath, "kafka.Kafka", str(properties)]
-        self._spawn("kafka", cmd)
+        self._spawn(self.broker_service(broker_id), cmd)
 
     def _launch_s3rver(self, paths: StackPaths) -> None:
         node = shutil.which("node")
@@ -1148,6 +1248,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     stack = LocalStack(args.cache_dir, args.data_dir, zk_port=args.zk_port,
                        kafka_port=args.kafka_port, s3_port=args.s3_port,
                        with_kafka=not args.no_kafka, with_s3=not args.no_s3,
+                       brokers=args.brokers,
                        s3_buckets=args.bucket or ["stratum"], start_timeout=args.timeout)
     # Set explicitly: a shell starts background jobs with SIGINT ignored, and `make run`
     # stops this process with SIGINT or SIGTERM either way.
@@ -1191,6 +1292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--kafka-port", type=int, default=9092)
     up.add_argument("--zk-port", type=int, default=2181)
     up.add_argument("--s3-port", type=int, default=9000)
+    up.add_argument("--brokers", type=int, default=1,
+                    help="Kafka brokers (3: a replicated cluster, min ISR 2; default 1)")
     up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                     help="data and logs (default: %(default)s)")
     up.add_argument("--no-kafka", action="store_true", help="do not run ZooKeeper and Kafka")

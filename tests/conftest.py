@@ -28,7 +28,8 @@ from app.stack import DEFAULT_CACHE_DIR, S3_CREDENTIALS, LocalStack, free_port
 
 #: Fixtures that start the stack; a test using any of them (directly or through another
 #: fixture) is an integration test.
-STACK_FIXTURES = frozenset({"stack", "kafka_broker", "s3_server", "settings_env", "spark"})
+STACK_FIXTURES = frozenset({"stack", "kafka_broker", "s3_server", "settings_env", "spark",
+                            "kafka_cluster"})
 
 # Unit tests use the module-level app of the default settings: its local table stores (the
 # RocksDB files of latest_predictions) go to a temporary directory, not the checkout.
@@ -113,6 +114,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     with LocalStack(cache_dir=DEFAULT_CACHE_DIR, data_dir=tmp_path_factory.mktemp("stack"),
                     with_kafka=True, with_s3=True,
                     broker_config={"log.retention.check.interval.ms": 1000}) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """Three Kafka brokers on one ZooKeeper (topics replicated 3, min ISR 2), for the session.
+
+    Kafka only: tests pair it with the session's S3 server (``settings_env(KAFKA_BROKER=
+    kafka_cluster.kafka_broker)``). Tests may kill and restart brokers
+    (``kill_broker(id)``, ``start_broker(id)``) but leave all three running when they end.
+    """
+    with LocalStack(cache_dir=DEFAULT_CACHE_DIR, data_dir=tmp_path_factory.mktemp("cluster"),
+                    with_kafka=True, with_s3=False, brokers=3) as running:
         yield running
 
 
