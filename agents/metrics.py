@@ -19,7 +19,7 @@ from app import app
 settings = app.settings
 
 __all__ = ["REGISTRY", "EVENTS_SCORED", "EVENTS_DEAD_LETTERED", "BATCH_SECONDS",
-           "BATCH_SIZE", "MODEL_REFUSALS", "MODEL_REFUSAL_REASONS", "snapshot",
+           "BATCH_SIZE", "MODEL_REFUSALS", "SPEED_LEARNER", "MODEL_REFUSAL_REASONS", "snapshot",
            "prometheus_text", "count_scored", "METRIC_MAX_VERSIONS"]
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ MODEL_REFUSAL_REASONS = Counter("stratum_model_refusals_by_kind",
                                 "ignored)", ["kind"], registry=REGISTRY)
 ACTIVE_MODEL = Gauge("stratum_active_model_info", "The version serving now (value is 1)",
                      ["model", "version"], registry=REGISTRY)
+SPEED_LEARNER = Gauge("stratum_speed_learner",
+                      "1 on the worker that holds the scored-summary partition: it counts what "
+                      "serving scored and runs the speed layer's learner; 0 elsewhere",
+                      registry=REGISTRY)
 
 #: Most model versions ``stratum_events_scored`` keeps a series for (the most recently scored):
 #: the speed layer makes a new version every few seconds, and every series costs memory here
@@ -73,7 +77,10 @@ def prometheus_text() -> bytes:
 
 def _refresh_model_gauges() -> None:
     from agents.model_manager import model_manager
+    from agents.speed import SCORED_TOPIC
 
+    SPEED_LEARNER.set(int(any(tp.topic == SCORED_TOPIC
+                              for tp in app.assignor.assigned_actives())))
     MODEL_REFUSALS.set(model_manager.ledger.refusals)
     ACTIVE_MODEL.clear()
     if model_manager.active is not None:

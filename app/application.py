@@ -80,6 +80,7 @@ def create_app(settings: Settings) -> StratumApp:
         # is 20): the micro-batch stays unacknowledged and its events are delivered again.
         producer_request_timeout=60.0,
         stream_buffer_maxsize=8192,
+        broker_session_timeout=settings.worker_session_timeout_s,
         broker_commit_every=5000,
         broker_commit_interval=1.0,
         table_standby_replicas=0,

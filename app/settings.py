@@ -93,6 +93,10 @@ class Settings:
     topic_min_insync_replicas: int = field(default=0, metadata=_env(
         "TOPIC_MIN_INSYNC_REPLICAS",
         "min.insync.replicas of the topics Stratum creates; 0 keeps the broker's default."))
+    worker_session_timeout_s: float = field(default=60.0, metadata=_env(
+        "WORKER_SESSION_TIMEOUT_S",
+        "How long the group waits for a silent worker (crashed, frozen, cut off) before its "
+        "partitions go to the others; a shorter one fails over sooner."))
     serving_batch_size: int = field(default=512, metadata=_env(
         "SERVING_BATCH_SIZE", "Largest micro-batch the serving path scores at once."))
     serving_batch_ms: int = field(default=20, metadata=_env(
@@ -238,6 +242,9 @@ class Settings:
         _check(0 <= self.topic_min_insync_replicas <= self.topic_replication_factor,
                "TOPIC_MIN_INSYNC_REPLICAS", self.topic_min_insync_replicas,
                "expected 0 (the broker's default) up to TOPIC_REPLICATION_FACTOR")
+        # Faust heartbeats every 3 s; the broker allows 6 s to 30 min by default.
+        _check(10 <= self.worker_session_timeout_s <= 1800, "WORKER_SESSION_TIMEOUT_S",
+               self.worker_session_timeout_s, "expected seconds from 10 to 1800")
         _check(self.serving_batch_size >= 1, "SERVING_BATCH_SIZE", self.serving_batch_size,
                "expected a positive integer")
         _check(self.serving_batch_ms >= 0, "SERVING_BATCH_MS", self.serving_batch_ms,

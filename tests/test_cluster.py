@@ -17,7 +17,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from app.stack import LocalStack
-from tests.support import WorkerProcess, consume_until, deploy_small_model, run
+from tests.support import WorkerProcess, consume_until, deploy_small_model, http, run
 
 FEATURES = ["a", "b", "c"]
 CLASSES = ["b", "s"]
@@ -82,6 +82,9 @@ def test_a_broker_killed_mid_stream_loses_no_event(
         sent += [json.loads(v)["id"] for v in first]
         run(consume_until(bootstrap, settings.predictions_topic,
                           lambda vs: len({v["id"] for v in vs}) >= len(sent), timeout=120))
+        # The only worker holds the scored-summary partition: it is the learner.
+        status, metrics, _ = http("GET", f"{worker.url}/metrics")
+        assert status == 200 and "\nstratum_speed_learner 1.0\n" in metrics
 
         # Kill the broker that leads the most input partitions, while events keep coming.
         leaders = Counter(leader for leader, _, _ in layout.values())
