@@ -610,7 +610,10 @@ def main() -> int:
                "LAKE_URI": "s3://faults/lake/events", "TOPIC_REPLICATION_FACTOR": "3",
                "TOPIC_MIN_INSYNC_REPLICAS": "2", "TOPIC_PARTITIONS": str(args.partitions),
                "ARCHIVE_FLUSH_S": "5", "SPEED_WINDOW_S": "5", "SPEED_MIN_EXAMPLES": "50",
-               "TORCH_THREADS": "1", "WORKER_SESSION_TIMEOUT_S": str(args.session_timeout)}
+               "TORCH_THREADS": "1", "WORKER_SESSION_TIMEOUT_S": str(args.session_timeout),
+               # Workers and batch runs import this checkout's code, whatever is installed.
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                           os.environ.get("PYTHONPATH")]))}
         settings = Settings.from_env(env)
         registry = Registry(settings.registry_uri, settings.storage_options)
         ref = publish_small_model(registry, settings.model_name, FEATURES, CLASSES)
