@@ -83,6 +83,10 @@ MAX_BATCHES_IN_FLIGHT = 4
 COMMIT_INTERVAL_S = 1.0
 #: A micro-batch whose messages wait longer than this for the broker is logged.
 SLOW_SEND_S = 5.0
+#: Longest a stopping worker spends answering, storing and committing what it read (and
+#: archiving what it buffered); past it, it stops without committing, and whoever reads the
+#: partitions next answers those events again.
+STOP_DRAIN_S = 30.0
 
 
 @dataclass
@@ -133,6 +137,8 @@ class ServingService(Service):
         #: Partitions not read while the archive has no room for them.
         self._paused: set[int] = set()
         self._lock = asyncio.Lock()
+        #: Set once a micro-batch could not be stored: nothing may be committed after that.
+        self._failed = False
         # Receivers run before the consumer rejoins the group (Faust awaits them).
         app.on_partitions_revoked.connect(self._on_partitions_revoked)
         app.on_partitions_assigned.connect(self._on_partitions_assigned)
@@ -151,16 +157,37 @@ class ServingService(Service):
             self.archiver = LakeArchiver(s, on_flush=count_flush)
 
     async def on_stop(self) -> None:
-        async with self._lock:
-            try:
+        """Answer, store and commit what was read, unless a micro-batch failed; bounded by
+        ``STOP_DRAIN_S`` either way, so that a worker stopping while the cluster is away
+        still exits (and is restarted), leaving the uncommitted events to be read again."""
+        failed = self._failed
+
+        async def release() -> None:
+            async with self._lock:
                 await self._release()
-            finally:
-                if self.archiver is not None:
-                    await self.archiver.stop()
-                if self.reader is not None:
-                    self.reader.close()
-                if self.producer is not None:
-                    self.producer.close()
+
+        try:
+            if not failed:
+                await self._bounded(release(), "answer, store and commit what it read")
+            if self.archiver is not None:
+                await self._bounded(self.archiver.stop(flush=not failed),
+                                    "archive what it buffered")
+        finally:
+            if self.reader is not None:
+                self.reader.close()
+            if self.producer is not None:
+                self.producer.close(timeout=0 if failed else STOP_DRAIN_S)
+
+    @staticmethod
+    async def _bounded(step: Any, what: str) -> None:
+        try:
+            await asyncio.wait_for(step, STOP_DRAIN_S)
+        except asyncio.TimeoutError:
+            log.error("stopping without waiting any longer to %s (%.0fs): uncommitted events "
+                      "are read again by the next owner", what, STOP_DRAIN_S)
+        except Exception:
+            log.exception("stopping: could not %s; uncommitted events are read again by "
+                          "the next owner", what)
 
     # -- the loop
 
@@ -405,6 +432,7 @@ class ServingService(Service):
         if done.cancelled() or done.exception() is None:
             return
         exc = done.exception()
+        self._failed = True
         log.error("the broker did not store a micro-batch's messages (%s); stopping this "
                   "worker so that its partitions are read again from the last committed "
                   "offset", exc)
@@ -412,6 +440,7 @@ class ServingService(Service):
 
     def _fatal(self, reason: str) -> None:
         # Called from librdkafka's thread.
+        self._failed = True
         loop = self.loop
         loop.call_soon_threadsafe(lambda: asyncio.ensure_future(
             app.crash(RuntimeError(f"output producer failed: {reason}"))))

@@ -248,6 +248,10 @@ class Delivery:
             self.done.set_result(None)
 
 
+#: How long the serving producer retries a message before its micro-batch fails.
+MESSAGE_TIMEOUT_MS = 300_000
+
+
 class OutputProducer:
     """One librdkafka producer for everything the serving path writes.
 
@@ -267,9 +271,10 @@ class OutputProducer:
             "partitioner": "murmur2_random",
             "batch.size": 1024 * 1024,
             "queue.buffering.max.kbytes": PRODUCE_QUEUE_KIB,
-            # The broker has this long to store a message, retries included; then its
-            # micro-batch fails and the worker stops (its events are read again).
-            "message.timeout.ms": 60_000,
+            # The cluster has this long to store a message, retries included (long enough
+            # to ride out a restart of every broker); then its micro-batch fails and the
+            # worker stops (its events are read again).
+            "message.timeout.ms": MESSAGE_TIMEOUT_MS,
             "error_cb": self._client_error,
         })
         self._stop = threading.Event()

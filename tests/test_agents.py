@@ -179,6 +179,7 @@ async def test_a_micro_batch_the_broker_did_not_store_stops_the_worker_at_once(
         crash_called.set()
 
     monkeypatch.setattr(serving.app, "crash", crash)
+    monkeypatch.setattr(serving.serving, "_failed", False)  # restored afterwards
     stop = serving.serving._stop_if_not_stored
     failure = DeliveryFailed("_MSG_TIMED_OUT: Local: Message timed out")
     loop = asyncio.get_running_loop()
@@ -194,6 +195,41 @@ async def test_a_micro_batch_the_broker_did_not_store_stops_the_worker_at_once(
     await asyncio.wait_for(crash_called.wait(), timeout=5)
     assert crashed == [failure]  # once: the stored and the cancelled batch crash nothing
     assert failed.exception() is failure
+    assert serving.serving._failed  # so stopping will not commit past the failed batch
+
+
+async def test_a_stopping_worker_exits_even_when_it_cannot_drain(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopping answers, stores and commits what was read, but only for STOP_DRAIN_S: a worker
+    stopping while the cluster is away must still exit so that it can be restarted. After a
+    micro-batch failed it does not try at all (nothing may be committed past it)."""
+    from agents import serving
+
+    service = serving.serving
+    monkeypatch.setattr(serving, "STOP_DRAIN_S", 0.2)
+    lock = asyncio.Lock()
+    monkeypatch.setattr(service, "_lock", lock)
+    monkeypatch.setattr(service, "_failed", False)
+    released: list[bool] = []
+
+    async def release() -> None:
+        released.append(True)
+
+    monkeypatch.setattr(service, "_release", release)
+    await lock.acquire()  # the serving loop, stuck while holding it
+    try:
+        began = time.monotonic()
+        await asyncio.wait_for(service.on_stop(), 5)
+        assert 0.2 <= time.monotonic() - began < 2 and released == []
+        monkeypatch.setattr(service, "_failed", True)
+        began = time.monotonic()
+        await asyncio.wait_for(service.on_stop(), 5)
+        assert time.monotonic() - began < 0.2 and released == []
+    finally:
+        lock.release()
+    monkeypatch.setattr(service, "_failed", False)
+    await asyncio.wait_for(service.on_stop(), 5)
+    assert released == [True]
 
 
 def test_scored_version_series_are_bounded() -> None:
