@@ -6,11 +6,18 @@ TorchDistributor starts one barrier task per process; each runs ``torchrun`` for
 a gloo process group and calls :func:`batch.train.train_classifier` with ``distributed=True``.
 Rank 0's weights come back to the driver.
 
-``local_mode=False`` is used on every master, ``local[N]`` included: the processes then run as
-Spark tasks (as they will on a cluster), and the rendezvous address is the first task's
-address, which is 127.0.0.1 when ``SPARK_LOCAL_IP`` pins Spark to loopback (the job's default);
-gloo is pinned to the loopback interface too in that case. Each process uses one torch thread,
-so N processes never oversubscribe N cores.
+``local_mode=False`` is used on every master, ``local[N]`` and ``spark://`` alike: the processes
+run as Spark barrier tasks, one per task slot, and the rendezvous address is the first task's
+address. Each process uses one torch thread, so N processes never oversubscribe N cores.
+
+When the driver's address (``spark.driver.host``: ``SPARK_DRIVER_HOST``, else ``SPARK_LOCAL_IP``,
+else 127.0.0.1) is a loopback one, every executor runs on this machine and gloo is pinned to the
+loopback interface. Otherwise gloo picks the interface of the executor's host name, and
+``GLOO_SOCKET_IFNAME`` in the executors' environment (their worker's environment, or
+``spark.executorEnv.GLOO_SOCKET_IFNAME``) names another one where that is wrong.
+
+The staged arrays' storage options reach the tasks without credentials: executors read the
+staging directory with their own (:func:`batch.spark.task_storage_options`).
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ if TYPE_CHECKING:
 
     from batch.candidates import Arrays
 
-__all__ = ["train_distributed", "ARRAY_NAMES"]
+__all__ = ["train_distributed", "process_call", "ARRAY_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +73,11 @@ def _unstage(uri: str, storage_options: Mapping[str, Any] | None) -> None:
 
 def _train_process(uri: str, storage_options: dict[str, Any], n_classes: int,
                    config: dict[str, Any], loopback: bool) -> tuple[bytes, dict[str, Any]] | None:
-    """Body of every distributed process (runs under ``torchrun`` in a Spark task)."""
+    """Body of every distributed process (runs under ``torchrun`` in a Spark task).
+
+    ``loopback``: every process is on this machine, so gloo may use the loopback interface;
+    otherwise ``GLOO_SOCKET_IFNAME`` is the executor environment's to set, or gloo's choice.
+    """
     import torch
     import torch.distributed as dist
 
@@ -78,13 +89,17 @@ def _train_process(uri: str, storage_options: dict[str, Any], n_classes: int,
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo")
     try:
-        fs, path = filesystem(uri, storage_options)
-        data = {name: np.load(io.BytesIO(fs.cat_file(f"{path}/{name}.npy")))
-                for name in ARRAY_NAMES}
         rank = dist.get_rank()
 
         def say(line: str) -> None:
             print(f"[distributed rank {rank}] {line}", flush=True)
+
+        # One line per process in its executor's log: where each rank ran.
+        say(f"joined a gloo group of {dist.get_world_size()} processes on "
+            f"{os.uname().nodename} (pid {os.getpid()})")
+        fs, path = filesystem(uri, storage_options)
+        data = {name: np.load(io.BytesIO(fs.cat_file(f"{path}/{name}.npy")))
+                for name in ARRAY_NAMES}
 
         result = train_classifier(data["X_train"], data["y_train"], n_classes,
                                   TrainConfig(**config), X_val=data["X_val"],
@@ -100,6 +115,17 @@ def _train_process(uri: str, storage_options: dict[str, Any], n_classes: int,
         # Leaving together: a process that exits while a peer still uses the group aborts.
         dist.barrier()
         dist.destroy_process_group()
+
+
+def process_call(uri: str, storage_options: Mapping[str, Any] | None, n_classes: int,
+                 config: TrainConfig, loopback: bool
+                 ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """The function every distributed process runs and its arguments, as given to
+    ``TorchDistributor.run``: what the barrier tasks carry, credentials left out."""
+    from batch.spark import task_storage_options
+
+    return _train_process, (uri, task_storage_options(storage_options), n_classes,
+                            dataclasses.asdict(config), loopback)
 
 
 def train_distributed(spark: "SparkSession", arrays: "Arrays", config: TrainConfig,
@@ -122,7 +148,9 @@ def train_distributed(spark: "SparkSession", arrays: "Arrays", config: TrainConf
         Directory for the staged arrays (default: a local temporary directory, which only a
         ``local[N]`` master can read); a fresh sub-directory is used and removed afterwards.
     storage_options : mapping, optional
-        fsspec options for ``staging_uri``.
+        fsspec options for ``staging_uri``. The driver stages with them; the tasks get them
+        without credentials and authenticate with their own environment (on a local master,
+        the credentials given here are put there).
     progress : callable, optional
         Receives the per-epoch lines of rank 0 once training is over.
 
@@ -138,6 +166,7 @@ def train_distributed(spark: "SparkSession", arrays: "Arrays", config: TrainConf
     import torch
     from pyspark.ml.torch.distributor import TorchDistributor
 
+    from batch.spark import driver_addresses, is_loopback, share_local_credentials
     from models.classifier import MLPClassifier
 
     say = progress or log.info
@@ -147,13 +176,14 @@ def train_distributed(spark: "SparkSession", arrays: "Arrays", config: TrainConf
         staging_uri = f"file://{cleanup_dir}"
     uri = f"{staging_uri.rstrip('/')}/{secrets.token_hex(8)}"
     _stage(arrays, uri, storage_options)
-    loopback = os.environ.get("SPARK_LOCAL_IP", "") in ("127.0.0.1", "localhost")
+    loopback = is_loopback(spark.conf.get("spark.driver.host", None) or driver_addresses()[0])
+    share_local_credentials(spark, storage_options)
     say(f"training on {processes} Spark tasks with TorchDistributor (gloo, 1 thread each)")
     try:
         distributor = TorchDistributor(num_processes=processes, local_mode=False,
                                        use_gpu=False)
-        output = distributor.run(_train_process, uri, dict(storage_options or {}),
-                                 arrays.n_classes, dataclasses.asdict(config), loopback)
+        function, args = process_call(uri, storage_options, arrays.n_classes, config, loopback)
+        output = distributor.run(function, *args)
     except Exception as exc:
         from batch.spark import spark_error_reason
 

@@ -416,7 +416,9 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
             if spark is None:
                 from batch.spark import get_session
                 spark = get_session(master=settings.spark_master,
-                                    driver_memory=settings.spark_driver_memory)
+                                    driver_memory=settings.spark_driver_memory,
+                                    driver_host=settings.spark_driver_host,
+                                    driver_bind=settings.spark_driver_bind)
 
         if confirm_lock is not None:
             with stages.stage("lock check"):

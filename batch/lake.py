@@ -2,8 +2,9 @@
 
 The pyspark wheel has no S3A connector and Maven is unreachable, so ``spark.read.parquet`` cannot
 read ``s3://``. Instead the driver lists the files with fsspec, builds a DataFrame of paths, and
-each task reads its share with pyarrow through its own fsspec filesystem (the storage options
-travel with the task), which works the same on a cluster.
+each task reads its share with pyarrow through its own fsspec filesystem, which works the same on
+a cluster. The storage options travel with the task without credentials
+(:func:`batch.spark.task_storage_options`): executors authenticate with their own environment.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import functools
 import logging
 import re
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,8 +23,8 @@ from models.storage import filesystem
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-__all__ = ["list_parquet_files", "read_schema", "read_parquet", "read_files", "within_window",
-           "window_start"]
+__all__ = ["list_parquet_files", "read_schema", "read_parquet", "read_files", "file_reader",
+           "within_window", "window_start"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ def read_files(batches: Iterator[pa.RecordBatch], storage_options: Mapping[str, 
 
     Each batch read is conformed to ``schema``: columns in schema order, types cast, columns a
     file lacks filled with nulls, so files written at different times can be read together.
+    ``storage_options`` are those of :func:`file_reader`: without credentials.
     """
     fs = None
     for batch in batches:
@@ -157,6 +159,16 @@ def read_files(batches: Iterator[pa.RecordBatch], storage_options: Mapping[str, 
                     yield _conform(chunk, schema, uri)
 
 
+def file_reader(storage_options: Mapping[str, Any] | None, schema: pa.Schema
+                ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The ``mapInArrow`` function of :func:`read_parquet`: :func:`read_files` bound to the
+    storage options less their credentials, which a task must never carry."""
+    from batch.spark import task_storage_options
+
+    return functools.partial(read_files, storage_options=task_storage_options(storage_options),
+                             schema=schema)
+
+
 def read_parquet(spark: "SparkSession", uri: str,
                  storage_options: Mapping[str, Any] | None = None,
                  partitions: int | None = None, files: list[str] | None = None
@@ -169,7 +181,9 @@ def read_parquet(spark: "SparkSession", uri: str,
     uri : str
         Dataset location (see :func:`list_parquet_files`).
     storage_options : mapping, optional
-        s3fs options; they are shipped to the tasks, which open their own connections.
+        s3fs options. The tasks open their own connections with these options less the
+        credentials: an executor authenticates with its own environment (on a local master,
+        the credentials given here are put there: :func:`batch.spark.share_local_credentials`).
     partitions : int, optional
         Number of read tasks (default: one per file, at most four per core). Every later
         step of the job works on the read's partitions.
@@ -191,6 +205,8 @@ def read_parquet(spark: "SparkSession", uri: str,
     """
     from pyspark.sql.pandas.types import from_arrow_schema
 
+    from batch.spark import share_local_credentials
+
     if files is None:
         files = list_parquet_files(uri, storage_options)
     if not files:
@@ -200,9 +216,8 @@ def read_parquet(spark: "SparkSession", uri: str,
     n = partitions or max(1, min(len(files),
                                  _TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
     paths = spark.createDataFrame([(f,) for f in files], "path string").repartition(n)
-    reader = functools.partial(read_files, storage_options=dict(storage_options or {}),
-                               schema=schema)
-    return paths.mapInArrow(reader, from_arrow_schema(schema))
+    share_local_credentials(spark, storage_options)
+    return paths.mapInArrow(file_reader(storage_options, schema), from_arrow_schema(schema))
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema, uri: str) -> pa.RecordBatch:

@@ -1,16 +1,26 @@
-"""The job's SparkSession: local by default, quiet, Arrow on, and able to import Stratum."""
+"""The job's SparkSession: local by default, quiet, Arrow on, and able to import Stratum.
+
+Also what the job's Spark tasks may carry: :func:`task_storage_options` strips S3 credentials
+from the storage options a task closure holds, and :func:`share_local_credentials` gives them to
+the executors of a local master through their environment instead. On a cluster, executors take
+credentials from their own environment (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` of the
+worker that launched them, AWS config files, an instance role: botocore's standard chain).
+"""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:  # pyspark is heavy: import it only when a session is really wanted
     from pyspark.sql import SparkSession
 
-__all__ = ["get_session", "spark_error_reason", "DEFAULT_MASTER"]
+__all__ = ["get_session", "spark_error_reason", "DEFAULT_MASTER", "driver_addresses",
+           "is_loopback", "is_local_master", "task_storage_options", "share_local_credentials",
+           "CREDENTIAL_OPTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +29,13 @@ DEFAULT_MASTER = "local[2]"
 _JAVA_HOME = "/usr/lib/jvm/java-1.17.0-openjdk-amd64"
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 _LOG4J_CONFIG = Path(__file__).resolve().with_name("log4j2.properties")
+#: s3fs options that are credentials: never part of what a Spark task carries.
+CREDENTIAL_OPTIONS = ("key", "secret", "token")
+#: The same inside ``client_kwargs`` (botocore client arguments).
+_CREDENTIAL_CLIENT_KWARGS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+#: The environment variables botocore's chain reads, by s3fs option.
+_CREDENTIAL_ENV = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY",
+                   "token": "AWS_SESSION_TOKEN"}
 
 
 def _prepare_environment() -> None:
@@ -37,8 +54,72 @@ def _prepare_environment() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([_PROJECT_ROOT] + [p for p in paths if p])
 
 
+def driver_addresses(host: str | None = None, bind: str | None = None) -> tuple[str, str]:
+    """The address executors reach the driver at, and the address the driver listens on.
+
+    ``host``: the argument, else ``SPARK_DRIVER_HOST``, else ``SPARK_LOCAL_IP``, else
+    127.0.0.1. ``bind``: the argument, else ``SPARK_DRIVER_BIND``, else ``host``.
+    """
+    host = (host or os.environ.get("SPARK_DRIVER_HOST") or os.environ.get("SPARK_LOCAL_IP")
+            or "127.0.0.1")
+    bind = bind or os.environ.get("SPARK_DRIVER_BIND") or host
+    return host, bind
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def is_local_master(master: str) -> bool:
+    """True for ``local``, ``local[N]``, ``local[*]``, ``local-cluster[...]``: executors are
+    this machine's processes, started from the driver's JVM."""
+    return master.strip().startswith("local")
+
+
+def task_storage_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` without credentials: what a Spark task closure may carry.
+
+    The endpoint and every other option stay; key, secret and session token (top level or in
+    ``client_kwargs``) go, so an executor's filesystem uses botocore's credential chain, i.e.
+    the executor's own environment, config files or instance role.
+    """
+    options = {k: v for k, v in (storage_options or {}).items() if k not in CREDENTIAL_OPTIONS}
+    client_kwargs = options.get("client_kwargs")
+    if isinstance(client_kwargs, Mapping):
+        options["client_kwargs"] = {k: v for k, v in client_kwargs.items()
+                                    if k not in _CREDENTIAL_CLIENT_KWARGS}
+    return options
+
+
+def share_local_credentials(spark: "SparkSession",
+                            storage_options: Mapping[str, Any] | None) -> None:
+    """On a local master, put the credentials of ``storage_options`` in the environment of the
+    executors' Python workers; on any other master, do nothing.
+
+    Local executors run inside the driver's JVM, started with the driver's environment, which
+    lacks credentials given only through settings (``Settings.storage_options`` supplies the
+    embedded server's fixed keys by itself). The variables go to the Python workers the JVM
+    starts (``SparkContext.environment``), never into a task closure, and never leave this
+    machine. Cluster executors must have credentials of their own.
+    """
+    sc = spark.sparkContext
+    if not is_local_master(sc.master):
+        return
+    for option, variable in _CREDENTIAL_ENV.items():
+        value = (storage_options or {}).get(option)
+        if value is not None:
+            sc.environment[variable] = str(value)
+
+
 def get_session(app_name: str = "stratum-batch", master: str | None = None,
-                driver_memory: str | None = None, shuffle_partitions: int = 4
+                driver_memory: str | None = None, shuffle_partitions: int = 4,
+                driver_host: str | None = None, driver_bind: str | None = None
                 ) -> "SparkSession":
     """Get or create the SparkSession the batch job runs on.
 
@@ -53,6 +134,13 @@ def get_session(app_name: str = "stratum-batch", master: str | None = None,
     shuffle_partitions : int
         ``spark.sql.shuffle.partitions``: Spark's default of 200 is pure overhead for
         data that fits a laptop.
+    driver_host : str, optional
+        ``spark.driver.host``, the address executors reach the driver at (default:
+        ``SPARK_DRIVER_HOST``, else ``SPARK_LOCAL_IP``, else 127.0.0.1). On a cluster whose
+        executors run on other machines, this machine's address they can route to.
+    driver_bind : str, optional
+        ``spark.driver.bindAddress`` (default: ``SPARK_DRIVER_BIND``, else ``driver_host``);
+        ``0.0.0.0`` behind NAT, where the advertised address is not a local one.
 
     Returns
     -------
@@ -63,6 +151,7 @@ def get_session(app_name: str = "stratum-batch", master: str | None = None,
 
     master = master or os.environ.get("SPARK_MASTER", DEFAULT_MASTER)
     driver_memory = driver_memory or os.environ.get("SPARK_DRIVER_MEMORY", "1g")
+    driver_host, driver_bind = driver_addresses(driver_host, driver_bind)
     builder = (
         SparkSession.builder.appName(app_name)
         .master(master)
@@ -71,8 +160,8 @@ def get_session(app_name: str = "stratum-batch", master: str | None = None,
         # driver was given rather than stop at Spark's default of 1g (about 7M rows of 30
         # features).
         .config("spark.driver.maxResultSize", driver_memory)
-        .config("spark.driver.bindAddress", os.environ["SPARK_LOCAL_IP"])
-        .config("spark.driver.host", os.environ["SPARK_LOCAL_IP"])
+        .config("spark.driver.bindAddress", driver_bind)
+        .config("spark.driver.host", driver_host)
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
@@ -93,7 +182,8 @@ def get_session(app_name: str = "stratum-batch", master: str | None = None,
                                  f"-Dlog4j.configurationFile=file:{_LOG4J_CONFIG}")
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
-    log.debug("spark session ready: master=%s", master)
+    log.debug("spark session ready: master=%s, driver %s (bound to %s)", master, driver_host,
+              driver_bind)
     return session
 
 

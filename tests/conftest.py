@@ -29,7 +29,7 @@ from app.stack import DEFAULT_CACHE_DIR, S3_CREDENTIALS, LocalStack, free_port
 #: Fixtures that start the stack; a test using any of them (directly or through another
 #: fixture) is an integration test.
 STACK_FIXTURES = frozenset({"stack", "kafka_broker", "s3_server", "settings_env", "spark",
-                            "kafka_cluster"})
+                            "kafka_cluster", "spark_cluster"})
 
 # Unit tests use the module-level app of the default settings: its local table stores (the
 # RocksDB files of latest_predictions) go to a temporary directory, not the checkout.
@@ -199,3 +199,28 @@ def spark() -> Iterator[Any]:
     session = get_session(app_name="stratum-tests")
     yield session
     session.stop()
+
+
+# ---- A Spark standalone cluster, for the batch job on spark:// ------------------------------
+
+
+@pytest.fixture(scope="session")
+def spark_cluster(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[Any]:
+    """A Spark standalone master and two workers of one core and 1g each, on free loopback ports.
+
+    The workers' environment, which their executors inherit, carries the S3 server's
+    credentials: executors authenticate with their own environment, never with credentials
+    from the driver. ``.master_url`` is ``spark://127.0.0.1:PORT``; ``.worker_dirs()`` hold
+    the executors' logs.
+    """
+    import sys
+
+    from app.spark_cluster import SparkStandalone
+
+    env = {"AWS_ACCESS_KEY_ID": s3_server.key, "AWS_SECRET_ACCESS_KEY": s3_server.secret,
+           "PYSPARK_PYTHON": sys.executable,
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    with SparkStandalone(tmp_path_factory.mktemp("spark-cluster"), workers=2,
+                         cores_per_worker=1, memory_per_worker="1g", env=env) as cluster:
+        yield cluster
