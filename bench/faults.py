@@ -14,9 +14,9 @@ moments the campaign injects, ``--repeats`` times each, in a shuffled order:
 * ``cluster_restart``: every broker stopped, then all started again;
 * ``s3_down_archive``: the S3 server stopped for ``--s3-outage`` seconds while the archive
   flushes every 5 s;
-* ``s3_down_batch``: the S3 server stopped for ``--s3-outage`` seconds during a batch run
-  (``python -m batch run`` on ``local[2]`` Spark, reading the lake, publishing to the
-  registry);
+* ``s3_down_batch``: the S3 server stopped for ``--s3-outage`` seconds from the moment a
+  batch run (``python -m batch run`` on ``local[1]`` Spark, reading the lake) starts
+  publishing to the registry;
 * ``announce_during_kill``: a new model version announced while a worker is killed;
 * ``freeze_worker``: a worker frozen with SIGSTOP past the group's session timeout
   (``--session-timeout``, the ``WORKER_SESSION_TIMEOUT_S`` of the workers, default 60 s),
@@ -28,9 +28,12 @@ moments the campaign injects, ``--repeats`` times each, in a shuffled order:
 A worker that exits on its own is restarted at once, as a supervisor would, and counted.
 
 For each fault it reports the events sent during it, the predictions that arrived during it,
-duplicate predictions (an id answered again), and the time to recover: from the injection to
-the first prediction of an event sent after it (``first_s``) and until every input partition
-has answered such an event (``all_partitions_s``). At the end the feed stops and it reports,
+duplicate predictions (an id answered again), and times from the injection: to the first
+prediction of an event sent after it (``first_s``); until every input partition has answered
+an event sent after the fault was over (the worker restarted, the broker or S3 back, the
+worker resumed: ``all_partitions_s``, the time to recover); until every event sent before
+then is answered (``caught_up_s``); and the longest time any input partition went without a
+prediction (``longest_gap_s``). At the end the feed stops and it reports,
 over the whole campaign: events in, distinct predictions out, lost (events never answered),
 duplicates, dead letters, lake rows and distinct lake ids (exactly once: both equal events
 in), speed-layer updates and any two with the same ``(base_version, seq)``, and versions going
@@ -374,11 +377,12 @@ class Campaign:
             proc = subprocess.Popen([sys.executable, "-m", "batch", "run"], cwd=REPO, env=env,
                                     stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
-        delay = self.rng.uniform(5, 40)
-        try:
-            proc.wait(delay)
-        except subprocess.TimeoutExpired:
-            pass
+        # The outage begins when the run starts publishing (or, if it never gets there, when
+        # it ends): the registry write and the announcement meet a dead S3.
+        while proc.poll() is None and time.time() - began < self.args.batch_timeout:
+            if "] publish ..." in log_path.read_text(errors="replace"):
+                break
+            time.sleep(0.1)
         outage_at = round(time.time() - began, 1)
         self.stack.stop_s3()
         time.sleep(self.args.s3_outage)
@@ -454,30 +458,47 @@ class Campaign:
     def _model_refs(self) -> list[dict[str, Any]]:
         return [u for u in list(self.monitor.updates) if u.get("type") == "MODEL-REF"]
 
-    # Recovery: every input partition answered an event sent after the injection.
+    # Recovery: every input partition answers events sent after the fault, and everything
+    # sent until then is answered.
 
-    def wait_recovered(self, since: float, timeout: float) -> tuple[float | None, float | None]:
+    def wait_recovered(self, began: float, ended: float, timeout: float
+                       ) -> tuple[float | None, float | None, float | None]:
+        """Seconds from ``began`` (the injection) to: the first prediction of an event sent
+        after it; every input partition answering an event sent after ``ended`` (the fault
+        over); and every event sent before ``ended`` answered (``None``: not within
+        ``timeout``)."""
         partitions = self.settings.topic_partitions
         deadline = time.time() + timeout
+        with self.feed._lock:
+            pending = {i for i, t in self.feed.sent_at.items() if t >= began - 60 and t < ended}
         seen = 0
         first: float | None = None
         answered_at: dict[int, float] = {}
+        caught_up: float | None = None
         while time.time() < deadline:
             with self.monitor.lock:
                 fresh = self.monitor.arrivals[seen:]
                 seen = len(self.monitor.arrivals)
             for arrived, event_id, _, _ in fresh:
+                pending.discard(event_id)
                 sent = self.feed.sent_at.get(event_id)
                 part = self.feed.partition_of.get(event_id)
-                if sent is None or sent < since or part is None:
+                if sent is None or sent < began or part is None:
                     continue
                 first = arrived if first is None else min(first, arrived)
-                answered_at.setdefault(part, arrived)
-            if len(answered_at) == partitions:
-                return (round(first - since, 2) if first else None,
-                        round(max(answered_at.values()) - since, 2))
+                if sent >= ended:
+                    answered_at.setdefault(part, arrived)
+            if caught_up is None and not pending:
+                caught_up = time.time()
+            if len(answered_at) == partitions and caught_up is not None:
+                break
             time.sleep(0.2)
-        return (round(first - since, 2) if first else None, None)
+
+        def since(t: float | None) -> float | None:
+            return None if t is None else round(t - began, 2)
+
+        all_at = max(answered_at.values()) if len(answered_at) == partitions else None
+        return since(first), since(all_at), since(caught_up)
 
     def inject(self, kind: str) -> None:
         pause = self.rng.uniform(self.args.pause_min, self.args.pause_max)
@@ -489,7 +510,8 @@ class Campaign:
         action: Callable[[], dict[str, Any]] = getattr(self, kind)
         figures = action()
         injected_for = time.time() - began
-        first_s, all_s = self.wait_recovered(began, timeout=injected_for + 300)
+        first_s, all_s, caught_up_s = self.wait_recovered(began, time.time(),
+                                                          timeout=300)
         after = figures.pop("_after", None)
         if after is not None:
             figures.update(after())
@@ -503,8 +525,15 @@ class Campaign:
             if earlier[event_id] or seen[event_id]:
                 duplicates += 1
             seen[event_id] += 1
+        last_at: dict[int, float] = {}
+        longest_gap = 0.0
+        for arrived, event_id, partition, _ in during:
+            part = self.feed.partition_of.get(event_id, partition)
+            longest_gap = max(longest_gap, arrived - last_at.get(part, began))
+            last_at[part] = arrived
         record = {"fault": kind, "at": round(began, 1), "fault_s": round(injected_for, 1),
-                  "first_s": first_s, "all_partitions_s": all_s,
+                  "first_s": first_s, "all_partitions_s": all_s, "caught_up_s": caught_up_s,
+                  "longest_gap_s": round(longest_gap, 2),
                   "events_sent": self.feed.sent_between(began, ended),
                   "predictions": len(during), "duplicates": duplicates, **figures}
         say(json.dumps(record))
@@ -661,7 +690,9 @@ def main() -> int:
             per_fault[kind] = {
                 "runs": len(rs), "duplicates": sum(r["duplicates"] for r in rs),
                 "recover_all_partitions_s": recov,
+                "caught_up_s": [r["caught_up_s"] for r in rs],
                 "first_prediction_s": [r["first_s"] for r in rs],
+                "longest_gap_s": [r["longest_gap_s"] for r in rs],
                 "not_recovered": sum(1 for r in rs if r["all_partitions_s"] is None)}
         figures = {
             "events_in": len(sent), "producer_failures": len(feed.failed),
