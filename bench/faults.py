@@ -110,6 +110,9 @@ class Feed(threading.Thread):
     def run(self) -> None:
         producer = Producer({"bootstrap.servers": self.settings.bootstrap_servers,
                              "enable.idempotence": True, "acks": "all", "linger.ms": 5,
+                             # As Kafka's Java client (and Stratum's producer): an event's
+                             # prediction lands in the partition number of the event.
+                             "partitioner": "murmur2_random",
                              # Through a whole-cluster restart: wait, never drop.
                              "message.timeout.ms": 600_000})
 
