@@ -61,10 +61,12 @@ def partition_layout(bootstrap: str, topic: str) -> dict[int, tuple[int, list[in
 def test_a_broker_killed_mid_stream_loses_no_event(
         kafka_cluster: LocalStack, settings_env: Callable[..., dict[str, str]],
         tmp_path: Path) -> None:
+    # A deployment sharing the cluster under a prefix of its own.
     env = settings_env(KAFKA_BROKER=kafka_cluster.kafka_broker, TOPIC_REPLICATION_FACTOR="3",
                        TOPIC_MIN_INSYNC_REPLICAS="2", TOPIC_PARTITIONS="4", SPEED_LAYER="0",
-                       ARCHIVE="0")
+                       ARCHIVE="0", KAFKA_PREFIX="team-a.")
     settings, version = deploy_small_model(env, FEATURES, CLASSES)
+    assert settings.events_topic == "team-a." + env["EVENTS_TOPIC"]
     bootstrap = settings.bootstrap_servers
     layout = partition_layout(bootstrap, settings.events_topic)
     assert len(layout) == 4 and all(len(replicas) == 3 for _, replicas, _ in layout.values())
@@ -110,6 +112,11 @@ def test_a_broker_killed_mid_stream_loses_no_event(
         answered = Counter(p["id"] for p in predictions)
         assert set(answered) == set(sent)  # none lost
         assert all(p["model_version"] == version for p in predictions)
+        # Its consumer groups and changelogs carry the prefix, too.
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        groups = {g.group_id for g in admin.list_consumer_groups().result(30).valid}
+        assert f"team-a.{env['STRATUM_APP_ID']}-serving" in groups
+        assert changelog.startswith("team-a.")
         worker._check_alive()  # the worker rode it out without a restart
     finally:
         worker.stop()

@@ -1,6 +1,7 @@
 """Settings: CONTRACT defaults, environment overrides, and start-up failures naming the variable."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -44,10 +45,25 @@ def test_overrides_and_real_aws() -> None:
     ({"TOPIC_REPLICATION_FACTOR": "0"}, "TOPIC_REPLICATION_FACTOR"),
     ({"WEB_ADVERTISED_URL": "worker-2:6066"}, "WEB_ADVERTISED_URL"),
     ({"TOPIC_MIN_INSYNC_REPLICAS": "2"}, "TOPIC_MIN_INSYNC_REPLICAS"),  # above the replicas
+    ({"KAFKA_PREFIX": "team a/"}, "KAFKA_PREFIX"),
+    ({"EVENTS_TOPIC": "my events"}, "EVENTS_TOPIC"),
+    ({"STRATUM_APP_ID": ""}, "STRATUM_APP_ID"),
+    ({"WORKER_SESSION_TIMEOUT_S": "5"}, "WORKER_SESSION_TIMEOUT_S"),  # below 3 heartbeats
 ])
 def test_bad_value_names_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         Settings.from_env(env)
+
+
+def test_kafka_prefix_goes_before_every_topic_and_the_app_id() -> None:
+    s = Settings.from_env({"KAFKA_PREFIX": "team-a.", "EVENTS_TOPIC": "clicks"})
+    assert (s.events_topic, s.predictions_topic, s.dlq_topic, s.updates_topic,
+            s.metrics_topic, s.app_id) == ("team-a.clicks", "team-a.predictions",
+                                           "team-a.events-dlq", "team-a.model-updates",
+                                           "team-a.metrics", "team-a.stratum")
+    # Once: copies of the settings keep the names they were given.
+    assert dataclasses.replace(s, archive=0).events_topic == "team-a.clicks"
+    assert Settings.from_env({}).events_topic == "events"
 
 
 def test_secret_never_in_repr() -> None:
