@@ -15,7 +15,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (Consumer, KafkaError, KafkaException, Message, Producer,
+                             TopicPartition)
 
 from app.settings import Settings
 
@@ -130,8 +131,9 @@ class EventReader:
         """Commit ``partition -> next offset`` and wait for the broker's answer."""
         if offsets:
             tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self._consumer.commit(offsets=tps, asynchronous=False))
+            await coordinator_call(
+                lambda: self._consumer.commit(offsets=tps, asynchronous=False),
+                f"commit offsets of {self.topic}")
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
@@ -153,11 +155,42 @@ class OffsetStore:
 
     async def commit(self, partition: int, offset: int) -> None:
         tp = [TopicPartition(self.topic, partition, offset)]
-        await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self._consumer.commit(offsets=tp, asynchronous=False))
+        await coordinator_call(lambda: self._consumer.commit(offsets=tp, asynchronous=False),
+                               f"commit offsets of {self.topic}")
 
     def close(self) -> None:
         self._consumer.close()
+
+
+#: Errors of a group coordinator that is moving or starting (a broker restarted, a leader
+#: elected): asked again, the next answer comes from the new coordinator.
+_COORDINATOR_MOVING = frozenset({
+    KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.REQUEST_TIMED_OUT,
+    KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError.NOT_ENOUGH_REPLICAS,
+    KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND})
+#: How long an offset read or commit is retried while the coordinator moves.
+COORDINATOR_RETRY_S = 120.0
+
+
+async def coordinator_call(call: Callable[[], Any], what: str) -> Any:
+    """Run a blocking group-coordinator request (offsets read or committed) in a thread,
+    asking again while the coordinator moves, for up to ``COORDINATOR_RETRY_S``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + COORDINATOR_RETRY_S
+    delay = 0.2
+    while True:
+        try:
+            return await loop.run_in_executor(None, call)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            moving = isinstance(error, KafkaError) and (
+                error.code() in _COORDINATOR_MOVING or error.retriable())
+            if not moving or loop.time() + delay > deadline:
+                raise
+            log.warning("cannot %s yet (%s); asking again in %.1fs", what, error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 async def _committed(consumer: Consumer, topic: str,
@@ -165,8 +198,8 @@ async def _committed(consumer: Consumer, topic: str,
     tps = [TopicPartition(topic, p) for p in partitions]
     if not tps:
         return {}
-    found = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: consumer.committed(tps, timeout=30))
+    found = await coordinator_call(lambda: consumer.committed(tps, timeout=30),
+                                   f"read committed offsets of {topic}")
     out: dict[int, int | None] = {}
     for tp in found:
         if tp.error is not None:

@@ -198,6 +198,34 @@ async def test_a_micro_batch_the_broker_did_not_store_stops_the_worker_at_once(
     assert serving.serving._failed  # so stopping will not commit past the failed batch
 
 
+async def test_offset_requests_are_asked_again_while_the_coordinator_moves() -> None:
+    """A broker restart moves group coordinators: NOT_COORDINATOR and the like are asked
+    again; an error that asking again cannot cure is raised at once."""
+    from confluent_kafka import KafkaException
+
+    from agents.transport import coordinator_call
+
+    answers: list[Any] = [KafkaException(KafkaError(KafkaError.NOT_COORDINATOR)),
+                          KafkaException(KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)),
+                          {"p0": 7}]
+
+    def call() -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert await coordinator_call(call, "read offsets") == {"p0": 7} and not answers
+
+    def refused() -> Any:
+        answers.append(1)
+        raise KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED))
+
+    with pytest.raises(KafkaException, match="GROUP_AUTHORIZATION_FAILED"):
+        await coordinator_call(refused, "read offsets")
+    assert answers == [1]
+
+
 async def test_a_stopping_worker_exits_even_when_it_cannot_drain(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopping answers, stores and commits what was read, but only for STOP_DRAIN_S: a worker
