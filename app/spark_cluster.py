@@ -41,7 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Mapping, Sequence
 
-from app.stack import DEFAULT_CACHE_DIR, die_with_parent_preexec, free_ports
+from app.stack import DEFAULT_CACHE_DIR, die_with_parent_preexec, free_ports, run_in_foreground
 
 __all__ = ["SparkStandalone", "SparkClusterError", "spark_home", "main"]
 
@@ -312,14 +312,6 @@ class SparkStandalone:
 # --------------------------------------------------------------------------------------------
 
 
-class _Interrupted(Exception):
-    """SIGINT or SIGTERM arrived."""
-
-
-def _raise_interrupted(signum: int, frame: object) -> None:
-    raise _Interrupted(signal.Signals(signum).name)
-
-
 def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
     env = {}
     for pair in pairs:
@@ -340,32 +332,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
     cluster = SparkStandalone(args.work_dir, workers=args.workers, cores_per_worker=args.cores,
                               memory_per_worker=args.memory, env=env, host=args.host,
                               port=args.port, start_timeout=args.timeout)
-    # Set explicitly: a shell starts background jobs with SIGINT ignored.
-    signal.signal(signal.SIGINT, _raise_interrupted)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        cluster.start()  # stops whatever it started if it fails or is interrupted
-    except _Interrupted:
-        return 130
+        return run_in_foreground(
+            "spark cluster", cluster.start, lambda: cluster.running, cluster.stop,
+            # The master URL alone on stdout, for scripts; the rest on stderr.
+            ready_line=lambda: cluster.master_url, exit_line=lambda: "a daemon exited",
+            ready_note=lambda: f"spark cluster ready: {cluster.describe()}; Ctrl-C stops it")
     except SparkClusterError as exc:
         print(f"spark cluster: {exc}", file=sys.stderr, flush=True)
         return 1
-    try:
-        print(cluster.master_url, flush=True)
-        print(f"spark cluster ready: {cluster.describe()}; Ctrl-C stops it", file=sys.stderr,
-              flush=True)
-        while cluster.running:
-            time.sleep(0.5)
-        print("spark cluster: a daemon exited; stopping the rest", file=sys.stderr, flush=True)
-        return 1
-    except _Interrupted:
-        return 0
-    finally:
-        # A second Ctrl-C must not cut the orderly shutdown short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        cluster.stop()
-        print("spark cluster: stopped", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

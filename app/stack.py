@@ -67,6 +67,7 @@ __all__ = [
     "free_ports",
     "port_in_use",
     "LocalStack",
+    "run_in_foreground",
     "main",
 ]
 
@@ -1250,20 +1251,35 @@ def _cmd_up(args: argparse.Namespace) -> int:
                        with_kafka=not args.no_kafka, with_s3=not args.no_s3,
                        brokers=args.brokers,
                        s3_buckets=args.bucket or ["stratum"], start_timeout=args.timeout)
+    return run_in_foreground(
+        "stack", stack.start, lambda: stack.running, stack.stop,
+        ready_line=lambda: f"stack ready: {stack.describe()}",
+        exit_line=lambda: f"{', '.join(stack.dead_services())} exited")
+
+
+def run_in_foreground(label: str, start: Callable[[], object], running: Callable[[], bool],
+                      stop: Callable[[], None], ready_line: Callable[[], str],
+                      exit_line: Callable[[], str],
+                      ready_note: Callable[[], str] | None = None) -> int:
+    """The body of an ``up`` command: start the services, print ``ready_line()`` on stdout
+    (and ``ready_note()``, if given, on stderr), run until SIGINT or SIGTERM (0) or until one of them exits on its own (1, saying
+    ``exit_line()``), and stop them in order either way. A signal during the start returns
+    130; an error of the start propagates."""
     # Set explicitly: a shell starts background jobs with SIGINT ignored, and `make run`
-    # stops this process with SIGINT or SIGTERM either way.
+    # stops these processes with SIGINT or SIGTERM either way.
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        stack.start()  # stops whatever it started if it fails or is interrupted
+        start()  # stops whatever it started if it fails or is interrupted
     except _Interrupted:
         return 130
     try:
-        print(f"stack ready: {stack.describe()}", flush=True)
-        while stack.running:
+        print(ready_line(), flush=True)
+        if ready_note is not None:
+            print(ready_note(), file=sys.stderr, flush=True)
+        while running():
             time.sleep(0.5)
-        print(f"stack: {', '.join(stack.dead_services())} exited; stopping the rest",
-              file=sys.stderr, flush=True)
+        print(f"{label}: {exit_line()}; stopping the rest", file=sys.stderr, flush=True)
         return 1
     except _Interrupted:
         return 0
@@ -1271,9 +1287,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
         # A second Ctrl-C must not cut the orderly shutdown short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("stack: stopping", file=sys.stderr, flush=True)
-        stack.stop()
-        print("stack: stopped", file=sys.stderr, flush=True)
+        print(f"{label}: stopping", file=sys.stderr, flush=True)
+        stop()
+        print(f"{label}: stopped", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
