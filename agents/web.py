@@ -9,21 +9,26 @@ import hmac
 import html
 import json
 import logging
+import re
 import time
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_exceptions import HTTPException
+from aiohttp.web_protocol import RequestPayloadError
 from faust import web
 
 from agents.metrics import prometheus_text
 from agents.model_manager import model_manager, pin_message
-from agents.scoring import SourceMessage, feature_matrix, predictions_from, triage
+from agents.scoring import feature_matrix, predictions_from
 from agents.serving import scoring_executor, serving
 from agents.tables import (CLASS_WINDOW_S, LATEST_CHANGELOG, latest_prediction,
                            latest_predictions, table_rows, table_size)
 from app import app
+from app.schemas import InvalidEvent, ValidEvent, validate_value
 
 settings = app.settings
 
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_PREDICT_ITEMS = 1024
 MAX_TABLE_ROWS = 1000
+_LIMIT = re.compile(r"0*[0-9]{1,9}")
 #: How long a pin request waits for this worker to act on it.
 PIN_WAIT_S = 30.0
 #: Marks a lookup one worker asks of another: answer from local rows only.
@@ -48,14 +54,38 @@ class StratumView(web.View):
 
     async def dispatch(self, request: Any) -> Any:
         try:
+            refused = self.refuse(request)
+            if refused is not None:
+                return refused
             return await super().dispatch(request)
         except HTTPException as exc:  # aiohttp's own refusals, e.g. a body over its 1 MiB limit
             if exc.status >= 500:
                 log.error("%s %s failed: %s", request.method, request.path, exc.text)
             return self.error(exc.status, exc.text or exc.reason)
+        except (RequestPayloadError, HttpProcessingError) as exc:
+            # A body that cannot be read as sent: a Content-Encoding it does not have,
+            # broken chunks, a connection closed half-way.
+            cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
+            message = getattr(cause, "message", "") or str(cause)
+            return self.error(400, f"cannot read the request body: {message}".strip())
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             return self.error(500, "internal error; see the worker log")
+
+    def refuse(self, request: web.Request) -> web.Response | None:
+        """The error response for a request that may not use this endpoint, or None."""
+        return None
+
+
+# Registered before every other page: Faust mounts an index of its own at "/" after the app's
+# pages, and aiohttp adds a route to the resource registered just before it when their paths
+# match (two HEAD / routes: the web server would not start).
+@app.page("/")
+class Home(StratumView):
+    """A plain HTML view of the serving tables; refreshes itself every 2 seconds."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        return self.html(render_home())
 
 
 @app.page("/ready")
@@ -92,7 +122,9 @@ class TableDetail(StratumView):
         if name not in app.tables:
             return self.error(404, f"unknown table {name!r}", tables=sorted(app.tables))
         raw_limit = request.query.get("limit", "100")
-        if not raw_limit.isdigit() or not 0 <= int(raw_limit) <= MAX_TABLE_ROWS:
+        # Not str.isdigit: it holds for "²", which int() refuses, and for 5,000 digits,
+        # which int() refuses too.
+        if not _LIMIT.fullmatch(raw_limit) or int(raw_limit) > MAX_TABLE_ROWS:
             return self.error(400, f"limit must be an integer from 0 to {MAX_TABLE_ROWS}")
         return self.json(table_rows(name, int(raw_limit)))
 
@@ -162,20 +194,15 @@ class Models(StratumView):
 class AdminView(StratumView):
     """An operator endpoint: 404 unless ADMIN_TOKEN is set, 401 without the right token."""
 
-    async def dispatch(self, request: Any) -> Any:
-        refused = self.refuse(request)
-        if refused is not None:
-            return refused
-        return await super().dispatch(request)
-
     def refuse(self, request: web.Request) -> web.Response | None:
-        """The error response for a request that may not use this endpoint, or None."""
         if not settings.admin_token:
             return self.error(404, "admin endpoints are disabled (ADMIN_TOKEN is not set)")
         given = request.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
+        # aiohttp keeps header bytes that are not UTF-8 as surrogate escapes: compare bytes.
         if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), settings.admin_token.encode()):
+                token.strip().encode("utf-8", "surrogateescape"),
+                settings.admin_token.encode()):
             return self.error(401, "missing or wrong bearer token",
                               headers={"WWW-Authenticate": "Bearer"})
         return None
@@ -201,8 +228,8 @@ class Pin(AdminView):
 
     async def post(self, request: web.Request) -> web.Response:
         try:
-            payload = json.loads(await request.read())
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            payload = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
             return self.error(400, f"body is not JSON: {exc}")
         if not isinstance(payload, dict) or "version" not in payload:
             return self.error(400, 'body must be {"version": "<version>"} or {"version": null}')
@@ -241,9 +268,12 @@ class Predict(StratumView):
         if model is None:
             return self.error(503, "no model loaded yet")
         body = await request.read()
+        # orjson, as the stream's validation: the same JSON is refused the same way (NaN,
+        # numbers beyond float64, lone surrogates), and nesting is bounded (1,024 levels)
+        # below Python's recursion limit.
         try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
             return self.error(400, f"body is not JSON: {exc}")
         single = isinstance(payload, dict)
         items = [payload] if single else payload
@@ -251,13 +281,15 @@ class Predict(StratumView):
             return self.error(400, "body must be an input object or a non-empty list of them")
         if len(items) > MAX_PREDICT_ITEMS:
             return self.error(413, f"at most {MAX_PREDICT_ITEMS} inputs per request")
-        messages = [SourceMessage(json.dumps(item).encode(), "http", None, i)
-                    for i, item in enumerate(items)]
-        valid, rejected = triage(messages, model.features, model.classes)
-        if rejected:
-            return self.error(400, "invalid input", errors=[
-                {"index": r.message.offset, "error": r.reason} for r in rejected])
-        events = [v for _, v in valid]
+        events: list[ValidEvent] = []
+        errors: list[dict[str, Any]] = []
+        for index, item in enumerate(items):
+            try:
+                events.append(validate_value(item, model.features, model.classes))
+            except InvalidEvent as exc:
+                errors.append({"index": index, "error": str(exc)})
+        if errors:
+            return self.error(400, "invalid input", errors=errors)
         probabilities = await asyncio.get_running_loop().run_in_executor(
             scoring_executor, model.predict_proba, feature_matrix(events, len(model.features)))
         predictions = predictions_from(model, events, probabilities, int(time.time() * 1000))
@@ -270,14 +302,6 @@ class Metrics(StratumView):
 
     async def get(self, request: web.Request) -> web.Response:
         return self.text(prometheus_text().decode(), content_type="text/plain; version=0.0.4")
-
-
-@app.page("/")
-class Home(StratumView):
-    """A plain HTML view of the serving tables; refreshes itself every 2 seconds."""
-
-    async def get(self, request: web.Request) -> web.Response:
-        return self.html(render_home())
 
 
 def render_home() -> str:

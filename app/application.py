@@ -67,7 +67,10 @@ def create_app(settings: Settings) -> StratumApp:
         web_host=urlparse(settings.advertised_url).hostname,
         # What the other workers are told to ask for this worker's table partitions.
         canonical_url=settings.advertised_url,
-        # Stratum serves its own /, /tables/ and /metrics; Faust's debug pages stay off.
+        # Stratum serves its own /, /tables/ and /metrics; Faust's debug pages stay off, and
+        # so does its /router/ (lookups ask app.router in-process; over HTTP it answered an
+        # unknown table with a 500).
+        web_router_enabled=False,
         web_stats_enabled=False,
         web_graph_enabled=False,
         web_tables_enabled=False,

@@ -23,6 +23,7 @@ __all__ = [
     "EventColumns",
     "parse_event",
     "validate_event",
+    "validate_value",
     "decode_events",
     "prediction_message",
     "dead_letter_message",
@@ -30,6 +31,21 @@ __all__ = [
 ]
 
 MAX_ID_LENGTH = 256
+#: Characters of an input value quoted in a reason, at most: an event may be close to a
+#: megabyte, and its reason travels in a dead letter beside the whole event.
+MAX_SHOWN_CHARS = 100
+#: Longest reason a dead letter carries (reasons quote bounded values; this guards the rest).
+MAX_REASON_CHARS = 2000
+#: Bytes the quoted original message of a dead letter may take. Kafka refuses a message over
+#: its ``message.max.bytes`` (1,000,012 bytes on a broker by default, 1,000,000 in
+#: librdkafka), and quoting can make a message that fitted on the input topic several times
+#: longer (base64 adds a third, each control character becomes six); a dead letter that
+#: cannot be stored would stop the worker at the same message on every restart.
+MAX_DEAD_LETTER_RAW_BYTES = 900_000
+#: How much of an original message a dead letter keeps when the whole would not fit: the
+#: start of it, small enough to fit whatever its characters (the whole message stays on the
+#: input topic at the dead letter's ``source``).
+DEAD_LETTER_RAW_PREFIX = 128 * 1024
 
 
 class InvalidEvent(ValueError):
@@ -100,14 +116,24 @@ def validate_event(obj: dict[str, Any], features: Sequence[str],
     vector = _feature_vector(obj["features"], features)
     label = obj.get("label")
     if label is not None and not any(label_matches(label, c) for c in classes):
-        raise InvalidEvent(f"unknown label {label!r}; the model's classes are {list(classes)!r}")
+        raise InvalidEvent(f"unknown label {_shown(label)}; the model's classes are "
+                           f"{list(classes)!r}")
     ts = obj.get("ts")
     if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int) or ts < 0):
-        raise InvalidEvent(f"'ts' must be epoch milliseconds (a non-negative integer), got {ts!r}")
+        raise InvalidEvent("'ts' must be epoch milliseconds (a non-negative integer), got "
+                           f"{_shown(ts)}")
     unknown = sorted(set(obj) - {"id", "features", "label", "ts"})
     if unknown:
-        raise InvalidEvent(f"unknown fields {unknown}")
+        raise InvalidEvent(f"unknown fields {_first(unknown)}")
     return ValidEvent(id=event_id, features=vector, label=label, ts=ts)
+
+
+def validate_value(value: Any, features: Sequence[str], classes: Sequence[Any]) -> ValidEvent:
+    """:func:`validate_event` for any decoded JSON value (an item of a ``POST /predict``
+    list): one that is not an object is refused as :func:`parse_event` refuses it."""
+    if not isinstance(value, dict):
+        raise InvalidEvent(f"not a JSON object but {_json_type(value)}")
+    return validate_event(value, features, classes)
 
 
 @lru_cache(maxsize=16)
@@ -284,15 +310,31 @@ def _number(value: Any, name: str) -> float:
     if value is None:
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidEvent(f"feature {name!r} is not a number: {value!r}"[:200])
+        raise InvalidEvent(f"feature {name!r} is not a number: {_shown(value)}")
     if isinstance(value, float) and math.isinf(value):
         raise InvalidEvent(f"feature {name!r} is infinite")
     return float(value)
 
 
 def _first(items: list[str], n: int = 5) -> str:
-    shown = ", ".join(repr(i) for i in items[:n])
+    shown = ", ".join(_shown(i) for i in items[:n])
     return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _shown(value: Any) -> str:
+    """``value`` as a reason quotes it: at most :data:`MAX_SHOWN_CHARS` characters; a list or
+    object as JSON (``repr`` of one nested a thousand deep, which JSON allows, raises
+    RecursionError), a scalar as ``repr``."""
+    if isinstance(value, (list, dict)):
+        try:
+            text = orjson.dumps(value).decode()
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes
+            text = f"{_json_type(value)} nested too deeply to show"
+    else:
+        text = repr(value)
+    if len(text) > MAX_SHOWN_CHARS:
+        text = f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)"
+    return text
 
 
 def _json_type(value: Any) -> str:
@@ -314,14 +356,44 @@ def prediction_message(event_id: str, model_version: str, classes: Sequence[Any]
 
 def dead_letter_message(reason: str, raw: bytes | None, topic: str, partition: int | None,
                         offset: int | None) -> dict[str, Any]:
-    """A CONTRACT ``events-dlq`` value: the reason, the original message and where it was."""
+    """A CONTRACT ``events-dlq`` value: the reason, the original message and where it was.
+
+    ``raw`` is the message as text, or base64 (with ``"raw_encoding": "base64"``) when it is
+    not UTF-8. A message whose quote would take more than :data:`MAX_DEAD_LETTER_RAW_BYTES`
+    keeps its first :data:`DEAD_LETTER_RAW_PREFIX` bytes only, with ``"raw_truncated": true``
+    and its length in ``"raw_size"``: the dead letter always fits in a Kafka message.
+    """
+    if len(reason) > MAX_REASON_CHARS:
+        reason = f"{reason[:MAX_REASON_CHARS]}..."
     message: dict[str, Any] = {"error": reason, "raw": "",
                                "source": {"topic": topic, "partition": partition,
                                           "offset": offset}}
-    if raw is not None:
-        try:
-            message["raw"] = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            message["raw"] = base64.b64encode(raw).decode("ascii")
-            message["raw_encoding"] = "base64"
+    if raw is None:
+        return message
+    quoted, encoding = _quote(raw)
+    # Quoting multiplies a length by six at most, so only long messages need measuring.
+    if len(raw) * 6 > MAX_DEAD_LETTER_RAW_BYTES and len(
+            orjson.dumps(quoted)) > MAX_DEAD_LETTER_RAW_BYTES:
+        prefix = raw[:DEAD_LETTER_RAW_PREFIX]
+        if encoding is None:  # cut at a character boundary so that the start stays text
+            while True:
+                try:
+                    prefix.decode("utf-8")
+                    break
+                except UnicodeDecodeError:
+                    prefix = prefix[:-1]
+        quoted, encoding = _quote(prefix)
+        message["raw_truncated"] = True
+        message["raw_size"] = len(raw)
+    message["raw"] = quoted
+    if encoding is not None:
+        message["raw_encoding"] = encoding
     return message
+
+
+def _quote(raw: bytes) -> tuple[str, str | None]:
+    """``raw`` as text, or as base64 and ``"base64"`` when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return base64.b64encode(raw).decode("ascii"), "base64"

@@ -30,6 +30,7 @@ from models.errors import ModelError
 
 __all__ = [
     "MISSING_MARKER",
+    "MAX_STANDARDISED",
     "Preprocessor",
     "missing_mask",
     "sufficient_statistics",
@@ -42,6 +43,11 @@ MISSING_MARKER = -999.0
 
 # A standard deviation below this is treated as zero: scaling by it would blow up rounding noise.
 _MIN_STD = 1e-12
+#: Largest standardised magnitude passed on to a network. A finite raw value can be as large as
+#: 1.8e308; standardised and cast to float32 it becomes infinite, and the network's output NaN
+#: (a prediction without probabilities, an update that poisons the weights). A million
+#: standard deviations from the mean says nothing more than "very far out" does.
+MAX_STANDARDISED = 1e6
 
 
 def missing_mask(X: np.ndarray) -> np.ndarray:
@@ -123,15 +129,18 @@ class Preprocessor:
         Returns
         -------
         numpy.ndarray
-            ``(n, n_features)`` ``float32`` array, C-contiguous, ready for the network.
+            ``(n, n_features)`` ``float32`` array, C-contiguous, ready for the network;
+            values beyond :data:`MAX_STANDARDISED` are clipped to it.
         """
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ModelError(f"expected an array of shape (n, {self.n_features}), "
                              f"got {X.shape}")
         out = np.where(missing_mask(X), self._fill, X)
-        out -= self._mean
-        out *= self._scale
+        with np.errstate(over="ignore"):  # overflow to inf is clipped just below
+            out -= self._mean
+            out *= self._scale
+        np.clip(out, -MAX_STANDARDISED, MAX_STANDARDISED, out=out)
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def to_dict(self) -> dict[str, Any]:

@@ -213,3 +213,36 @@ class WorkerProcess:
 def run(coro: Any) -> Any:
     """Run a coroutine from a synchronous test."""
     return asyncio.run(coro)
+
+
+def produce_records(bootstrap: str, topic: str,
+                    records: list[tuple[bytes | None, bytes | None]]) -> list[tuple[int, int]]:
+    """Produce raw ``(key, value)`` records, either of which may be null, with librdkafka;
+    return each one's (partition, offset), in order."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5,
+                         "enable.idempotence": True})
+    placed: list[tuple[int, int] | None] = [None] * len(records)
+    failed: list[str] = []
+
+    def delivered(index: int) -> Callable[[Any, Any], None]:
+        def report(err: Any, message: Any) -> None:
+            if err is not None:
+                failed.append(f"record {index}: {err}")
+            else:
+                placed[index] = (message.partition(), message.offset())
+        return report
+
+    for index, (key, value) in enumerate(records):
+        while True:
+            try:
+                producer.produce(topic, value, key, on_delivery=delivered(index))
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    left = producer.flush(60)
+    if left or failed:
+        raise RuntimeError(f"{left} records not delivered; {failed[:5]}")
+    return [p for p in placed if p is not None]

@@ -8,6 +8,7 @@ import pytest
 
 from models.errors import ModelError
 from models.preprocessing import (
+    MAX_STANDARDISED,
     MISSING_MARKER,
     Preprocessor,
     fit_preprocessor,
@@ -95,3 +96,15 @@ def test_transform_rejects_the_wrong_width() -> None:
     p = fit_preprocessor(FEATURES, np.eye(3))
     with pytest.raises(ModelError, match=r"shape \(n, 3\)"):
         p.transform(np.zeros((2, 4)))
+
+
+def test_the_largest_finite_values_stay_finite_and_keep_their_sign() -> None:
+    """A raw 1e308 is a valid number; standardised in float32 it would be infinite and the
+    network's output NaN."""
+    p = fit_preprocessor(FEATURES, np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]))
+    out = p.transform(np.array([[1.7976931348623157e308, -1e308, 1e300],
+                                [5e-324, -0.0, 0.5]]))
+    assert np.isfinite(out).all()
+    assert out[0].tolist() == [MAX_STANDARDISED, -MAX_STANDARDISED, MAX_STANDARDISED]
+    # Ordinary values are not touched.
+    np.testing.assert_allclose(out[1], [-1.0, -1.0, -2.0 / 3.0], rtol=1e-6)

@@ -6,10 +6,12 @@ import json
 import math
 
 import numpy as np
+import orjson
 import pytest
 
-from app.schemas import (InvalidEvent, decode_events, dead_letter_message, parse_event,
-                         prediction_message, validate_event)
+from app.schemas import (DEAD_LETTER_RAW_PREFIX, MAX_DEAD_LETTER_RAW_BYTES, MAX_REASON_CHARS,
+                         InvalidEvent, decode_events, dead_letter_message, parse_event,
+                         prediction_message, validate_event, validate_value)
 
 FEATURES = ["a", "b", "c"]
 CLASSES = ["b", "s"]
@@ -128,3 +130,70 @@ def test_dead_letter_keeps_original_bytes() -> None:
     assert base64.b64decode(m["raw"]) == b"\xff\x00" and m["raw_encoding"] == "base64"
     text = dead_letter_message("bad", b'{"id": 1}', "events", 0, 0)
     assert json.loads(text["raw"]) == {"id": 1} and "raw_encoding" not in text
+
+
+@pytest.mark.parametrize("field", ["features-list", "features-object", "label", "ts"])
+def test_a_value_nested_a_thousand_deep_is_refused_not_a_recursion_error(field: str) -> None:
+    """JSON allows 1,024 levels; repr() of a value nested that deep raised RecursionError,
+    which stopped the serving loop at the same message on every restart."""
+    deep = "[" * 1000 + "]" * 1000
+    raw = {"features-list": '{"id": "x", "features": [%s, 1, 2]}' % deep,
+           "features-object": '{"id": "x", "features": {"a": %s, "b": 1, "c": 2}}' % deep,
+           "label": '{"id": "x", "features": [1, 2, 3], "label": %s}' % deep,
+           "ts": '{"id": "x", "features": [1, 2, 3], "ts": %s}' % deep}[field].encode()
+    with pytest.raises(InvalidEvent, match="nested too deeply to show"):
+        check(raw)
+    columns = decode_events([raw, VALID[0]], FEATURES, CLASSES)
+    assert columns.positions == [1] and "nested too deeply" in columns.rejected[0][1]
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"id": "x", "features": [1, 2, 3], "label": "%s"}' % (b"L" * 900_000),
+    b'{"id": "x", "features": [1, 2, 3], "ts": "%s"}' % (b"9" * 900_000),
+    b'{"id": "x", "features": {"a": 1, "b": 2, "c": 3, "%s": 4}}' % (b"f" * 900_000),
+    b'{"id": "x", "features": [%s, 2, 3]}' % b",".join([b"[1]"] * 100_000),
+    b'{"id": "x", "features": [1, 2, 3], %s}' % b", ".join(
+        b'"f%d": 1' % i for i in range(10_000)),
+])
+def test_a_reason_quotes_a_huge_value_briefly(raw: bytes) -> None:
+    with pytest.raises(InvalidEvent) as refused:
+        check(raw)
+    assert len(str(refused.value)) < 700
+
+
+def test_validate_value_refuses_what_is_not_an_object() -> None:
+    assert validate_value({"id": "v", "features": [1, 2, 3]}, FEATURES, CLASSES).id == "v"
+    for value, kind in (([], "a list"), ("s", "a string"), (None, "null"), (1.5, "a number")):
+        with pytest.raises(InvalidEvent, match=f"not a JSON object but {kind}"):
+            validate_value(value, FEATURES, CLASSES)
+
+
+@pytest.mark.parametrize("raw, encoding", [
+    (b"\x01" * 950_000, None),  # each control character is quoted as six
+    (bytes(range(128, 256)) * 7400, "base64"),  # base64 is a third longer
+    ('{"id": "\u00e9\u00e9' + '\\"' * 450_000 + '"}', None),
+])
+def test_a_dead_letter_always_fits_in_a_kafka_message(raw: bytes | str, encoding: str | None
+                                                      ) -> None:
+    raw = raw.encode() if isinstance(raw, str) else raw
+    m = dead_letter_message("not JSON", raw, "events", 1, 7)
+    assert len(orjson.dumps(m)) <= MAX_DEAD_LETTER_RAW_BYTES + 1000
+    assert m["raw_truncated"] is True and m["raw_size"] == len(raw)
+    assert m.get("raw_encoding") == encoding
+    kept = base64.b64decode(m["raw"]) if encoding else m["raw"].encode()
+    assert raw.startswith(kept) and len(kept) > DEAD_LETTER_RAW_PREFIX - 4
+    assert m["source"] == {"topic": "events", "partition": 1, "offset": 7}
+
+
+def test_a_dead_letter_keeps_a_text_prefix_whole_characters() -> None:
+    raw = "\u00e9".encode() * 600_000  # two bytes each: the prefix would split one
+    m = dead_letter_message("bad", raw, "events", 0, 0)
+    assert "raw_encoding" not in m and m["raw_truncated"]
+    assert set(m["raw"]) == {"\u00e9"} and len(m["raw"]) == DEAD_LETTER_RAW_PREFIX // 2
+
+
+def test_a_dead_letter_that_fits_is_whole_and_a_long_reason_is_cut() -> None:
+    raw = b'{"id": "x", "pad": "%s"}' % (b"p" * 800_000)
+    m = dead_letter_message("r" * 10_000, raw, "events", 0, 0)
+    assert m["raw"].encode() == raw and "raw_truncated" not in m
+    assert len(m["error"]) <= MAX_REASON_CHARS + 3
