@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 import importlib.util  # noqa: E402
 
 import orjson  # noqa: E402
-from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
+from confluent_kafka import Producer  # noqa: E402
 
 from app.stack import LocalStack  # noqa: E402
 from app.topics import ensure_topics  # noqa: E402
@@ -137,23 +137,8 @@ def produce_backlog(bootstrap: str, topic: str, n: int, malformed: list[HostileR
 
 def read_all(bootstrap: str, topic: str) -> list[Any]:
     """Every message of ``topic``: ``(partition, offset, key, value)``."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{topic}",
-                         "enable.auto.commit": False})
-    ends = end_offsets(bootstrap, [topic])
-    consumer.assign([TopicPartition(t, p, first) for (t, p), (first, _) in ends.items()])
-    remaining = {p: end - first for (_, p), (first, end) in ends.items()}
-    out = []
-    try:
-        while any(remaining.values()):
-            for message in consumer.consume(10_000, 1.0):
-                if message.error():
-                    continue
-                remaining[message.partition()] -= 1
-                out.append((message.partition(), message.offset(), message.key(),
-                            message.value()))
-    finally:
-        consumer.close()
-    return out
+    return [(m.partition(), m.offset(), m.key(), m.value())
+            for m in _serving.read_topic(bootstrap, topic)]
 
 
 def check_outputs(bootstrap: str, d: Deployment, n: int,

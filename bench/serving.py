@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -331,6 +331,24 @@ def create_topic(bootstrap: str, name: str, partitions: int,
         future.result(timeout=30)
 
 
+def read_topic(bootstrap: str, topic: str) -> Iterator[Any]:
+    """Every message of ``topic``, from each partition's first offset to its end now."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{topic}",
+                         "enable.auto.commit": False})
+    ends = end_offsets(bootstrap, [topic])
+    consumer.assign([TopicPartition(t, p, first) for (t, p), (first, _) in ends.items()])
+    remaining = {p: end - first for (_, p), (first, end) in ends.items()}
+    try:
+        while any(remaining.values()):
+            for message in consumer.consume(10_000, 1.0):
+                if message.error():
+                    continue
+                remaining[message.partition()] -= 1
+                yield message
+    finally:
+        consumer.close()
+
+
 class Scan:
     """Every prediction of a topic, read after the fact: which ids were answered how often,
     and each one's latency, the broker's append time of the prediction (the topic stamps
@@ -340,24 +358,12 @@ class Scan:
     def __init__(self, bootstrap: str, topic: str, capacity: int) -> None:
         self.seen = np.zeros(capacity, dtype=np.uint8)
         sent, latency, scored = [], [], []
-        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"scan-{topic}",
-                             "enable.auto.commit": False})
-        ends = end_offsets(bootstrap, [topic])
-        consumer.assign([TopicPartition(t, p, first) for (t, p), (first, _) in ends.items()])
-        remaining = {p: end - first for (_, p), (first, end) in ends.items()}
-        try:
-            while any(remaining.values()):
-                for message in consumer.consume(10_000, 1.0):
-                    if message.error():
-                        continue
-                    remaining[message.partition()] -= 1
-                    _, n, sent_ms = message.key().decode().rsplit("-", 2)
-                    self.seen[int(n)] = min(self.seen[int(n)] + 1, 255)
-                    sent.append(int(sent_ms))
-                    latency.append(message.timestamp()[1] - int(sent_ms))
-                    scored.append(orjson.loads(message.value())["ts"] - int(sent_ms))
-        finally:
-            consumer.close()
+        for message in read_topic(bootstrap, topic):
+            _, n, sent_ms = message.key().decode().rsplit("-", 2)
+            self.seen[int(n)] = min(self.seen[int(n)] + 1, 255)
+            sent.append(int(sent_ms))
+            latency.append(message.timestamp()[1] - int(sent_ms))
+            scored.append(orjson.loads(message.value())["ts"] - int(sent_ms))
         self.sent_ms = np.array(sent)
         self.latencies_ms = np.array(latency)
         self.until_scored_ms = np.array(scored)
