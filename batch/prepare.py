@@ -113,6 +113,11 @@ def _col(name: str) -> "Column":
     return F.col("`" + name.replace("`", "``") + "`")
 
 
+#: Largest feature magnitude the job uses; a larger one is treated as missing (a hostile or
+#: broken event can be valid JSON and still have a square no float64 holds).
+MAX_ABS_VALUE = 1e100
+
+
 def clean(df: "DataFrame", features: Sequence[str], id_col: str, label_col: str,
           ts_col: str | None = "ts", broadcast_keys: int | None = None) -> "DataFrame":
     """Normalise missing values, drop unusable rows and duplicate ids.
@@ -134,7 +139,8 @@ def clean(df: "DataFrame", features: Sequence[str], id_col: str, label_col: str,
     Returns
     -------
     pyspark.sql.DataFrame
-        Columns: id (string), features (double; ``-999.0``, NaN and +/-inf become null),
+        Columns: id (string), features (double; ``-999.0``, NaN, +/-inf and values beyond
+        +/-``MAX_ABS_VALUE`` become null),
         label (string or bigint), and ``ts_col`` when present. Rows without id or label are
         dropped, as are empty string labels; each id appears once.
 
@@ -154,7 +160,8 @@ def clean(df: "DataFrame", features: Sequence[str], id_col: str, label_col: str,
     columns = [_col(id_col).cast("string").alias(id_col)]
     for name in features:
         value = _col(name).cast("double")
-        missing = F.isnan(value) | (value == MISSING_MARKER) | (F.abs(value) == float("inf"))
+        # Beyond MAX_ABS_VALUE a value's square would overflow the preprocessing statistics.
+        missing = F.isnan(value) | (value == MISSING_MARKER) | (F.abs(value) > MAX_ABS_VALUE)
         columns.append(F.when(missing, F.lit(None).cast("double")).otherwise(value)
                        .alias(name))
     if label_kind(kinds[label_col], label_col) == "string":

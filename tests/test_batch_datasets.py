@@ -156,3 +156,14 @@ def test_duplicate_ids_keep_their_newest_row_however_many_ids_repeat(spark: Any)
     assert sorted(r["id"] for r in no_ts) == sorted(expected)
     assert all((r["x"], r["label"]) in {(x, label) for i, x, label, _ in rows if i == r["id"]}
                for r in no_ts)
+
+
+def test_values_whose_square_overflows_are_missing_not_fatal(spark: Any) -> None:
+    """A valid event may carry 1e200: the lake keeps it, and the job treats it as missing
+    rather than let it turn the preprocessing statistics infinite and fail every run."""
+    rows = [("a", 1.0, "s"), ("b", 1e200, "b"), ("c", -1e150, "s"), ("d", 3.0, "b"),
+            ("e", float("inf"), "s"), ("f", -999.0, "b"), ("g", prepare.MAX_ABS_VALUE, "s")]
+    df = spark.createDataFrame(rows, "id string, x double, label string")
+    cleaned = {r["id"]: r["x"] for r in prepare.clean(df, ["x"], "id", "label").collect()}
+    assert cleaned == {"a": 1.0, "b": None, "c": None, "d": 3.0, "e": None, "f": None,
+                       "g": prepare.MAX_ABS_VALUE}
