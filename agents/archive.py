@@ -44,6 +44,7 @@ from aiokafka import TopicPartition
 from fsspec import AbstractFileSystem
 from prometheus_client import Counter
 
+from agents.lease import Lease
 from agents.metrics import REGISTRY
 from agents.transport import OffsetStore
 from app.schemas import EventColumns, InvalidEvent, parse_event, validate_event
@@ -484,8 +485,11 @@ class LakeArchiver:
     """
 
     def __init__(self, settings: Settings, offsets: OffsetStore | None = None,
-                 on_flush: Callable[[Flush], None] | None = None) -> None:
+                 on_flush: Callable[[Flush], None] | None = None,
+                 lease: Lease | None = None) -> None:
         self.settings = settings
+        #: Writes go ahead only while the worker's lease on its partitions holds.
+        self.lease = lease or Lease(settings.worker_session_timeout_s)
         self.topic = settings.events_topic
         self.group_id = f"{settings.app_id}-archiver"
         self.flush_s = settings.archive_flush_s
@@ -542,9 +546,15 @@ class LakeArchiver:
         """Write and commit what was read of ``partitions``, then forget them; the next owner
         starts from the offsets committed here."""
         async with self._lock:
+            held = self.lease.held
             for partition in partitions:
                 state = self.states.pop(partition, None)
-                if state is not None:
+                if state is not None and not held:
+                    # Perhaps another worker's already: what is buffered is left to it.
+                    log.warning("archive of %s[%d]: dropped %d buffered records unwritten "
+                                "after a stall; the partition's next owner archives them",
+                                self.topic, partition, state.buffered_records())
+                elif state is not None:
                     self._close(state)
                     await self._flush_state(state, retry=False)
                 self._rewinds.pop(partition, None)
@@ -680,6 +690,8 @@ class LakeArchiver:
         """Write the state's sealed buffers in order (at most ``most`` of them), committing
         after each range; return how many rows were written."""
         written = 0
+        if not self.lease.held:
+            return written
         try:
             if state.commit_due is not None:
                 await self._commit(state, state.commit_due)
@@ -692,6 +704,8 @@ class LakeArchiver:
                     state.pending = await self._io(prepare_flush, self.topic,
                                                    state.tp.partition, buffer)
                 flush = state.pending
+                if not self.lease.held:
+                    break
                 if flush.files:
                     await self._io(write_flush, self.fs, self.root, flush)
                 state.pending = None

@@ -40,6 +40,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from mode import Service
 
 from agents.archive import BatchRows, LakeArchiver, count_flush
+from agents.lease import worker_lease
 from agents.metrics import BATCH_SECONDS, BATCH_SIZE, EVENTS_DEAD_LETTERED, count_scored
 from agents.model_manager import model_manager
 from agents.scoring import encode_predictions
@@ -154,7 +155,7 @@ class ServingService(Service):
         self.reader = EventReader(s, s.events_topic, self.group_id, s.serving_batch_size,
                                   s.serving_batch_ms)
         if s.archive:
-            self.archiver = LakeArchiver(s, on_flush=count_flush)
+            self.archiver = LakeArchiver(s, on_flush=count_flush, lease=worker_lease)
 
     async def on_stop(self) -> None:
         """Answer, store and commit what was read, unless a micro-batch failed; bounded by
@@ -455,6 +456,7 @@ class ServingService(Service):
     async def _on_partitions_assigned(self, sender: Any, assigned: Any, **kwargs: Any) -> None:
         # Only noted here: reading starts once the tables are recovered (the loop waits for
         # that), and this receiver must return quickly for the worker to keep its place.
+        worker_lease.confirmed()
         self._wanted = {tp.partition for tp in app.assignor.assigned_actives()
                         if tp.topic == LATEST_CHANGELOG}
 

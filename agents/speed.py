@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import orjson
 
+from agents.lease import worker_lease
 from agents.model_manager import model_manager
 from agents.tables import SUMMARY_CHANGELOG_CONFIG, count_scored
 from app import app
@@ -376,6 +377,11 @@ class SpeedLayer:
         started = time.monotonic()
         update = await self._refit(base, newest, X, y, seq)
         fit_s = time.monotonic() - started
+        if not worker_lease.held:
+            # Perhaps no longer the learner: its successor may be publishing this seq.
+            log.warning("update %s not published: this worker's partitions are in doubt after "
+                        "a stall", update.version)
+            return None
         await app.producer.send_and_wait(
             settings.updates_topic, update.model.encode(), orjson.dumps(update.to_message()),
             partition=0, timestamp=None, headers=None)
