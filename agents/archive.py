@@ -534,12 +534,15 @@ class LakeArchiver:
         names. One whose set-up fails (the lake unreachable) is left out: it asks for a
         :meth:`take_rewinds` once it is set up."""
         starts: dict[int, int | None] = {}
-        for partition in partitions:
-            state = self.states[partition] = PartitionState(TopicPartition(self.topic,
-                                                                           partition))
-            start = await self._set_up(state)
-            if state.ready:
-                starts[partition] = start
+        # Under the lock: flush_due would otherwise set up a partition still being set up
+        # here, and its second set-up would rewind a buffer that already holds records.
+        async with self._lock:
+            for partition in partitions:
+                state = self.states[partition] = PartitionState(TopicPartition(self.topic,
+                                                                               partition))
+                start = await self._set_up(state)
+                if state.ready:
+                    starts[partition] = start
         return starts
 
     async def revoke(self, partitions: Iterable[int]) -> None:
@@ -731,6 +734,12 @@ class LakeArchiver:
         return written
 
     async def _commit(self, state: PartitionState, offset: int) -> None:
+        # A write that was under way when the worker stalled may finish after it; its commit
+        # would move the partition's archive offset back behind the new owner's.
+        if not self.lease.held:
+            log.warning("archive of %s[%d]: offset %d not committed after a stall",
+                        self.topic, state.tp.partition, offset)
+            return
         await self.offsets.commit(state.tp.partition, offset)
         state.commit_due = None
 
