@@ -488,8 +488,8 @@ class LakeArchiver:
                  on_flush: Callable[[Flush], None] | None = None,
                  lease: Lease | None = None) -> None:
         self.settings = settings
-        #: Writes go ahead only while the worker's lease on its partitions holds.
-        self.lease = lease or Lease(settings.worker_session_timeout_s)
+        #: With a lease, writes go ahead only while it holds (the worker passes its own).
+        self.lease = lease
         self.topic = settings.events_topic
         self.group_id = f"{settings.app_id}-archiver"
         self.flush_s = settings.archive_flush_s
@@ -549,7 +549,7 @@ class LakeArchiver:
         """Write and commit what was read of ``partitions``, then forget them; the next owner
         starts from the offsets committed here."""
         async with self._lock:
-            held = self.lease.held
+            held = self._lease_held()
             for partition in partitions:
                 state = self.states.pop(partition, None)
                 if state is not None and not held:
@@ -693,7 +693,7 @@ class LakeArchiver:
         """Write the state's sealed buffers in order (at most ``most`` of them), committing
         after each range; return how many rows were written."""
         written = 0
-        if not self.lease.held:
+        if not self._lease_held():
             return written
         try:
             if state.commit_due is not None:
@@ -707,7 +707,7 @@ class LakeArchiver:
                     state.pending = await self._io(prepare_flush, self.topic,
                                                    state.tp.partition, buffer)
                 flush = state.pending
-                if not self.lease.held:
+                if not self._lease_held():
                     break
                 if flush.files:
                     await self._io(write_flush, self.fs, self.root, flush)
@@ -733,10 +733,13 @@ class LakeArchiver:
             state.backoff_s = 0.0
         return written
 
+    def _lease_held(self) -> bool:
+        return self.lease is None or self.lease.held
+
     async def _commit(self, state: PartitionState, offset: int) -> None:
         # A write that was under way when the worker stalled may finish after it; its commit
         # would move the partition's archive offset back behind the new owner's.
-        if not self.lease.held:
+        if not self._lease_held():
             log.warning("archive of %s[%d]: offset %d not committed after a stall",
                         self.topic, state.tp.partition, offset)
             return

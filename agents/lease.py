@@ -46,7 +46,7 @@ class Lease:
         self._clock = clock
         self._last_tick = clock()
         self._doubtful_since: float | None = None
-        #: Stalls seen, for metrics and tests.
+        #: Stalls seen so far.
         self.stalls = 0
 
     def tick(self) -> None:
