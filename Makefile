@@ -16,11 +16,11 @@ $(STAMP): setup.cfg setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
-	$(PY) -m app.stack provision
+	$(PY) -m devstack.stack provision
 	touch $(STAMP)
 
 run: install
-	$(PY) -m app.run_local
+	$(PY) -m devstack.run_local
 
 test: install
 	$(PY) -m pytest -ra

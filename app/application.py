@@ -1,21 +1,22 @@
 """The Faust App, built once from :class:`~app.settings.Settings`.
 
-Agents, tables and web views live in the ``agents`` package and are found by autodiscovery;
-this module imports only settings and topics.
+Agents, tables and web views live in the layer packages (``serving``, ``speed``) and are
+found by autodiscovery; this module imports only settings, so every layer may import the App
+and none is imported by it. A layer that must act before the worker consumes (the transport's
+topic creation) registers a hook with :meth:`StratumApp.before_first_start`.
 """
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import urlparse
 
 import faust
 from aiohttp import web as aiohttp_web
 
 from app.settings import Settings, SettingsError
-from app.topics import ensure_topics
 
 __all__ = ["StratumApp", "create_app", "load_settings", "app"]
 
@@ -23,18 +24,22 @@ log = logging.getLogger(__name__)
 
 
 class StratumApp(faust.App):
-    """A Faust App that knows its settings and creates its topics before consuming."""
+    """A Faust App that knows its settings and runs its layers' hooks before consuming."""
 
-    def __init__(self, settings: Settings, **kwargs: object) -> None:
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
         self.settings = settings
+        self._first_start_hooks: list[Callable[[], Awaitable[None]]] = []
         super().__init__(settings.app_id, **kwargs)
 
+    def before_first_start(
+            self, hook: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """Decorator: await ``hook`` when the worker starts, before any consumer subscribes."""
+        self._first_start_hooks.append(hook)
+        return hook
+
     async def on_first_start(self) -> None:
-        # A consumer that subscribes to a missing topic makes the broker auto-create it with
-        # one partition; Faust then fails with PartitionsMismatch. Create them first.
-        created = await ensure_topics(self.settings)
-        if created:
-            log.info("created topics: %s", ", ".join(created))
+        for hook in self._first_start_hooks:
+            await hook()
         Path(self.conf.datadir).mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
 
@@ -55,7 +60,7 @@ def create_app(settings: Settings) -> StratumApp:
     return StratumApp(
         settings,
         broker=settings.kafka_broker,
-        autodiscover=["agents"],
+        autodiscover=["serving", "speed"],
         origin="app",
         store="memory://",
         datadir=str(Path(settings.data_dir) / settings.app_id),

@@ -114,7 +114,7 @@ class Settings:
         "How long the latest-prediction table keeps a row (store and changelog)."))
     torch_threads: int = field(default=1, metadata=_env(
         "TORCH_THREADS", "Threads torch may use for scoring."))
-    # ---- speed layer (agents/speed.py): incremental output-layer updates between rebuilds.
+    # ---- speed layer (speed/agent.py): incremental output-layer updates between rebuilds.
     speed_layer: int = field(default=1, metadata=_env(
         "SPEED_LAYER", "1: learn from labelled events and publish UP updates; 0: off."))
     speed_window_s: float = field(default=5.0, metadata=_env(

@@ -6,13 +6,11 @@ Usage::
                         [--epochs N] [--hidden 500,1000,500] [--lr 0.0003:0.01] [--seed N]
                         [--candidates N] [--search random|grid] [--distributed N] ...
     python -m batch schedule [run options]     # run at BATCH_CRON, never overlapping
-    python -m batch demo-data [--rows N] [--seed N] [--data URI]
-    python -m batch bootstrap [--rows N] [run options]
 
 Exit status of ``run``: 0 published, 3 rejected by the evaluation policy, 1 on failure (with a
 one-line ``batch: error: ...`` on stderr), another run holding the model's lock included; every
-run also sends a record of itself to the metrics topic (:mod:`batch.runlog`). ``bootstrap``
-exits 0 when a model exists afterwards.
+run also sends a record of itself to the metrics topic (:mod:`batch.runlog`).
+The demo's data and the bootstrap of a first model are ``python -m demo`` (not installed).
 """
 from __future__ import annotations
 
@@ -20,11 +18,11 @@ import argparse
 import logging
 import subprocess
 import sys
-import time
 from datetime import datetime
 from typing import Any, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_run_options", "job_config", "print_summary",
+           "error_reason"]
 
 log = logging.getLogger("batch")
 
@@ -34,7 +32,7 @@ def _say(line: str) -> None:
     print(f"[batch {stamp}] {line}", flush=True)
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
+def add_run_options(parser: argparse.ArgumentParser) -> None:
     spec = "a value, alternatives a|b or a range low:high"
     parser.add_argument("--data", metavar="URI",
                         help="Parquet dataset to train on (default: LAKE_URI)")
@@ -83,26 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "model from the lake.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="rebuild the model once now")
-    _add_run_options(run)
+    add_run_options(run)
     schedule = commands.add_parser("schedule", help="run at BATCH_CRON, never overlapping")
-    _add_run_options(schedule)
-    demo = commands.add_parser("demo-data", help="write a demo dataset to the lake")
-    demo.add_argument("--rows", type=int, default=None,
-                      help="events to write (BATCH_DEMO_ROWS, default 100000)")
-    demo.add_argument("--seed", type=int, default=0, help="generator seed")
-    demo.add_argument("--start-id", type=int, default=0, help="first event id")
-    demo.add_argument("--data", metavar="URI", help="where to write (default: LAKE_URI)")
-    demo.add_argument("-v", "--verbose", action="store_true", help="log details")
-    boot = commands.add_parser("bootstrap",
-                               help="if the registry has no model: demo data if the lake is "
-                                    "empty, then one run")
-    boot.add_argument("--rows", type=int, default=None,
-                      help="demo events if the lake is empty (BATCH_DEMO_ROWS)")
-    _add_run_options(boot)
+    add_run_options(schedule)
     return parser
 
 
-def _job_config(args: argparse.Namespace, settings: Any) -> Any:
+def job_config(args: argparse.Namespace, settings: Any) -> Any:
     from batch.job import JobConfig
 
     return JobConfig.from_settings(
@@ -132,7 +117,7 @@ def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list
     return out
 
 
-def _summary(result: Any) -> None:
+def print_summary(result: Any) -> None:
     """The end-of-run table: data, candidates, decision, version and time per stage."""
     from batch.search import describe
 
@@ -193,7 +178,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from batch.job import EXIT_FAILED, run_job
 
     settings = Settings.from_env()
-    config = _job_config(args, settings)
+    config = job_config(args, settings)
     started = _utc_now()
     model = config.model_name or settings.model_name
     try:
@@ -201,11 +186,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except Exception as exc:
         status = "skipped" if isinstance(exc, LockError) else "failed"
         _record(settings, {
-            "model": model, "status": status, "exit_code": EXIT_FAILED, "reason": _reason(exc),
+            "model": model, "status": status, "exit_code": EXIT_FAILED, "reason": error_reason(exc),
             "version": None, "timings": getattr(exc, "timings", {}), "started_at": started,
             "ended_at": _utc_now()})
         raise
-    _summary(result)
+    print_summary(result)
     _record(settings, {
         "model": model, "status": "published" if result.published else "rejected",
         "exit_code": result.exit_code, "reason": result.decision.reason,
@@ -213,34 +198,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "metrics": result.metrics, "rows": result.rows, "timings": result.timings,
         "candidates": len(result.candidates), "started_at": started, "ended_at": _utc_now()})
     return result.exit_code
-
-
-def _cmd_bootstrap(args: argparse.Namespace) -> int:
-    from app.settings import Settings
-    from batch.job import bootstrap
-
-    settings = Settings.from_env()
-    rows = args.rows or settings.batch_demo_rows
-    result = bootstrap(settings, _job_config(args, settings), rows=rows,
-                       seed=args.seed or 0, progress=_say)
-    if result is not None:
-        _summary(result)
-    return 0
-
-
-def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from app.settings import Settings
-    from batch.demo_data import write_lake
-
-    settings = Settings.from_env()
-    rows = args.rows or settings.batch_demo_rows
-    uri = args.data or settings.lake_uri
-    start = time.monotonic()
-    files = write_lake(uri, settings.storage_options, rows, seed=args.seed,
-                       start_id=args.start_id)
-    _say(f"wrote {rows} demo events in {len(files)} files under {uri} "
-         f"({time.monotonic() - start:.1f}s)")
-    return 0
 
 
 def _cmd_schedule(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -268,26 +225,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
-        if args.command == "bootstrap":
-            return _cmd_bootstrap(args)
-        if args.command == "demo-data":
-            return _cmd_demo_data(args)
         return _cmd_schedule(args, argv)
     except KeyboardInterrupt:
         print("batch: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line for the operator; details with --verbose
         log.debug("failure", exc_info=True)
-        print(f"batch: error: {_reason(exc)}", file=sys.stderr, flush=True)
+        print(f"batch: error: {error_reason(exc)}", file=sys.stderr, flush=True)
         return 1
 
 
-def _reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
     from app.settings import SettingsError
-    from batch.errors import BatchError
+    from batch.errors import BatchError, LakeError
     from models.errors import ModelError
 
-    if isinstance(exc, (BatchError, ModelError, SettingsError, ValueError)):
+    if isinstance(exc, (BatchError, LakeError, ModelError, SettingsError, ValueError)):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     module = type(exc).__module__ or ""
     if module.startswith(("pyspark", "py4j")):

@@ -27,7 +27,7 @@ async def announce_async(settings: Settings, ref: ModelRef, timeout_s: float = 3
     """
     from aiokafka import AIOKafkaProducer
 
-    from app.topics import ensure_topics
+    from transport.topics import ensure_topics
 
     topic = settings.updates_topic
     producer = None

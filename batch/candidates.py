@@ -23,13 +23,12 @@ import os
 import queue
 import tempfile
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from batch.train import TrainConfig, TrainResult, train_classifier
+from batch.train import Arrays, TrainConfig, TrainResult, train_classifier
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -39,17 +38,6 @@ __all__ = ["Arrays", "train_candidates", "plan_parallelism"]
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-
-
-@dataclass
-class Arrays:
-    """Preprocessed training and validation rows (float32 features, int64 class indices)."""
-
-    X_train: np.ndarray
-    y_train: np.ndarray
-    X_val: np.ndarray
-    y_val: np.ndarray
-    n_classes: int
 
 
 def plan_parallelism(candidates: int, threads: int, parallelism: int = 0) -> tuple[int, int]:

@@ -31,12 +31,11 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 
 from batch.errors import StorageError, TrainingError
-from batch.train import TrainConfig, TrainResult
+from batch.train import Arrays, TrainConfig, TrainResult
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-    from batch.candidates import Arrays
 
 __all__ = ["train_distributed", "process_call", "ARRAY_NAMES"]
 
@@ -45,7 +44,7 @@ log = logging.getLogger(__name__)
 ARRAY_NAMES = ("X_train", "y_train", "X_val", "y_val")
 
 
-def _stage(arrays: "Arrays", uri: str, storage_options: Mapping[str, Any] | None) -> None:
+def _stage(arrays: Arrays, uri: str, storage_options: Mapping[str, Any] | None) -> None:
     from models.storage import ensure_bucket, filesystem
 
     fs, path = filesystem(uri, storage_options)
@@ -128,7 +127,7 @@ def process_call(uri: str, storage_options: Mapping[str, Any] | None, n_classes:
                             dataclasses.asdict(config), loopback)
 
 
-def train_distributed(spark: "SparkSession", arrays: "Arrays", config: TrainConfig,
+def train_distributed(spark: "SparkSession", arrays: Arrays, config: TrainConfig,
                       processes: int, *, staging_uri: str | None = None,
                       storage_options: Mapping[str, Any] | None = None,
                       progress: Callable[[str], None] | None = None) -> TrainResult:
@@ -138,7 +137,7 @@ def train_distributed(spark: "SparkSession", arrays: "Arrays", config: TrainConf
     ----------
     spark : pyspark.sql.SparkSession
         Needs at least ``processes`` task slots.
-    arrays : batch.candidates.Arrays
+    arrays : batch.train.Arrays
         Preprocessed rows.
     config : TrainConfig
         Hyper-parameters; the global mini-batch is ``config.batch_size`` as in one process.

@@ -1,20 +1,18 @@
-"""The exceptions the batch job raises; the CLI turns them into one-line errors."""
+"""The exceptions the batch job raises; the CLI turns them into one-line errors.
+
+Bad data and unreachable storage are the lake's errors (:mod:`lake.errors`), raised the same
+by the reader and by the job's own steps.
+"""
 from __future__ import annotations
 
-__all__ = ["BatchError", "DataError", "StorageError", "AnnounceError", "TrainingError",
-           "LockError"]
+from lake.errors import DataError, LakeError, StorageError
+
+__all__ = ["BatchError", "LakeError", "DataError", "StorageError", "AnnounceError",
+           "TrainingError", "LockError"]
 
 
 class BatchError(Exception):
     """Base class of batch-layer failures; ``str(err)`` is a complete one-line reason."""
-
-
-class DataError(BatchError):
-    """The input dataset cannot be trained on (schema, types, too few rows or classes)."""
-
-
-class StorageError(BatchError):
-    """The lake or the registry cannot be read or written."""
 
 
 class AnnounceError(BatchError):

@@ -1,13 +1,12 @@
 """The batch job: read -> clean -> split -> fit preprocessing -> train -> evaluate -> publish ->
 announce.
 
-:func:`run_job` only wires the steps of :mod:`batch.lake`, :mod:`batch.prepare`,
+:func:`run_job` only wires the steps of :mod:`lake.reader`, :mod:`batch.prepare`,
 :mod:`batch.train`, :mod:`batch.evaluate`, :mod:`models.registry` and :mod:`batch.announce`,
 timing each one. :func:`bootstrap` makes sure a fresh installation has a model to serve.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -28,20 +27,14 @@ if TYPE_CHECKING:
 
     from models.manifest import Manifest
     from models.registry import ModelRef
-    from models.serving import LoadedModel
+    from models.loaded import LoadedModel
 
-__all__ = ["JobConfig", "JobResult", "CandidateReport", "run_job", "bootstrap", "EXIT_PUBLISHED", "EXIT_REJECTED",
-           "EXIT_FAILED", "DEFAULT_DEMO_ROWS", "BOOTSTRAP_TRAIN_SECONDS"]
+__all__ = ["JobConfig", "JobResult", "CandidateReport", "run_job", "EXIT_PUBLISHED",
+           "EXIT_REJECTED", "EXIT_FAILED"]
 
 log = logging.getLogger(__name__)
 
 EXIT_PUBLISHED, EXIT_FAILED, EXIT_REJECTED = 0, 1, 3
-#: Rows of demo data the bootstrap writes into an empty lake.
-DEFAULT_DEMO_ROWS = 100_000
-#: Training time budget of the bootstrap run unless one is configured: the first model must be
-#: ready within a minute or two of ``make run`` on a busy 2-core machine, and the default network
-#: reaches most of its accuracy in its first epoch.
-BOOTSTRAP_TRAIN_SECONDS = 20.0
 # Reference rows recorded in the manifest, and how closely a loader must reproduce them: float32
 # sums in a different order (another thread count) move probabilities by about 1e-6.
 _REFERENCE_ROWS = 8
@@ -346,9 +339,9 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
 
     Raises
     ------
-    BatchError
-        Bad data (:class:`~batch.errors.DataError`), unreachable storage
-        (:class:`~batch.errors.StorageError`), Kafka (:class:`~batch.errors.AnnounceError`),
+    BatchError or LakeError
+        Bad data (:class:`~lake.errors.DataError`), unreachable storage
+        (:class:`~lake.errors.StorageError`), Kafka (:class:`~batch.errors.AnnounceError`),
         another run in progress (:class:`~batch.errors.LockError`). The exception carries the
         stage timings so far as ``timings``.
     """
@@ -387,12 +380,12 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
     from batch.active import UpdateState, read_update_state
     from batch.announce import announce
     from batch.candidates import Arrays, train_candidates
-    from batch.lake import list_parquet_files, read_parquet, window_start, within_window
+    from lake.reader import list_parquet_files, read_parquet, window_start, within_window
     from batch.search import describe
     from models.manifest import Manifest
     from models.preprocessing import preprocessor_from_stats
     from models.registry import Registry
-    from models.serving import LoadedModel
+    from models.loaded import LoadedModel
 
     data_uri = config.data_uri or settings.lake_uri
     storage = settings.storage_options
@@ -613,46 +606,3 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
 def _params(config: TrainConfig) -> dict[str, Any]:
     return {"lr": config.lr, "hidden": list(config.hidden), "dropout": config.dropout,
             "epochs": config.epochs, "batch_size": config.batch_size}
-
-
-def bootstrap(settings: Settings, config: JobConfig, rows: int = DEFAULT_DEMO_ROWS,
-              seed: int = 0, spark: "SparkSession | None" = None,
-              progress: Progress | None = None) -> JobResult | None:
-    """Give a fresh installation a model: if the registry has none, train one.
-
-    When the registry has no version of the model, demo data is written to the lake if the lake
-    is empty, and the job runs once with ``force`` (a first model is better than none) and, unless
-    ``config`` sets one, a training time budget of :data:`BOOTSTRAP_TRAIN_SECONDS`.
-
-    Returns
-    -------
-    JobResult or None
-        None when a version existed already.
-    """
-    from batch.demo_data import write_lake
-    from batch.lake import list_parquet_files
-    from models.registry import Registry
-
-    say = progress or log.info
-    model_name = config.model_name or settings.model_name
-    registry = Registry(settings.registry_uri, settings.storage_options)
-    try:
-        existing = registry.latest(model_name)
-    except ModelError as exc:
-        raise StorageError(f"cannot read the registry: {exc}") from exc
-    if existing is not None:
-        say(f"model {model_name!r} has version {existing.version} already; nothing to do")
-        return None
-    data_uri = config.data_uri or settings.lake_uri
-    if not list_parquet_files(data_uri, settings.storage_options):
-        start = time.monotonic()
-        say(f"lake {data_uri} is empty: writing {rows} demo events (seed {seed})")
-        try:
-            write_lake(data_uri, settings.storage_options, rows, seed=seed)
-        except Exception as exc:
-            raise StorageError(f"cannot write demo data to {data_uri}: "
-                               f"{type(exc).__name__}: {exc}") from exc
-        say(f"demo data written in {time.monotonic() - start:.1f}s")
-    budget = config.max_train_seconds or BOOTSTRAP_TRAIN_SECONDS
-    return run_job(settings, dataclasses.replace(config, force=True, max_train_seconds=budget),
-                   spark=spark, progress=progress)

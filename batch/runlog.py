@@ -30,7 +30,7 @@ RUN_RECORD_TYPE = "batch-run"
 async def _send(settings: Settings, record: Mapping[str, Any], timeout_s: float) -> None:
     from aiokafka import AIOKafkaProducer
 
-    from app.topics import ensure_topics
+    from transport.topics import ensure_topics
 
     topic = settings.metrics_topic
     await asyncio.wait_for(ensure_topics(settings, [topic], timeout_s=timeout_s), timeout_s)

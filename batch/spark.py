@@ -13,7 +13,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING
+
+from models.storage import (CREDENTIAL_OPTIONS, is_local_master, share_local_credentials,
+                            task_storage_options)
 
 if TYPE_CHECKING:  # pyspark is heavy: import it only when a session is really wanted
     from pyspark.sql import SparkSession
@@ -29,13 +32,7 @@ DEFAULT_MASTER = "local[2]"
 _JAVA_HOME = "/usr/lib/jvm/java-1.17.0-openjdk-amd64"
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 _LOG4J_CONFIG = Path(__file__).resolve().with_name("log4j2.properties")
-#: s3fs options that are credentials: never part of what a Spark task carries.
-CREDENTIAL_OPTIONS = ("key", "secret", "token")
-#: The same inside ``client_kwargs`` (botocore client arguments).
-_CREDENTIAL_CLIENT_KWARGS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
-#: The environment variables botocore's chain reads, by s3fs option.
-_CREDENTIAL_ENV = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY",
-                   "token": "AWS_SESSION_TOKEN"}
+
 
 
 def _prepare_environment() -> None:
@@ -74,47 +71,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a host name: it may resolve anywhere
         return False
-
-
-def is_local_master(master: str) -> bool:
-    """True for ``local``, ``local[N]``, ``local[*]``, ``local-cluster[...]``: executors are
-    this machine's processes, started from the driver's JVM."""
-    return master.strip().startswith("local")
-
-
-def task_storage_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``storage_options`` without credentials: what a Spark task closure may carry.
-
-    The endpoint and every other option stay; key, secret and session token (top level or in
-    ``client_kwargs``) go, so an executor's filesystem uses botocore's credential chain, i.e.
-    the executor's own environment, config files or instance role.
-    """
-    options = {k: v for k, v in (storage_options or {}).items() if k not in CREDENTIAL_OPTIONS}
-    client_kwargs = options.get("client_kwargs")
-    if isinstance(client_kwargs, Mapping):
-        options["client_kwargs"] = {k: v for k, v in client_kwargs.items()
-                                    if k not in _CREDENTIAL_CLIENT_KWARGS}
-    return options
-
-
-def share_local_credentials(spark: "SparkSession",
-                            storage_options: Mapping[str, Any] | None) -> None:
-    """On a local master, put the credentials of ``storage_options`` in the environment of the
-    executors' Python workers; on any other master, do nothing.
-
-    Local executors run inside the driver's JVM, started with the driver's environment, which
-    lacks credentials given only through settings (``Settings.storage_options`` supplies the
-    embedded server's fixed keys by itself). The variables go to the Python workers the JVM
-    starts (``SparkContext.environment``), never into a task closure, and never leave this
-    machine. Cluster executors must have credentials of their own.
-    """
-    sc = spark.sparkContext
-    if not is_local_master(sc.master):
-        return
-    for option, variable in _CREDENTIAL_ENV.items():
-        value = (storage_options or {}).get(option)
-        if value is not None:
-            sc.environment[variable] = str(value)
 
 
 def get_session(app_name: str = "stratum-batch", master: str | None = None,

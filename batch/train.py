@@ -14,12 +14,24 @@ from torch import nn
 
 from models.classifier import DEFAULT_DROPOUT, DEFAULT_HIDDEN, MLPClassifier
 
-__all__ = ["TrainConfig", "TrainResult", "train_classifier", "parse_hidden"]
+__all__ = ["Arrays", "TrainConfig", "TrainResult", "train_classifier", "parse_hidden"]
 
 log = logging.getLogger(__name__)
 
 # Fewest optimiser steps an epoch should take (see the batch size cap in train_classifier).
 _MIN_STEPS_PER_EPOCH = 50
+
+
+@dataclass
+class Arrays:
+    """Preprocessed training and validation rows (float32 features, int64 class indices)."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    n_classes: int
+
 
 
 @dataclass(frozen=True)

@@ -61,13 +61,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from app.settings import Settings  # noqa: E402
-from app.stack import LocalStack  # noqa: E402
+from devstack.stack import LocalStack  # noqa: E402
 from batch import prepare  # noqa: E402
 from batch.candidates import Arrays, train_candidates  # noqa: E402
-from batch.demo_data import write_lake  # noqa: E402
+from demo.data import write_lake  # noqa: E402
 from batch.job import JobConfig, JobResult, run_job  # noqa: E402
 from batch.train import train_classifier  # noqa: E402
-from tests.support import scratch_dir  # noqa: E402
+from devstack.harness import scratch_dir  # noqa: E402
 
 #: Stages whose cost does not depend on the rows.
 FIXED_STAGES = ("lock", "list", "spark session", "lock check", "active model", "publish",

@@ -46,9 +46,9 @@ import pandas as pd  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
 from app.settings import Settings  # noqa: E402
-from app.stack import LocalStack, free_port  # noqa: E402
-from app.topics import ensure_topics  # noqa: E402
-from tests.support import WorkerProcess, announce, consume_until, scratch_dir  # noqa: E402
+from devstack.stack import LocalStack, free_port  # noqa: E402
+from transport.topics import ensure_topics  # noqa: E402
+from devstack.harness import WorkerProcess, announce, consume_until, scratch_dir  # noqa: E402
 
 FEATURES = ["x0", "x1", "x2", "x3"]
 #: The boundary before and after the shift: it turns by 30 degrees and moves by 0.8 standard

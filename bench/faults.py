@@ -70,11 +70,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
 from app.settings import Settings  # noqa: E402
-from app.stack import LocalStack, free_ports  # noqa: E402
-from app.topics import ensure_topics  # noqa: E402
-from batch.demo_data import FEATURES, event_messages  # noqa: E402
+from devstack.stack import LocalStack, free_ports  # noqa: E402
+from transport.topics import ensure_topics  # noqa: E402
+from demo.data import FEATURES, event_messages  # noqa: E402
 from models.registry import ModelRef, Registry  # noqa: E402
-from tests.support import (WorkerProcess, announce, http, publish_small_model,  # noqa: E402
+from devstack.harness import (WorkerProcess, announce, http, publish_small_model,  # noqa: E402
                            run, scratch_dir)
 
 FAULTS = ("kill_worker", "kill_learner", "kill_leader_broker", "cluster_restart",

@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from app.settings import Settings  # noqa: E402
-from app.stack import LocalStack, free_port  # noqa: E402
+from devstack.stack import LocalStack, free_port  # noqa: E402
 from tests.http_fuzz import FuzzReport, fuzz, make_requests  # noqa: E402
-from tests.support import (WorkerProcess, consume_until, deploy_small_model,  # noqa: E402
+from devstack.harness import (WorkerProcess, consume_until, deploy_small_model,  # noqa: E402
                            http, produce_records, scratch_dir)
 
 FEATURES = ["a", "b", "c"]

@@ -38,11 +38,11 @@ import importlib.util  # noqa: E402
 import orjson  # noqa: E402
 from confluent_kafka import Producer  # noqa: E402
 
-from app.stack import LocalStack  # noqa: E402
-from app.topics import ensure_topics  # noqa: E402
-from batch.demo_data import FEATURES, event_messages  # noqa: E402
+from devstack.stack import LocalStack  # noqa: E402
+from transport.topics import ensure_topics  # noqa: E402
+from demo.data import FEATURES, event_messages  # noqa: E402
 from tests.corpus import NEAR_MAX_BYTES, HostileRecord, malformed_records  # noqa: E402
-from tests.support import scratch_dir  # noqa: E402
+from devstack.harness import scratch_dir  # noqa: E402
 
 
 def _bench_serving() -> Any:

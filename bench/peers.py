@@ -35,7 +35,7 @@ import orjson  # noqa: E402
 import torch  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
-from app.schemas import dead_letter_message, prediction_message  # noqa: E402
+from transport.schemas import dead_letter_message, prediction_message  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from models.registry import Registry  # noqa: E402
 

@@ -51,11 +51,11 @@ from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
 from app.settings import Settings  # noqa: E402
-from app.stack import LocalStack, free_port, free_ports  # noqa: E402
-from app.topics import ensure_topics  # noqa: E402
-from batch.demo_data import FEATURES, event_messages  # noqa: E402
+from devstack.stack import LocalStack, free_port, free_ports  # noqa: E402
+from transport.topics import ensure_topics  # noqa: E402
+from demo.data import FEATURES, event_messages  # noqa: E402
 from models.registry import ModelRef, Registry  # noqa: E402
-from tests.support import (WorkerProcess, announce, publish_small_model,  # noqa: E402
+from devstack.harness import (WorkerProcess, announce, publish_small_model,  # noqa: E402
                            scratch_dir)
 
 BENCH = Path(__file__).resolve().parent

@@ -33,11 +33,11 @@ import numpy as np  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 
 from app.settings import Settings  # noqa: E402
-from app.stack import LocalStack, free_port  # noqa: E402
-from app.topics import ensure_topics  # noqa: E402
-from batch.demo_data import FEATURES, event_messages  # noqa: E402
+from devstack.stack import LocalStack, free_port  # noqa: E402
+from transport.topics import ensure_topics  # noqa: E402
+from demo.data import FEATURES, event_messages  # noqa: E402
 from models.registry import Registry  # noqa: E402
-from tests.support import (WorkerProcess, announce, http, publish_small_model,  # noqa: E402
+from devstack.harness import (WorkerProcess, announce, http, publish_small_model,  # noqa: E402
                            scratch_dir)
 
 HIDDEN = (500, 1000, 500)

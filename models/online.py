@@ -34,7 +34,7 @@ from models.classifier import MLPClassifier
 from models.errors import MessageError, ModelError
 from models.manifest import check_message, utc_now_iso
 from models.preprocessing import missing_mask
-from models.serving import LoadedModel
+from models.loaded import LoadedModel
 
 __all__ = ["UP_TYPE", "ModelUpdate", "apply_update", "output_layer", "hidden_activations",
            "recency_weights", "OutputLayerLearner", "BaseNotHeld", "start_learning_process",

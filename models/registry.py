@@ -33,7 +33,7 @@ from models.classifier import MLPClassifier
 from models.errors import ArtifactError, ManifestError, MessageError, ModelError
 from models.manifest import (MANIFEST_FILE, Manifest, check_message, check_path_segment,
                              utc_now_iso)
-from models.serving import LoadedModel
+from models.loaded import LoadedModel
 from models.storage import ensure_bucket, filesystem, sha256_hex
 
 __all__ = ["Registry", "ModelRef", "new_version", "WEIGHTS_FILE", "ONNX_FILE",

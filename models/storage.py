@@ -3,17 +3,28 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import fsspec
 from fsspec import AbstractFileSystem
 
-__all__ = ["filesystem", "ensure_bucket", "sha256_hex", "LOCAL_PROTOCOLS"]
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+__all__ = ["filesystem", "ensure_bucket", "sha256_hex", "LOCAL_PROTOCOLS", "CREDENTIAL_OPTIONS",
+           "task_storage_options", "share_local_credentials", "is_local_master"]
 
 log = logging.getLogger(__name__)
 
 #: Protocols for which S3 storage options mean nothing and are dropped.
 LOCAL_PROTOCOLS = ("file", "local", "memory")
+#: s3fs options that are credentials: never part of what a Spark task carries.
+CREDENTIAL_OPTIONS = ("key", "secret", "token")
+#: The same inside ``client_kwargs`` (botocore client arguments).
+_CREDENTIAL_CLIENT_KWARGS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+#: The environment variables botocore's chain reads, by s3fs option.
+_CREDENTIAL_ENV = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY",
+                   "token": "AWS_SESSION_TOKEN"}
 
 
 def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None
@@ -74,3 +85,46 @@ def ensure_bucket(fs: AbstractFileSystem, path: str) -> None:
 def sha256_hex(data: bytes) -> str:
     """Lowercase hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+# -- what a Spark task may carry ---------------------------------------------------------------
+
+def is_local_master(master: str) -> bool:
+    """True for ``local``, ``local[N]``, ``local[*]``, ``local-cluster[...]``: executors are
+    this machine's processes, started from the driver's JVM."""
+    return master.strip().startswith("local")
+
+
+def task_storage_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` without credentials: what a Spark task closure may carry.
+
+    The endpoint and every other option stay; key, secret and session token (top level or in
+    ``client_kwargs``) go, so an executor's filesystem uses botocore's credential chain, i.e.
+    the executor's own environment, config files or instance role.
+    """
+    options = {k: v for k, v in (storage_options or {}).items() if k not in CREDENTIAL_OPTIONS}
+    client_kwargs = options.get("client_kwargs")
+    if isinstance(client_kwargs, Mapping):
+        options["client_kwargs"] = {k: v for k, v in client_kwargs.items()
+                                    if k not in _CREDENTIAL_CLIENT_KWARGS}
+    return options
+
+
+def share_local_credentials(spark: "SparkSession",
+                            storage_options: Mapping[str, Any] | None) -> None:
+    """On a local master, put the credentials of ``storage_options`` in the environment of the
+    executors' Python workers; on any other master, do nothing.
+
+    Local executors run inside the driver's JVM, started with the driver's environment, which
+    lacks credentials given only through settings (``Settings.storage_options`` supplies the
+    embedded server's fixed keys by itself). The variables go to the Python workers the JVM
+    starts (``SparkContext.environment``), never into a task closure, and never leave this
+    machine. Cluster executors must have credentials of their own.
+    """
+    sc = spark.sparkContext
+    if not is_local_master(sc.master):
+        return
+    for option, variable in _CREDENTIAL_ENV.items():
+        value = (storage_options or {}).get(option)
+        if value is not None:
+            sc.environment[variable] = str(value)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from app.stack import DEFAULT_CACHE_DIR, S3_CREDENTIALS, LocalStack, free_port
+from devstack.stack import DEFAULT_CACHE_DIR, S3_CREDENTIALS, LocalStack, free_port
 
 #: Fixtures that start the stack; a test using any of them (directly or through another
 #: fixture) is an integration test.
@@ -216,7 +216,7 @@ def spark_cluster(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
     """
     import sys
 
-    from app.spark_cluster import SparkStandalone
+    from devstack.spark_cluster import SparkStandalone
 
     env = {"AWS_ACCESS_KEY_ID": s3_server.key, "AWS_SECRET_ACCESS_KEY": s3_server.secret,
            "PYSPARK_PYTHON": sys.executable,

@@ -25,7 +25,7 @@ from urllib.parse import quote, urlsplit
 
 __all__ = ["FuzzRequest", "FuzzAnswer", "FuzzReport", "make_requests", "send", "fuzz"]
 
-#: Routes of agents/web.py, with ``{name}`` and ``{id}`` filled in by the generator.
+#: Routes of serving/web.py, with ``{name}`` and ``{id}`` filled in by the generator.
 ROUTES = ["/", "/ready", "/tables/", "/tables/{name}/", "/predictions/{id}/", "/predict",
           "/models/", "/models/rollback", "/models/pin", "/metrics"]
 TABLES = ["latest_predictions", "class_counts", "scored_by_version", "quality_by_version"]

@@ -12,11 +12,11 @@ from confluent_kafka import KafkaError
 from faust.types import TP
 
 from app import app
-from agents import tables
-from agents.model_manager import ModelManager
-from agents.recovery import truncated_partitions
-from agents.scoring import SourceMessage, class_counts, encode_predictions, score, triage
-from agents.transport import Delivery, DeliveryFailed
+from serving import tables
+from serving.model_manager import ModelManager
+from serving.recovery import truncated_partitions
+from serving.scoring import SourceMessage, class_counts, encode_predictions, score, triage
+from transport.kafka import Delivery, DeliveryFailed
 
 FEATURES = ["a", "b"]
 CLASSES = ["no", "yes"]
@@ -169,7 +169,7 @@ async def test_a_delivery_resolves_once_every_message_is_settled() -> None:
 async def test_a_micro_batch_the_broker_did_not_store_stops_the_worker_at_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """No later micro-batch is needed to notice (none comes while the group rebalances)."""
-    from agents import serving
+    from serving import agent as serving
 
     crashed: list[BaseException] = []
     crash_called = asyncio.Event()
@@ -203,7 +203,7 @@ async def test_offset_requests_are_asked_again_while_the_coordinator_moves() -> 
     again; an error that asking again cannot cure is raised at once."""
     from confluent_kafka import KafkaException
 
-    from agents.transport import coordinator_call
+    from transport.kafka import coordinator_call
 
     answers: list[Any] = [KafkaException(KafkaError(KafkaError.NOT_COORDINATOR)),
                           KafkaException(KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)),
@@ -231,7 +231,7 @@ async def test_a_stopping_worker_exits_even_when_it_cannot_drain(
     """Stopping answers, stores and commits what was read, but only for STOP_DRAIN_S: a worker
     stopping while the cluster is away must still exit so that it can be restarted. After a
     micro-batch failed it does not try at all (nothing may be committed past it)."""
-    from agents import serving
+    from serving import agent as serving
 
     service = serving.serving
     monkeypatch.setattr(serving, "STOP_DRAIN_S", 0.2)
@@ -261,7 +261,7 @@ async def test_a_stopping_worker_exits_even_when_it_cannot_drain(
 
 
 def test_scored_version_series_are_bounded() -> None:
-    from agents import metrics
+    from serving import metrics
 
     for k in range(metrics.METRIC_MAX_VERSIONS + 5):
         metrics.count_scored(f"base+{k}", 2)

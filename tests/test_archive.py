@@ -18,19 +18,19 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from agents import archive
-from agents.archive import (HOUR_MS, MAX_TS_MS, BatchRows, LakeArchiver, PartitionState,
+from lake import archive
+from lake.archive import (HOUR_MS, MAX_TS_MS, BatchRows, LakeArchiver, PartitionState,
                             partition_rows,
                             build_table, event_rows, file_name, hour_directory, lake_files,
                             label_type, parse_file_name, prepare_flush, read_intent,
                             split_by_hour, write_flush)
-from app.schemas import decode_events
+from transport.schemas import decode_events
 from app.settings import Settings, SettingsError
-from app.topics import ensure_topics
-from batch.demo_data import FEATURES as HIGGS
+from transport.topics import ensure_topics
+from demo.data import FEATURES as HIGGS
 from models.registry import Registry
 from models.storage import filesystem
-from tests.support import WorkerProcess, announce, produce, publish_small_model, run
+from devstack.harness import WorkerProcess, announce, produce, publish_small_model, run
 
 FEATURES = ["a", "b", "c"]
 CLASSES = ["b", "s"]
@@ -196,7 +196,7 @@ def test_archive_settings_are_checked() -> None:
 
 
 def test_a_local_lake_gets_whole_files_and_an_intent(tmp_path: Path) -> None:
-    from batch.lake import list_parquet_files, read_schema
+    from lake.reader import list_parquet_files, read_schema
 
     fs, root = filesystem(f"file://{tmp_path}/lake")
     rows = event_rows([(raw({"id": f"e{i}", "features": [i, 0, 0], "ts": T0 + i * HOUR_MS}),
@@ -523,8 +523,8 @@ def test_a_worker_killed_half_way_leaves_every_event_in_the_lake_exactly_once(
 
     # The batch job reads the archive together with the demo data.
     from batch import prepare
-    from batch.demo_data import write_lake
-    from batch.lake import read_parquet
+    from demo.data import write_lake
+    from lake.reader import read_parquet
 
     write_lake(settings.lake_uri, settings.storage_options, 1000, seed=3, start_id=10**6)
     df = read_parquet(spark, settings.lake_uri, settings.storage_options)

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from batch import demo_data
-from batch.demo_data import FEATURES, MISSING, event_messages, generate, to_lake_frame
+from demo import data as demo_data
+from demo.data import FEATURES, MISSING, event_messages, generate, to_lake_frame
 from batch.evaluate import roc_auc
 
 HIGGS_FEATURES = (

@@ -49,7 +49,7 @@ def test_two_processes_train_the_same_model_as_one(spark: Any) -> None:
 
 def test_the_job_publishes_a_distributed_model(
         spark: Any, settings_env: Callable[..., dict[str, str]]) -> None:
-    from batch.demo_data import write_lake
+    from demo.data import write_lake
 
     settings = Settings.from_env(settings_env())
     write_lake(settings.lake_uri, settings.storage_options, 3000, seed=5)

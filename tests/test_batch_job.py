@@ -18,11 +18,12 @@ import pytest
 import s3fs
 
 from app.settings import Settings
-from batch.demo_data import FEATURES, generate
+from demo.data import FEATURES, generate
 from batch.errors import DataError
 from batch.evaluate import roc_auc
-from batch.job import EXIT_REJECTED, JobConfig, bootstrap, run_job
-from batch.lake import list_parquet_files
+from batch.job import EXIT_REJECTED, JobConfig, run_job
+from demo.bootstrap import bootstrap
+from lake.reader import list_parquet_files
 from models.registry import ModelRef, Registry
 
 pytestmark = pytest.mark.integration
@@ -148,7 +149,7 @@ def test_policy_rejects_a_useless_candidate_and_force_publishes_it(
 
 def test_demo_data_creates_a_missing_bucket(s3_server: Any, unique_name: Callable[[str], str]
                                             ) -> None:
-    from batch.demo_data import write_lake
+    from demo.data import write_lake
 
     bucket = unique_name("fresh")
     files = write_lake(f"s3://{bucket}/lake/events", s3_server.storage_options, 500, seed=1)
@@ -156,9 +157,9 @@ def test_demo_data_creates_a_missing_bucket(s3_server: Any, unique_name: Callabl
     assert list_parquet_files(f"s3://{bucket}/lake/events", s3_server.storage_options) == files
 
 
-def _cli(args: list[str], env: dict[str, str], timeout: float = 240
+def _cli(args: list[str], env: dict[str, str], timeout: float = 240, module: str = "batch"
          ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "batch", *args], cwd=REPO, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, timeout=timeout,
                           env={**os.environ, **env}, capture_output=True, text=True)
 
 
@@ -166,7 +167,7 @@ def test_command_line_writes_demo_data_trains_and_publishes(
         settings_env: Callable[..., dict[str, str]]) -> None:
     env = settings_env(BATCH_HIDDEN="32", BATCH_EPOCHS="3", BATCH_DROPOUT="0.1",
                        BATCH_LR="0.005")
-    demo = _cli(["demo-data", "--rows", "3000", "--seed", "4"], env)
+    demo = _cli(["data", "--rows", "3000", "--seed", "4"], env, module="demo")
     assert demo.returncode == 0, demo.stderr
     run = _cli(["run"], env)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -177,7 +178,7 @@ def test_command_line_writes_demo_data_trains_and_publishes(
 
 
 def test_command_line_reports_an_unreachable_store_in_one_line() -> None:
-    from app.stack import free_port
+    from devstack.stack import free_port
 
     env = {"S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
            "LAKE_URI": "s3://nowhere/lake", "REGISTRY_URI": "s3://nowhere/models",

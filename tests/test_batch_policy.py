@@ -21,10 +21,10 @@ import pytest
 import s3fs
 
 from app.settings import Settings
-from app.stack import DEFAULT_CACHE_DIR, LocalStack, free_port
+from devstack.stack import DEFAULT_CACHE_DIR, LocalStack, free_port
 from batch.job import EXIT_REJECTED, JobConfig, run_job
 from models.registry import Registry
-from tests.support import announce, consume_until, publish_small_model, run
+from devstack.harness import announce, consume_until, publish_small_model, run
 
 pytestmark = pytest.mark.integration
 
@@ -116,7 +116,7 @@ def _lines_until(proc: subprocess.Popen[str], marker: str, seen: list[str]) -> N
 
 def test_s3_down_mid_run_fails_clearly_announces_nothing_and_keeps_the_active_model(
         tmp_path: Path, settings_env: Callable[..., dict[str, str]], kafka_broker: Any) -> None:
-    from batch.demo_data import write_lake
+    from demo.data import write_lake
 
     port = free_port()
     data_dir = tmp_path / "s3"
@@ -129,7 +129,7 @@ def test_s3_down_mid_run_fails_clearly_announces_nothing_and_keeps_the_active_mo
         settings = Settings.from_env(env)
         registry = Registry(settings.registry_uri, settings.storage_options)
         write_lake(settings.lake_uri, settings.storage_options, 3000, seed=2)
-        from batch.demo_data import FEATURES
+        from demo.data import FEATURES
         active = publish_small_model(registry, "default", FEATURES, ["b", "s"])
         run(announce(kafka_broker.bootstrap, settings.updates_topic, active.to_message()))
 

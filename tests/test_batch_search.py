@@ -15,7 +15,7 @@ from batch.active import fold_updates
 from batch.candidates import Arrays, plan_parallelism, train_candidates
 from batch.errors import LockError
 from batch.evaluate import evaluate_policy
-from batch.lake import window_start, within_window
+from lake.reader import window_start, within_window
 from batch.lock import RegistryLock
 from batch.search import candidates, describe, parse_param, parse_space
 from batch.train import TrainConfig, train_classifier

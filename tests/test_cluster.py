@@ -16,8 +16,8 @@ from typing import Callable
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from app.stack import LocalStack
-from tests.support import WorkerProcess, consume_until, deploy_small_model, http, run
+from devstack.stack import LocalStack
+from devstack.harness import WorkerProcess, consume_until, deploy_small_model, http, run
 
 FEATURES = ["a", "b", "c"]
 CLASSES = ["b", "s"]

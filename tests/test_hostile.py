@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterator
 import orjson
 import pytest
 
-from app.schemas import dead_letter_message, decode_events
+from transport.schemas import dead_letter_message, decode_events
 from app.settings import Settings
 from tests.corpus import HostileRecord, hostile_records
 from tests.http_fuzz import FuzzRequest, fuzz, make_requests, send
-from tests.support import (WorkerProcess, consume_until, deploy_small_model, http,
+from devstack.harness import (WorkerProcess, consume_until, deploy_small_model, http,
                            produce_records, run)
 
 FEATURES = ["a", "b", "c"]

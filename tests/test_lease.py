@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from confluent_kafka import TopicPartition
 
-from agents.lease import Lease
+from transport.lease import Lease
 
 
 class Clock:
@@ -52,7 +52,7 @@ async def test_revoked_partitions_are_written_or_left_to_their_next_owner(
     """After a stall the archive writes nothing for revoked partitions (another worker may
     own them and write the same events): their next owner reads them again from the
     committed offset. Without one, revoking writes and commits what was read."""
-    from agents.archive import ArchiveRows, LakeArchiver, PartitionState
+    from lake.archive import ArchiveRows, LakeArchiver, PartitionState
     from app.settings import Settings
 
     clock = Clock()

@@ -14,7 +14,7 @@ from models.errors import ArtifactError, MessageError, ModelError
 from models.manifest import Manifest
 from models.preprocessing import MISSING_MARKER, fit_preprocessor
 from models.registry import ModelRef, Registry, new_version
-from models.serving import LoadedModel
+from models.loaded import LoadedModel
 
 FEATURES = ["f0", "f1", "f2", "f3"]
 

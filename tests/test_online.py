@@ -16,7 +16,7 @@ from models.manifest import Manifest
 from models.online import (ModelUpdate, OutputLayerLearner, apply_update, hidden_activations,
                            output_layer, recency_weights)
 from models.preprocessing import fit_preprocessor
-from models.serving import LoadedModel
+from models.loaded import LoadedModel
 
 FEATURES = ["x0", "x1", "x2", "x3"]
 CLASSES = ["neg", "pos"]

@@ -16,7 +16,7 @@ from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from app.settings import Settings
-from tests.support import (WorkerProcess, consume_until, deploy_small_model, http, produce,
+from devstack.harness import (WorkerProcess, consume_until, deploy_small_model, http, produce,
                            run)
 
 FEATURES = ["a", "b", "c"]

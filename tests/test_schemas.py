@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
-from app.schemas import (DEAD_LETTER_RAW_PREFIX, MAX_DEAD_LETTER_RAW_BYTES, MAX_REASON_CHARS,
+from transport.schemas import (DEAD_LETTER_RAW_PREFIX, MAX_DEAD_LETTER_RAW_BYTES, MAX_REASON_CHARS,
                          InvalidEvent, decode_events, dead_letter_message, parse_event,
                          prediction_message, validate_event, validate_value)
 

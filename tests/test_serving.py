@@ -15,8 +15,8 @@ from typing import Any, Callable
 from confluent_kafka import Consumer, TopicPartition
 
 from app.settings import Settings
-from app.stack import free_port
-from tests.support import (WorkerProcess, consume_until, deploy_small_model, http, produce,
+from devstack.stack import free_port
+from devstack.harness import (WorkerProcess, consume_until, deploy_small_model, http, produce,
                            run)
 
 FEATURES = ["a", "b", "c"]

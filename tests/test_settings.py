@@ -80,7 +80,7 @@ def test_worker_refuses_to_start_on_bad_setting() -> None:
 
 
 def test_replication_settings_reach_every_topic_stratum_creates() -> None:
-    from app.topics import durability_config
+    from transport.topics import durability_config
 
     default = Settings.from_env({})
     assert default.topic_replication_factor == 1 and durability_config(default) == {}
@@ -91,7 +91,8 @@ def test_replication_settings_reach_every_topic_stratum_creates() -> None:
     # Faust's own topics (changelogs, the summary topic) in a worker with those settings.
     proc = subprocess.run([sys.executable, "-c", """
 from app import app
-from agents import speed, tables
+from speed import agent as speed
+from serving import tables
 topics = [tables.latest_predictions.changelog_topic, tables.class_counts.table.changelog_topic,
           tables.scored_by_version.changelog_topic, speed.quality_by_version.changelog_topic,
           speed.scored_topic]

@@ -50,7 +50,7 @@ def test_task_storage_options_keep_the_endpoint_and_drop_every_credential() -> N
 
 
 def test_the_lake_reader_tasks_carry_no_secret() -> None:
-    from batch.lake import file_reader
+    from lake.reader import file_reader
 
     reader = file_reader(OPTIONS, pa.schema([("id", pa.string()), ("x", pa.float64())]))
     shipped = _pickled(reader)
@@ -105,7 +105,7 @@ def test_the_batch_job_reads_and_trains_on_a_standalone_cluster(
         spark_cluster: Any, settings_env: Callable[..., dict[str, str]]) -> None:
     from app.settings import Settings
     from batch.active import read_update_state
-    from batch.demo_data import FEATURES, generate, write_lake
+    from demo.data import FEATURES, generate, write_lake
     from batch.evaluate import roc_auc
     from models.registry import Registry
 

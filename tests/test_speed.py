@@ -16,15 +16,17 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pytest
 
-from agents import speed, tables
-from agents.model_manager import model_manager
+from speed import agent as speed
+from serving import tables
+from serving.model_manager import model_manager
 from app import app
-from app.schemas import decode_events
+from transport import summary as scored_summary
+from transport.schemas import decode_events
 from app.settings import Settings
-from app.topics import ensure_topics
+from transport.topics import ensure_topics
 from models.online import ModelUpdate
 from models.registry import Registry
-from tests.support import (WorkerProcess, announce, consume_until, http, produce,
+from devstack.harness import (WorkerProcess, announce, consume_until, http, produce,
                            publish_small_model, run)
 from tests.test_online import make_model, make_update
 
@@ -49,7 +51,7 @@ def scored_batch(events: list[dict[str, Any]]) -> tuple[Any, np.ndarray]:
 
 def forward(columns: Any, probabilities: np.ndarray) -> list[bytes]:
     predicted = [CLASSES[k] for k in probabilities.argmax(axis=1)]
-    return speed.summary_messages(Scorer(), predicted, columns.ids, columns.labels,
+    return scored_summary.summary_messages(Scorer(), predicted, columns.ids, columns.labels,
                                   columns.features, probabilities, columns.ts)
 
 
@@ -67,7 +69,7 @@ def test_a_summary_counts_the_classes_and_carries_the_labelled_events() -> None:
                                    "labels", "ts")} == {
         "version": "v1+2", "base_version": "v1", "scored": 3, "classes": {"neg": 1, "pos": 2},
         "ids": ["a", "c"], "labels": [1, 1], "ts": [5, None]}
-    summary = speed.parse_summary(messages[0])
+    summary = scored_summary.parse_summary(messages[0])
     assert (summary.version, summary.scored, summary.classes) == ("v1+2", 3,
                                                                   {"neg": 1, "pos": 2})
     batch = summary.labelled
@@ -81,18 +83,18 @@ def test_a_summary_counts_the_classes_and_carries_the_labelled_events() -> None:
     np.testing.assert_allclose(batch.log_loss, [-math.log(0.2), -math.log(0.6)], rtol=1e-6)
     unlabelled, _ = scored_batch([{"id": "b", "features": [1, 2, 3, 4]}])
     [only] = forward(unlabelled, probabilities[:1])
-    assert speed.parse_summary(only) == speed.ScoredSummary("v1+2", 1, {"neg": 1}, None)
+    assert scored_summary.parse_summary(only) == scored_summary.ScoredSummary("v1+2", 1, {"neg": 1}, None)
 
 
 def test_a_large_batch_is_forwarded_in_bounded_messages() -> None:
-    n = speed.LABELLED_PER_MESSAGE + 10
+    n = scored_summary.LABELLED_PER_MESSAGE + 10
     columns = decode_events([json.dumps({"id": str(i), "features": [i, 0, 0, 0],
                                          "label": "neg"}).encode() for i in range(n)],
                             FEATURES, CLASSES)
     probabilities = np.tile(np.array([[0.9, 0.1]], dtype=np.float32), (n, 1))
-    decoded = [speed.parse_summary(m) for m in forward(columns, probabilities)]
+    decoded = [scored_summary.parse_summary(m) for m in forward(columns, probabilities)]
     assert [(d.scored, d.classes) for d in decoded] == [(n, {"neg": n}), (0, {})]
-    assert [len(d.labelled) for d in decoded] == [speed.LABELLED_PER_MESSAGE, 10]
+    assert [len(d.labelled) for d in decoded] == [scored_summary.LABELLED_PER_MESSAGE, 10]
     assert np.concatenate([d.labelled.features[:, 0] for d in decoded]).tolist() == list(
         range(n))
 
@@ -127,13 +129,13 @@ def labelled(version: Any = "v", labels: Any = (0,), features: Any = ((1.0, 2.0)
 ])
 def test_malformed_summaries_are_refused(raw: bytes) -> None:
     with pytest.raises(ValueError, match="not a summary of scored events"):
-        speed.parse_summary(raw)
+        scored_summary.parse_summary(raw)
 
 
 def batch_of(version: str, labels: list[int], p_pos: float,
-             base: str = "v1") -> speed.LabelledBatch:
+             base: str = "v1") -> scored_summary.LabelledBatch:
     n = len(labels)
-    return speed.LabelledBatch(version, base, np.asarray(labels, dtype=np.int64),
+    return scored_summary.LabelledBatch(version, base, np.asarray(labels, dtype=np.int64),
                                np.zeros((n, 4)), np.tile([[1 - p_pos, p_pos]], (n, 1)))
 
 
@@ -220,7 +222,7 @@ async def test_quality_agent_fills_the_table_per_version(test_app: Any) -> None:
     # What each summary counted: events per version and per class in the current window.
     assert dict(tables.scored_by_version.data.items()) == {"v1": 10, "v1+1": 10}
     assert tables.class_counts["pos"].now() == 6
-    from agents.tables import table_rows  # what GET /tables/{name}/ and the web view show
+    from serving.tables import table_rows  # what GET /tables/{name}/ and the web view show
 
     shown = table_rows("quality_by_version", 10)
     assert shown["size"] == 2 and shown["rows"][0]["key"] == "v1+1"

@@ -16,7 +16,7 @@ import pytest
 import s3fs
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from app.stack import DEFAULT_CACHE_DIR, LocalStack, PortInUseError, StackError
+from devstack.stack import DEFAULT_CACHE_DIR, LocalStack, PortInUseError, StackError
 
 if TYPE_CHECKING:
     from tests.conftest import KafkaBroker, S3Server

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from app.settings import Settings
-from app.stack import free_port
-from app.topics import ensure_topics
+from devstack.stack import free_port
+from transport.topics import ensure_topics
 from models.registry import ModelRef, Registry
 from models.storage import filesystem
-from tests.support import (WorkerProcess, announce, consume_until, http, produce,
+from devstack.harness import (WorkerProcess, announce, consume_until, http, produce,
                            publish_small_model, run)
 
 pytestmark = pytest.mark.integration

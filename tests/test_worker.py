@@ -13,9 +13,9 @@ from typing import Any, Iterator
 import pytest
 
 from app.settings import Settings
-from app.topics import ensure_topics
+from transport.topics import ensure_topics
 from models.registry import ModelRef, Registry
-from tests.support import (WorkerProcess, announce, consume_until, http, produce,
+from devstack.harness import (WorkerProcess, announce, consume_until, http, produce,
                            publish_small_model, run)
 from tests.test_schemas import MALFORMED
 

@@ -21,14 +21,14 @@ from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestPayloadError
 from faust import web
 
-from agents.metrics import prometheus_text
-from agents.model_manager import model_manager, pin_message
-from agents.scoring import feature_matrix, predictions_from
-from agents.serving import scoring_executor, serving
-from agents.tables import (CLASS_WINDOW_S, LATEST_CHANGELOG, latest_prediction,
+from serving.metrics import prometheus_text
+from serving.model_manager import model_manager, pin_message
+from serving.scoring import feature_matrix, predictions_from
+from serving.agent import scoring_executor, serving
+from serving.tables import (CLASS_WINDOW_S, LATEST_CHANGELOG, latest_prediction,
                            latest_predictions, table_rows, table_size)
 from app import app
-from app.schemas import InvalidEvent, ValidEvent, validate_value
+from transport.schemas import InvalidEvent, ValidEvent, validate_value
 
 settings = app.settings
 

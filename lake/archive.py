@@ -42,12 +42,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from aiokafka import TopicPartition
 from fsspec import AbstractFileSystem
-from prometheus_client import Counter
 
-from agents.lease import Lease
-from agents.metrics import REGISTRY
-from agents.transport import OffsetStore
-from app.schemas import EventColumns, InvalidEvent, parse_event, validate_event
+from transport.lease import Lease
+from transport.kafka import OffsetStore
+from transport.schemas import EventColumns, InvalidEvent, parse_event, validate_event
 from app.settings import Settings
 from models.storage import LOCAL_PROTOCOLS, ensure_bucket, filesystem
 
@@ -55,7 +53,7 @@ __all__ = [
     "ArchiveRows", "Flush", "PartitionBuffer", "PartitionState", "LakeArchiver",
     "event_rows", "column_rows", "BatchRows", "partition_rows", "build_table", "split_by_hour", "hour_directory", "file_name",
     "parse_file_name", "intent_path", "read_intent", "write_flush", "prepare_flush",
-    "label_type", "lake_files", "count_flush", "MAX_TS_MS",
+    "label_type", "lake_files", "MAX_TS_MS",
 ]
 
 log = logging.getLogger(__name__)
@@ -152,7 +150,7 @@ def event_rows(messages: Iterable[tuple[bytes | None, int]], features: Sequence[
     -------
     ArchiveRows
         One row per valid event: its ``id``, features in model order (by name or as a list,
-        as :func:`app.schemas.validate_event` accepts them), ``label`` (None when absent) and
+        as :func:`transport.schemas.validate_event` accepts them), ``label`` (None when absent) and
         ``ts`` (the event's, else the Kafka timestamp). ``invalid`` counts the others.
     """
     ids: list[str] = []
@@ -855,17 +853,3 @@ def lake_files(fs: AbstractFileSystem, root: str) -> list[str]:
         return []
     return sorted(p for p in found if parse_file_name(p) is not None
                   and "/_" not in p[len(root):])
-
-
-# --- metrics ---------------------------------------------------------------------------------
-
-ARCHIVED_ROWS = Counter("stratum_archived_rows", "Events written to the lake",
-                        registry=REGISTRY)
-ARCHIVE_FILES = Counter("stratum_archive_files", "Parquet files written to the lake",
-                        registry=REGISTRY)
-
-
-def count_flush(flush: Flush) -> None:
-    """Count a written range in the worker's metrics."""
-    ARCHIVED_ROWS.inc(flush.rows)
-    ARCHIVE_FILES.inc(len(flush.files))

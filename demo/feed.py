@@ -1,6 +1,6 @@
 """The demo feed: Higgs-schema events, labelled and unlabelled, at a steady rate.
 
-``python -m agents.feed [--rate 200] [--labelled 0.5] [--count N]`` produces CONTRACT input
+``python -m demo.feed [--rate 200] [--labelled 0.5] [--count N]`` produces CONTRACT input
 events to ``EVENTS_TOPIC`` with a real Kafka producer until stopped (or ``--count`` sent).
 ``make run`` starts it unless ``DEMO_FEED=0``.
 """
@@ -17,8 +17,8 @@ from typing import Sequence
 from aiokafka import AIOKafkaProducer
 
 from app.settings import Settings
-from app.topics import ensure_topics
-from batch.demo_data import event_messages
+from transport.topics import ensure_topics
+from demo.data import event_messages
 
 __all__ = ["run_feed", "main"]
 
@@ -62,8 +62,8 @@ async def run_feed(settings: Settings, rate: float, labelled: float, count: int 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m agents.feed``."""
-    parser = argparse.ArgumentParser(prog="python -m agents.feed", description=__doc__)
+    """Entry point of ``python -m demo.feed``."""
+    parser = argparse.ArgumentParser(prog="python -m demo.feed", description=__doc__)
     parser.add_argument("--rate", type=float, default=200.0, help="events per second")
     parser.add_argument("--labelled", type=float, default=0.5,
                         help="fraction of events that carry a label")

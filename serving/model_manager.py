@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
-from agents.metrics import MODEL_REFUSAL_REASONS
+from serving.metrics import MODEL_REFUSAL_REASONS, record_model_state
 from app import app
 from models.errors import ModelError
 from models.registry import ModelRef, Registry
-from models.serving import LoadedModel
+from models.loaded import LoadedModel
 
 if TYPE_CHECKING:
     from models.online import ModelUpdate
@@ -338,6 +338,7 @@ class ModelManager(Service):
         self.ledger.last_swap = record
         self.ledger.history.append(record)
         self._ready.set()
+        record_model_state(model.version, self.ledger.refusals)
         log.info("serving model %s version %s (%s in %.3fs)", model.name, model.version, kind,
                  load_s)
 
@@ -350,6 +351,7 @@ class ModelManager(Service):
         self.ledger.refusals += 1
         self.ledger.history.append(record)
         MODEL_REFUSAL_REASONS.labels(kind).inc()
+        record_model_state(self.active.version if self.active else None, self.ledger.refusals)
         log.error("refused %s %s: %s", kind, version, reason)
 
     def describe(self) -> dict[str, Any]:

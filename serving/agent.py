@@ -1,11 +1,11 @@
 """The serving layer: score every input event in micro-batches with the active model.
 
-A service of the Faust worker reads the input topic in bulk (:mod:`agents.transport`), never
+A service of the Faust worker reads the input topic in bulk (:mod:`transport.kafka`), never
 through a Faust agent: the per-message work of an agent cost ten times the model. Each
 micro-batch is
 
 1. read with one call (up to ``SERVING_BATCH_SIZE`` messages, waiting at most
-   ``SERVING_BATCH_MS``) and decoded and validated at once (:func:`app.schemas.decode_events`);
+   ``SERVING_BATCH_MS``) and decoded and validated at once (:func:`transport.schemas.decode_events`);
 2. handed to the lake archive as columns (the archive does not read the topic again);
 3. scored in one forward pass in the scoring thread, while the loop reads and decodes the
    next micro-batch;
@@ -39,25 +39,37 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from mode import Service
 
-from agents.archive import BatchRows, LakeArchiver, count_flush
-from agents.lease import worker_lease
-from agents.metrics import BATCH_SECONDS, BATCH_SIZE, EVENTS_DEAD_LETTERED, count_scored
-from agents.model_manager import model_manager
-from agents.scoring import encode_predictions
-from agents.speed import SCORED_TOPIC, summary_messages
-from agents.tables import LATEST_CHANGELOG, record_changelog_offsets, store_latest
-from agents.transport import Delivery, EventReader, OutputProducer, client_config
+from lake.archive import BatchRows, LakeArchiver
+from transport.lease import worker_lease
+from serving.metrics import (BATCH_SECONDS, BATCH_SIZE, EVENTS_DEAD_LETTERED, count_flush,
+                             count_scored)
+from serving.model_manager import model_manager
+from serving.scoring import encode_predictions
+from transport.summary import summary_messages
+from transport.topics import ensure_topics, scored_topic_name
+from serving.tables import LATEST_CHANGELOG, record_changelog_offsets, store_latest
+from transport.kafka import Delivery, EventReader, OutputProducer, client_config
 from app import app
-from app.schemas import EventColumns, dead_letter_message, decode_events
+from transport.schemas import EventColumns, dead_letter_message, decode_events
 from app.settings import Settings
-from models.serving import LoadedModel
+from models.loaded import LoadedModel
 
 settings = app.settings
+#: The internal topic where each scored micro-batch is summarised for the speed layer.
+SCORED_TOPIC = scored_topic_name(settings)
 
 __all__ = ["ServingService", "serving", "scoring_executor", "MicroBatch",
            "MAX_BATCHES_IN_FLIGHT"]
 
 log = logging.getLogger(__name__)
+
+
+@app.before_first_start
+async def create_topics() -> None:
+    """Create Stratum's topics before any consumer subscribes: a consumer that subscribes to a
+    missing topic makes the broker auto-create it with one partition, and Faust then fails
+    with PartitionsMismatch."""
+    await ensure_topics(settings)
 
 
 # The scoring thread gives the GIL up inside every torch operation and needs it back between

@@ -19,48 +19,41 @@ exactly one worker keeps the counts, learns and numbers the chain of updates. It
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import math
 import multiprocessing
 import time
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import orjson
 
-from agents.lease import worker_lease
-from agents.model_manager import model_manager
-from agents.tables import SUMMARY_CHANGELOG_CONFIG, count_scored
+from transport.lease import worker_lease
+from serving.model_manager import model_manager
+from serving.tables import SUMMARY_CHANGELOG_CONFIG, count_scored
 from app import app
-from app.topics import durability_config
+from transport.summary import LabelledBatch, parse_summary
+from transport.topics import durability_config, scored_topic_name
 from models.errors import ModelError
 from models.online import BaseNotHeld, ModelUpdate, refit, start_learning_process
-from models.serving import LoadedModel
+from models.loaded import LoadedModel
 
 settings = app.settings
 
-__all__ = ["SCORED_TOPIC", "scored_topic", "quality_by_version", "summary_messages",
-           "parse_summary", "ScoredSummary", "LabelledBatch", "update_quality",
+__all__ = ["SCORED_TOPIC", "scored_topic", "quality_by_version", "update_quality",
            "record_quality", "summarize_scored", "SpeedLayer", "speed_layer"]
 
 log = logging.getLogger(__name__)
 
 #: The internal topic where serving summarises each micro-batch it scored.
-SCORED_TOPIC = f"{settings.app_id}-scored"
-#: Most labelled events forwarded in one message (about 170 KB of JSON with 30 features).
-LABELLED_PER_MESSAGE = 512
+SCORED_TOPIC = scored_topic_name(settings)
 #: Half-life, in labelled events, of the rolling figures of ``quality_by_version``.
 QUALITY_HALF_LIFE = 200
 #: Most versions ``quality_by_version`` keeps (the least recently scored go first): with an
 #: update every few seconds, versions are many.
 QUALITY_MAX_VERSIONS = 500
-# Probabilities are clipped to this before the log, as scikit-learn's log_loss does.
-_EPS = 1e-15
 
 scored_topic = app.topic(SCORED_TOPIC, internal=True, partitions=1, key_type=bytes,
                          value_type=bytes, key_serializer="raw", value_serializer="raw",
@@ -71,137 +64,6 @@ quality_by_version = app.Table(
     extra_topic_configs=SUMMARY_CHANGELOG_CONFIG,
     help="Prequential quality per model version on labelled events: n, accuracy, log loss, "
          f"and rolling figures (half-life {QUALITY_HALF_LIFE} events).")
-
-
-# -- serving side: what is forwarded ---------------------------------------------------------
-
-def summary_messages(model: Any, predicted: Sequence[Any], ids: Sequence[str],
-                     labels: Sequence[Any], features: np.ndarray, probabilities: np.ndarray,
-                     ts: Sequence[int | None]) -> list[bytes]:
-    """What serving tells the rest of the worker group about a scored micro-batch: how many
-    events each class was predicted for, and the labelled events with what was predicted.
-
-    One message per micro-batch (more only past :data:`LABELLED_PER_MESSAGE` labelled events),
-    on a one-partition topic, so that one worker of the group keeps the counts and the quality
-    per version and learns from the labels. The arrays travel as little-endian bytes in
-    base64: neither side formats or parses a number per feature.
-
-    Parameters
-    ----------
-    model
-        The model that scored the batch (``version``, ``classes``, optionally
-        ``base_version``).
-    predicted
-        The class predicted for each event.
-    ids, labels, features, probabilities, ts
-        The batch's scored events as columns, row ``i`` of each for the same event: ``labels``
-        holds None for an unlabelled event, ``features`` the raw ``(n, n_features)`` rows in
-        the model's order and ``probabilities`` the ``(n, n_classes)`` prediction.
-
-    Returns
-    -------
-    list of bytes
-        Compact JSON: ``version`` and ``base_version`` of the model that scored the batch,
-        ``scored`` (events) and ``classes`` (class -> events predicted; in the first message
-        only); per labelled event (same order throughout) ``ids``, ``ts`` and ``labels``
-        (class indexes); ``n_features``, and ``features`` (float64, NaN where missing) and
-        ``probabilities`` (float32) as base64 of row-major little-endian arrays.
-    """
-    # Validation matched every label to a class: strings to strings, ints to ints.
-    index = {c: k for k, c in enumerate(model.classes)}
-    base_version = getattr(model, "base_version", model.version)
-    labelled = [i for i, label in enumerate(labels) if label is not None]
-    counts = Counter(map(str, predicted))
-    out = []
-    for start in range(0, max(len(labelled), 1), LABELLED_PER_MESSAGE):
-        chunk = labelled[start:start + LABELLED_PER_MESSAGE]
-        first = start == 0
-        out.append(orjson.dumps({
-            "version": model.version, "base_version": base_version,
-            "scored": len(predicted) if first else 0, "classes": counts if first else {},
-            "ids": [ids[i] for i in chunk], "ts": [ts[i] for i in chunk],
-            "labels": [index[labels[i]] for i in chunk],
-            "n_features": int(features.shape[1]),
-            "features": _b64(features[chunk], "<f8"),
-            "probabilities": _b64(probabilities[chunk], "<f4")}))
-    return out
-
-
-def _b64(array: np.ndarray, dtype: str) -> str:
-    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode()
-
-
-# -- learning side: pure logic ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LabelledBatch:
-    """Labelled events one model version predicted, decoded from one forwarded message."""
-
-    version: str
-    base_version: str
-    #: Class index of each event's label.
-    labels: np.ndarray
-    #: ``(n, n_features)`` raw features in the model's order, NaN where missing.
-    features: np.ndarray
-    #: ``(n, n_classes)`` probabilities the version predicted.
-    probabilities: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def correct(self) -> np.ndarray:
-        """Whether the most probable class was the label, per event."""
-        return self.probabilities.argmax(axis=1) == self.labels
-
-    @property
-    def log_loss(self) -> np.ndarray:
-        """``-log p(label)`` per event, ``p`` clipped to ``[1e-15, 1]``."""
-        p = self.probabilities[np.arange(len(self.labels)), self.labels].astype(np.float64)
-        return -np.log(np.clip(p, _EPS, 1.0))
-
-
-@dataclass(frozen=True)
-class ScoredSummary:
-    """One micro-batch as :func:`summary_messages` summarised it."""
-
-    version: str
-    scored: int
-    #: Events predicted per class (class as a string).
-    classes: dict[str, int]
-    #: Its labelled events, or None when it had none.
-    labelled: LabelledBatch | None
-
-
-def parse_summary(raw: bytes | None) -> ScoredSummary:
-    """Decode one message of :func:`summary_messages`; raise ``ValueError`` when malformed."""
-    try:
-        m = orjson.loads(raw or b"")
-        version, base_version = m["version"], m["base_version"]
-        scored, classes = m["scored"], m["classes"]
-        labels, n_features = m["labels"], m["n_features"]
-        features = base64.b64decode(m["features"], validate=True)
-        probabilities = base64.b64decode(m["probabilities"], validate=True)
-    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
-        raise ValueError(f"not a summary of scored events: {exc}") from None
-    if not (isinstance(version, str) and isinstance(base_version, str)
-            and type(scored) is int and scored >= 0 and isinstance(classes, dict)
-            and all(type(n) is int and n >= 0 for n in classes.values())
-            and isinstance(labels, list) and all(type(label) is int for label in labels)
-            and type(n_features) is int and n_features >= 1):
-        raise ValueError("not a summary of scored events: bad field types")
-    if not labels:
-        return ScoredSummary(version, scored, classes, None)
-    n = len(labels)
-    if len(features) != 8 * n * n_features or len(probabilities) % (4 * n):
-        raise ValueError("not a summary of scored events: array sizes do not match the "
-                         "labels")
-    X = np.frombuffer(features, dtype="<f8").reshape(n, n_features)
-    P = np.frombuffer(probabilities, dtype="<f4").reshape(n, -1)
-    y = np.asarray(labels, dtype=np.int64)
-    if P.shape[1] < 2 or y.min() < 0 or y.max() >= P.shape[1]:
-        raise ValueError("not a summary of scored events: a label is not a class index")
-    return ScoredSummary(version, scored, classes, LabelledBatch(version, base_version, y, X, P))
 
 
 def update_quality(row: dict[str, Any] | None, batch: LabelledBatch,

@@ -21,13 +21,13 @@ import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from app.settings import Settings
-from app.stack import die_with_parent_preexec
-from app.topics import ensure_topics
+from devstack.stack import die_with_parent_preexec
+from transport.topics import ensure_topics
 from models.classifier import MLPClassifier
 from models.manifest import Manifest
 from models.preprocessing import fit_preprocessor
 from models.registry import ModelRef, Registry
-from models.serving import LoadedModel
+from models.loaded import LoadedModel
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent

@@ -15,12 +15,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from app import app
+from lake.archive import Flush
+from transport.topics import scored_topic_name
 
 settings = app.settings
 
 __all__ = ["REGISTRY", "EVENTS_SCORED", "EVENTS_DEAD_LETTERED", "BATCH_SECONDS",
            "BATCH_SIZE", "MODEL_REFUSALS", "SPEED_LEARNER", "MODEL_REFUSAL_REASONS", "snapshot",
-           "prometheus_text", "count_scored", "METRIC_MAX_VERSIONS"]
+           "prometheus_text", "count_scored", "METRIC_MAX_VERSIONS", "record_model_state", "count_flush"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,10 @@ MODEL_REFUSAL_REASONS = Counter("stratum_model_refusals_by_kind",
                                 "ignored)", ["kind"], registry=REGISTRY)
 ACTIVE_MODEL = Gauge("stratum_active_model_info", "The version serving now (value is 1)",
                      ["model", "version"], registry=REGISTRY)
+ARCHIVED_ROWS = Counter("stratum_archived_rows", "Events written to the lake",
+                        registry=REGISTRY)
+ARCHIVE_FILES = Counter("stratum_archive_files", "Parquet files written to the lake",
+                        registry=REGISTRY)
 SPEED_LEARNER = Gauge("stratum_speed_learner",
                       "1 on the worker that holds the scored-summary partition: it counts what "
                       "serving scored and runs the speed layer's learner; 0 elsewhere",
@@ -55,6 +61,12 @@ METRIC_MAX_VERSIONS = 20
 _scored_versions: OrderedDict[str, None] = OrderedDict()
 
 
+def count_flush(flush: Flush) -> None:
+    """Count a range the archive wrote to the lake (its ``on_flush`` callback)."""
+    ARCHIVED_ROWS.inc(flush.rows)
+    ARCHIVE_FILES.inc(len(flush.files))
+
+
 def count_scored(version: str, n: int) -> None:
     """Count ``n`` events scored by ``version``, keeping series for the newest versions."""
     EVENTS_SCORED.labels(version).inc(n)
@@ -65,32 +77,32 @@ def count_scored(version: str, n: int) -> None:
         EVENTS_SCORED.remove(old)
 
 
+_SCORED_TOPIC = scored_topic_name(settings)
 _WORKER = f"{socket.gethostname()}:{os.getpid()}:{settings.web_port}"
 _STARTED = time.time()
 
 
+_model_state: dict[str, Any] = {"active": None, "refusals": 0}
+
+
+def record_model_state(active_version: str | None, refusals: int) -> None:
+    """The model manager's report whenever the serving version or its refusal count changes."""
+    _model_state.update(active=active_version, refusals=refusals)
+    MODEL_REFUSALS.set(refusals)
+    ACTIVE_MODEL.clear()
+    if active_version is not None:
+        ACTIVE_MODEL.labels(settings.model_name, active_version).set(1)
+
+
 def prometheus_text() -> bytes:
     """The metrics in Prometheus exposition format."""
-    _refresh_model_gauges()
-    return generate_latest(REGISTRY)
-
-
-def _refresh_model_gauges() -> None:
-    from agents.model_manager import model_manager
-    from agents.speed import SCORED_TOPIC
-
-    SPEED_LEARNER.set(int(any(tp.topic == SCORED_TOPIC
+    SPEED_LEARNER.set(int(any(tp.topic == _SCORED_TOPIC
                               for tp in app.assignor.assigned_actives())))
-    MODEL_REFUSALS.set(model_manager.ledger.refusals)
-    ACTIVE_MODEL.clear()
-    if model_manager.active is not None:
-        ACTIVE_MODEL.labels(settings.model_name, model_manager.active.version).set(1)
+    return generate_latest(REGISTRY)
 
 
 def snapshot() -> dict[str, Any]:
     """The JSON broadcast on the metrics topic."""
-    from agents.model_manager import model_manager
-
     scored = {sample.labels["model_version"]: sample.value
               for metric in EVENTS_SCORED.collect() for sample in metric.samples
               if sample.name.endswith("_total")}
@@ -102,13 +114,13 @@ def snapshot() -> dict[str, Any]:
         "worker": _WORKER,
         "ts": int(time.time() * 1000),
         "uptime_s": round(time.time() - _STARTED, 1),
-        "active_model": model_manager.active.version if model_manager.active else None,
+        "active_model": _model_state["active"],
         "events_scored": scored,
         "events_dead_lettered": sum(s.value for m in EVENTS_DEAD_LETTERED.collect()
                                     for s in m.samples if s.name.endswith("_total")),
         "batches": batches,
         "mean_batch_ms": round(1000 * seconds / batches, 3) if batches else None,
-        "model_refusals": model_manager.ledger.refusals,
+        "model_refusals": _model_state["refusals"],
     }
 
 

@@ -11,7 +11,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import orjson
 
-from app.schemas import InvalidEvent, ValidEvent, parse_event, prediction_message, validate_event
+from transport.schemas import InvalidEvent, ValidEvent, parse_event, prediction_message, validate_event
 
 __all__ = ["SourceMessage", "Rejected", "Scorer", "triage", "score", "class_counts",
            "encode_predictions"]
@@ -36,7 +36,7 @@ class Rejected:
 
 
 class Scorer(Protocol):
-    """What serving needs of a model (``models.serving.LoadedModel`` is one)."""
+    """What serving needs of a model (``models.loaded.LoadedModel`` is one)."""
 
     version: str
     features: Sequence[str]

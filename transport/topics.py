@@ -14,7 +14,8 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from app.settings import Settings
 
-__all__ = ["TopicSpec", "topic_specs", "durability_config", "ensure_topics", "ensure_topics_sync"]
+__all__ = ["TopicSpec", "topic_specs", "durability_config", "scored_topic_name",
+           "ensure_topics", "ensure_topics_sync"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ def durability_config(settings: Settings) -> dict[str, str]:
     if settings.topic_min_insync_replicas:
         return {"min.insync.replicas": str(settings.topic_min_insync_replicas)}
     return {}
+
+
+def scored_topic_name(settings: Settings) -> str:
+    """The internal topic where serving summarises each micro-batch it scored for the speed
+    layer (:mod:`transport.summary`); Faust creates it, with one partition."""
+    return f"{settings.app_id}-scored"
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:

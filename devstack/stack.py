@@ -15,8 +15,8 @@ cache directory (once), and :class:`LocalStack` runs them as child processes bou
 This module imports only the standard library so that it runs before the project's
 dependencies are installed. Command line::
 
-    python -m app.stack provision
-    python -m app.stack up [--kafka-port 9092] [--zk-port 2181] [--s3-port 9000]
+    python -m devstack.stack provision
+    python -m devstack.stack up [--kafka-port 9092] [--zk-port 2181] [--s3-port 9000]
                            [--brokers 1] [--data-dir .stack/data] [--no-kafka] [--no-s3]
                            [--bucket stratum]
 
@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: Where downloads and unpacked distributions are kept (gitignored).
 DEFAULT_CACHE_DIR = REPO_ROOT / ".stack"
-#: Where ``python -m app.stack up`` keeps ZooKeeper, Kafka and S3 data between runs.
+#: Where ``python -m devstack.stack up`` keeps ZooKeeper, Kafka and S3 data between runs.
 DEFAULT_DATA_DIR = DEFAULT_CACHE_DIR / "data"
 #: s3rver's fixed access key and secret.
 S3_CREDENTIALS = ("S3RVER", "S3RVER")
@@ -1293,8 +1293,8 @@ def run_in_foreground(label: str, start: Callable[[], object], running: Callable
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m app.stack``."""
-    parser = argparse.ArgumentParser(prog="python -m app.stack", description=__doc__.split(
+    """Entry point of ``python -m devstack.stack``."""
+    parser = argparse.ArgumentParser(prog="python -m devstack.stack", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,

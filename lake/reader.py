@@ -4,7 +4,7 @@ The pyspark wheel has no S3A connector and Maven is unreachable, so ``spark.read
 read ``s3://``. Instead the driver lists the files with fsspec, builds a DataFrame of paths, and
 each task reads its share with pyarrow through its own fsspec filesystem, which works the same on
 a cluster. The storage options travel with the task without credentials
-(:func:`batch.spark.task_storage_options`): executors authenticate with their own environment.
+(:func:`models.storage.task_storage_options`): executors authenticate with their own environment.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.errors import DataError, StorageError
+from lake.errors import DataError, StorageError
 from models.storage import filesystem
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ def file_reader(storage_options: Mapping[str, Any] | None, schema: pa.Schema
                 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """The ``mapInArrow`` function of :func:`read_parquet`: :func:`read_files` bound to the
     storage options less their credentials, which a task must never carry."""
-    from batch.spark import task_storage_options
+    from models.storage import task_storage_options
 
     return functools.partial(read_files, storage_options=task_storage_options(storage_options),
                              schema=schema)
@@ -183,7 +183,7 @@ def read_parquet(spark: "SparkSession", uri: str,
     storage_options : mapping, optional
         s3fs options. The tasks open their own connections with these options less the
         credentials: an executor authenticates with its own environment (on a local master,
-        the credentials given here are put there: :func:`batch.spark.share_local_credentials`).
+        the credentials given here are put there: :func:`models.storage.share_local_credentials`).
     partitions : int, optional
         Number of read tasks (default: one per file, at most four per core). Every later
         step of the job works on the read's partitions.
@@ -205,7 +205,7 @@ def read_parquet(spark: "SparkSession", uri: str,
     """
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    from batch.spark import share_local_credentials
+    from models.storage import share_local_credentials
 
     if files is None:
         files = list_parquet_files(uri, storage_options)

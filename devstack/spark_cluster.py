@@ -19,7 +19,7 @@ particular network interface.
 
 This module needs only the standard library and the installed pyspark package. Command line::
 
-    python -m app.spark_cluster up [--workers 2] [--cores 1] [--memory 1g] [--port 7077]
+    python -m devstack.spark_cluster up [--workers 2] [--cores 1] [--memory 1g] [--port 7077]
                                    [--work-dir .stack/spark] [--env NAME=VALUE ...]
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Mapping, Sequence
 
-from app.stack import DEFAULT_CACHE_DIR, die_with_parent_preexec, free_ports, run_in_foreground
+from devstack.stack import DEFAULT_CACHE_DIR, die_with_parent_preexec, free_ports, run_in_foreground
 
 __all__ = ["SparkStandalone", "SparkClusterError", "spark_home", "main"]
 
@@ -344,8 +344,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m app.spark_cluster``."""
-    parser = argparse.ArgumentParser(prog="python -m app.spark_cluster",
+    """Entry point of ``python -m devstack.spark_cluster``."""
+    parser = argparse.ArgumentParser(prog="python -m devstack.spark_cluster",
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run a master and workers in the foreground until Ctrl-C; "

@@ -25,7 +25,7 @@ import orjson
 from faust.types import TP
 
 from app import app
-from app.topics import durability_config
+from transport.topics import durability_config
 
 settings = app.settings
 
@@ -75,7 +75,7 @@ LATEST_CHANGELOG = latest_predictions.changelog_topic.get_topic_name()
 #: however long the group has run.
 SUMMARY_CHANGELOG_CONFIG = {**durability_config(settings), "segment.ms": str(5 * 60 * 1000)}
 
-# Fed by the one-partition summaries of scored micro-batches (agents.speed): one worker of
+# Fed by the one-partition summaries of scored micro-batches (speed.agent): one worker of
 # the group keeps them.
 class_counts = app.Table(
     "class_counts", default=int, key_type=str, partitions=1,

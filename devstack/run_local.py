@@ -2,7 +2,7 @@
 
 1. Starts the embedded stack (Kafka + ZooKeeper, s3rver) on CONTRACT ports, unless
    ``KAFKA_BROKER`` / ``S3_ENDPOINT_URL`` name existing ones.
-2. Bootstraps a base model when the registry has none (``python -m batch bootstrap``: demo
+2. Bootstraps a base model when the registry has none (``python -m demo bootstrap``: demo
    data into the lake when it is empty, then one batch run).
 3. Runs the worker (``faust -A app worker``) and, unless ``DEMO_FEED=0``, the demo feed.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from app.settings import Settings, SettingsError
-from app.stack import S3_CREDENTIALS, LocalStack, StackError, die_with_parent_preexec
+from devstack.stack import S3_CREDENTIALS, LocalStack, StackError, die_with_parent_preexec
 
 __all__ = ["main"]
 
@@ -114,7 +114,7 @@ def main() -> int:
                 env["S3_ENDPOINT_URL"] = stack.s3_endpoint_url
                 env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = S3_CREDENTIALS
         _say("checking the model registry (bootstraps a base model when it is empty)")
-        bootstrap = _spawn([sys.executable, "-m", "batch", "bootstrap"], env)
+        bootstrap = _spawn([sys.executable, "-m", "demo", "bootstrap"], env)
         children.append(("bootstrap", bootstrap))
         if bootstrap.wait() != 0:
             _say(f"bootstrap failed with exit status {bootstrap.returncode}")
@@ -126,7 +126,7 @@ def main() -> int:
             _say("the worker did not become ready; see its log above")
             return worker.poll() or 1
         if env.get("DEMO_FEED", "1") != "0":
-            children.append(("feed", _spawn([sys.executable, "-m", "agents.feed"], env)))
+            children.append(("feed", _spawn([sys.executable, "-m", "demo.feed"], env)))
         _say(f"serving after {time.monotonic() - began:.0f}s; web view: {web}/ "
              "(Ctrl-C stops everything)")
         while True:

@@ -1,1 +1,0 @@
-"""Stratum's Faust agents, tables and web views, found by the App's autodiscovery."""

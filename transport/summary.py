@@ -1,0 +1,152 @@
+"""The scored-summary format: what serving tells the speed layer about each micro-batch.
+
+Serving summarises every micro-batch it scored in one message (more only past
+:data:`LABELLED_PER_MESSAGE` labelled events) on an internal topic with one partition
+(:func:`transport.topics.scored_topic_name`): the events predicted per class, and the labelled
+events with the version that predicted them and the probabilities it predicted. The speed
+layer decodes them with :func:`parse_summary`.
+"""
+from __future__ import annotations
+
+import base64
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import orjson
+
+__all__ = ["LABELLED_PER_MESSAGE", "summary_messages", "parse_summary", "ScoredSummary",
+           "LabelledBatch"]
+
+#: Most labelled events forwarded in one message (about 170 KB of JSON with 30 features).
+LABELLED_PER_MESSAGE = 512
+# Probabilities are clipped to this before the log, as scikit-learn's log_loss does.
+_EPS = 1e-15
+
+
+def summary_messages(model: Any, predicted: Sequence[Any], ids: Sequence[str],
+                     labels: Sequence[Any], features: np.ndarray, probabilities: np.ndarray,
+                     ts: Sequence[int | None]) -> list[bytes]:
+    """What serving tells the rest of the worker group about a scored micro-batch: how many
+    events each class was predicted for, and the labelled events with what was predicted.
+
+    One message per micro-batch (more only past :data:`LABELLED_PER_MESSAGE` labelled events),
+    on a one-partition topic, so that one worker of the group keeps the counts and the quality
+    per version and learns from the labels. The arrays travel as little-endian bytes in
+    base64: neither side formats or parses a number per feature.
+
+    Parameters
+    ----------
+    model
+        The model that scored the batch (``version``, ``classes``, optionally
+        ``base_version``).
+    predicted
+        The class predicted for each event.
+    ids, labels, features, probabilities, ts
+        The batch's scored events as columns, row ``i`` of each for the same event: ``labels``
+        holds None for an unlabelled event, ``features`` the raw ``(n, n_features)`` rows in
+        the model's order and ``probabilities`` the ``(n, n_classes)`` prediction.
+
+    Returns
+    -------
+    list of bytes
+        Compact JSON: ``version`` and ``base_version`` of the model that scored the batch,
+        ``scored`` (events) and ``classes`` (class -> events predicted; in the first message
+        only); per labelled event (same order throughout) ``ids``, ``ts`` and ``labels``
+        (class indexes); ``n_features``, and ``features`` (float64, NaN where missing) and
+        ``probabilities`` (float32) as base64 of row-major little-endian arrays.
+    """
+    # Validation matched every label to a class: strings to strings, ints to ints.
+    index = {c: k for k, c in enumerate(model.classes)}
+    base_version = getattr(model, "base_version", model.version)
+    labelled = [i for i, label in enumerate(labels) if label is not None]
+    counts = Counter(map(str, predicted))
+    out = []
+    for start in range(0, max(len(labelled), 1), LABELLED_PER_MESSAGE):
+        chunk = labelled[start:start + LABELLED_PER_MESSAGE]
+        first = start == 0
+        out.append(orjson.dumps({
+            "version": model.version, "base_version": base_version,
+            "scored": len(predicted) if first else 0, "classes": counts if first else {},
+            "ids": [ids[i] for i in chunk], "ts": [ts[i] for i in chunk],
+            "labels": [index[labels[i]] for i in chunk],
+            "n_features": int(features.shape[1]),
+            "features": _b64(features[chunk], "<f8"),
+            "probabilities": _b64(probabilities[chunk], "<f4")}))
+    return out
+
+
+def _b64(array: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode()
+
+
+@dataclass(frozen=True)
+class LabelledBatch:
+    """Labelled events one model version predicted, decoded from one forwarded message."""
+
+    version: str
+    base_version: str
+    #: Class index of each event's label.
+    labels: np.ndarray
+    #: ``(n, n_features)`` raw features in the model's order, NaN where missing.
+    features: np.ndarray
+    #: ``(n, n_classes)`` probabilities the version predicted.
+    probabilities: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def correct(self) -> np.ndarray:
+        """Whether the most probable class was the label, per event."""
+        return self.probabilities.argmax(axis=1) == self.labels
+
+    @property
+    def log_loss(self) -> np.ndarray:
+        """``-log p(label)`` per event, ``p`` clipped to ``[1e-15, 1]``."""
+        p = self.probabilities[np.arange(len(self.labels)), self.labels].astype(np.float64)
+        return -np.log(np.clip(p, _EPS, 1.0))
+
+
+@dataclass(frozen=True)
+class ScoredSummary:
+    """One micro-batch as :func:`summary_messages` summarised it."""
+
+    version: str
+    scored: int
+    #: Events predicted per class (class as a string).
+    classes: dict[str, int]
+    #: Its labelled events, or None when it had none.
+    labelled: LabelledBatch | None
+
+
+def parse_summary(raw: bytes | None) -> ScoredSummary:
+    """Decode one message of :func:`summary_messages`; raise ``ValueError`` when malformed."""
+    try:
+        m = orjson.loads(raw or b"")
+        version, base_version = m["version"], m["base_version"]
+        scored, classes = m["scored"], m["classes"]
+        labels, n_features = m["labels"], m["n_features"]
+        features = base64.b64decode(m["features"], validate=True)
+        probabilities = base64.b64decode(m["probabilities"], validate=True)
+    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
+        raise ValueError(f"not a summary of scored events: {exc}") from None
+    if not (isinstance(version, str) and isinstance(base_version, str)
+            and type(scored) is int and scored >= 0 and isinstance(classes, dict)
+            and all(type(n) is int and n >= 0 for n in classes.values())
+            and isinstance(labels, list) and all(type(label) is int for label in labels)
+            and type(n_features) is int and n_features >= 1):
+        raise ValueError("not a summary of scored events: bad field types")
+    if not labels:
+        return ScoredSummary(version, scored, classes, None)
+    n = len(labels)
+    if len(features) != 8 * n * n_features or len(probabilities) % (4 * n):
+        raise ValueError("not a summary of scored events: array sizes do not match the "
+                         "labels")
+    X = np.frombuffer(features, dtype="<f8").reshape(n, n_features)
+    P = np.frombuffer(probabilities, dtype="<f4").reshape(n, -1)
+    y = np.asarray(labels, dtype=np.int64)
+    if P.shape[1] < 2 or y.min() < 0 or y.max() >= P.shape[1]:
+        raise ValueError("not a summary of scored events: a label is not a class index")
+    return ScoredSummary(version, scored, classes, LabelledBatch(version, base_version, y, X, P))
