@@ -29,8 +29,9 @@ from app.settings import Settings
 from app.topics import ensure_topics
 from models.online import ModelUpdate
 from models.registry import Registry
-from tests.support import (WorkerProcess, announce, consume_until, http, produce,
-                           publish_small_model, run)
+from app.stack import free_port
+from tests.support import (WorkerProcess, announce, consume_until, deploy_small_model, http,
+                           produce, publish_small_model, run)
 from tests.test_online import make_model, make_update
 
 FEATURES = ["x0", "x1", "x2", "x3"]
@@ -539,6 +540,61 @@ def test_labelled_events_become_a_chain_of_updates_that_serving_applies(
         assert math.isfinite(q["log_loss"]) and q["log_loss"] > 0
     status, page, _ = http("GET", f"{worker.url}/")
     assert status == 200 and "quality_by_version" in page and f"{base}+1" in page
+
+
+def test_the_learner_moves_to_another_worker_and_the_chain_goes_on_without_a_repeated_seq(
+        settings_env: Any, tmp_path: Path) -> None:
+    env = settings_env(SPEED_LAYER="1", SPEED_WINDOW_S="1", SPEED_MIN_EXAMPLES="20",
+                       TOPIC_PARTITIONS="2", ARCHIVE="0")
+    settings, base = deploy_small_model(env, INT_FEATURES, INT_CLASSES)
+    bootstrap = settings.bootstrap_servers
+    workers = [WorkerProcess({**env, "STRATUM_DATA_DIR": str(tmp_path / f"w{i}"),
+                              "WEB_PORT": env["WEB_PORT"] if i == 0 else str(free_port())},
+                             tmp_path / f"worker-{i}.log").start() for i in range(2)]
+
+    def ups() -> list[dict[str, Any]]:
+        return [v for v in run(consume_until(bootstrap, settings.updates_topic, lambda vs: True))
+                if v.get("type") == "UP"]
+
+    def learners(among: list[WorkerProcess]) -> list[WorkerProcess]:
+        return [w for w in among
+                if "\nstratum_speed_learner 1.0\n" in http("GET", f"{w.url}/metrics")[1]]
+
+    def learn(round_: int, at_least: int) -> None:
+        run(produce(bootstrap, settings.events_topic,
+                    labelled_events(200, f"move{round_}", seed=10 + round_)))
+        run(consume_until(bootstrap, settings.updates_topic,
+                          lambda vs: sum(v.get("type") == "UP" for v in vs) >= at_least,
+                          timeout=90))
+
+    try:
+        for w in workers:  # ready: the rebalance that brought both in is over
+            assert w.wait_ready() == {"model_version": base}
+        [first] = poll(lambda: learners(workers), lambda ls: len(ls) == 1)
+        [other] = [w for w in workers if w is not first]
+        learn(0, 1)
+        learn(1, 2)
+        # Labelled events in flight while the learner stops: the other worker takes over.
+        run(produce(bootstrap, settings.events_topic, labelled_events(200, "move2", seed=12)))
+        first.stop()
+        by_first = len(ups())
+        assert poll(lambda: learners([other]), lambda ls: ls == [other], timeout=90)
+        learn(3, by_first + 1)
+        learn(4, by_first + 2)
+        updates = ups()
+        chain = [(u["base_version"], u["seq"]) for u in updates]
+        assert len(set(chain)) == len(chain), chain
+        assert chain == [(base, seq) for seq in range(1, len(chain) + 1)]
+        # The new learner went on from the head of the chain the first one left.
+        assert updates[by_first]["fit"]["from_version"] == f"{base}+{by_first}"
+        poll(lambda: http("GET", f"{other.url}/models/")[1]["active"],
+             lambda v: v.split("+")[-1].isdigit() and int(v.split("+")[-1]) >= len(chain),
+             timeout=60)
+        # It applied every update: none was dropped as a repeat.
+        assert http("GET", f"{other.url}/models/")[1]["updates_dropped"] == 0
+    finally:
+        for w in workers:
+            w.stop()
 
 
 def poll(read: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 60.0) -> Any:
