@@ -435,9 +435,10 @@ def start_learning_process(threads: int, niceness: int = 10) -> None:
 
 def refit(base: LoadedModel | None, base_version: str, capacity: int, half_life: float,
           newest: ModelUpdate | None, X: np.ndarray, y: np.ndarray, seq: int) -> ModelUpdate:
-    """In the learning process: add the examples to the learner of ``base_version`` (made
-    from ``base``, which only needs to be sent when the process holds no learner for it) and
-    refit from the chain's head, ``newest`` applied to the base.
+    """In the learning process: add the examples to the learner of ``base_version`` and refit
+    from the chain's head, ``newest`` applied to the base. Sending ``base`` starts a new
+    learner, without the examples of the last one; without it, the process's learner for
+    ``base_version`` goes on.
 
     Raises
     ------
@@ -446,7 +447,7 @@ def refit(base: LoadedModel | None, base_version: str, capacity: int, half_life:
     """
     global _process_learner
     learner = _process_learner
-    if learner is None or learner.base.base_version != base_version:
+    if base is not None or learner is None or learner.base.base_version != base_version:
         if base is None:
             raise BaseNotHeld(f"the learning process holds no learner for {base_version}")
         learner = _process_learner = OutputLayerLearner(base, capacity=capacity,

@@ -135,6 +135,13 @@ class ModelManager(Service):
         assert self.ledger.active is not None
         return self.ledger.active
 
+    async def end_offset(self) -> int:
+        """The update topic's end offset now: the offset of the next message published."""
+        if self._consumer is None:
+            raise ModelError("the update topic's reader has not started")
+        tp = TopicPartition(settings.updates_topic, 0)
+        return (await self._consumer.end_offsets([tp]))[tp]
+
     async def wait_for_offset(self, offset: int, timeout: float) -> bool:
         """Wait until the update message at ``offset`` has been handled; False on timeout."""
         async def reached() -> None:

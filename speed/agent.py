@@ -15,6 +15,34 @@ exactly one worker keeps the counts, learns and numbers the chain of updates. It
   process's GIL) and publishes the result as an ``UP``
   message on the update topic, numbered after the newest update of that base. Every worker's
   model manager applies it; a new base version from the batch layer starts a new chain.
+
+One ``(base_version, seq)``, one update
+---------------------------------------
+The refit timer runs on every worker, but only the worker that holds the scored-summary
+partition now (the learner, ``stratum_speed_learner 1``) publishes, and a chain is numbered by
+one learner at a time:
+
+* The learner is known from Faust's rebalance signals, as serving and the archive know their
+  partitions: ``on_partitions_assigned`` makes a worker the learner when its assignment holds
+  the partition; ``on_partitions_revoked`` (and the worker's shutdown) ends that. Each change
+  starts a new learner generation.
+* Revocation drops the examples buffered for the next refit, and the learning process starts
+  a new learner at the next refit of a later generation, so a former learner has nothing left
+  to refit (the dropped examples are logged with their count; those whose summaries were not
+  committed yet are read again by the next learner, the others are not learnt from: at most
+  about one window). A refit under way is not published: ownership and generation are checked
+  again after the refit, just before the send. A send under way is awaited by the revocation
+  receiver, which Faust awaits before the worker rejoins the group: every update the old
+  learner published is stored before the group can hand the partition to another worker.
+* A learner publishes for a new generation only once its model manager has handled the update
+  topic up to the end offset it read after the assignment (:meth:`SpeedLayer.catch_up`). The
+  old learner's updates are all below that offset, so the next ``seq`` is one above the newest
+  of the chain: a learner taking over after another published ``N`` continues at ``N + 1``
+  even if its model manager had not read ``N`` yet when the partition moved.
+* A worker frozen past the session timeout is dropped from the group without running its
+  receivers; the worker's lease (:mod:`transport.lease`) keeps it from publishing when it wakes,
+  until the group confirms its partitions, and the rebalance that follows revokes the
+  partition as above.
 """
 from __future__ import annotations
 
@@ -160,6 +188,73 @@ class SpeedLayer:
         self.pending_y: list[np.ndarray] = []
         self.published: ModelUpdate | None = None
         self.updates_published = 0
+        #: Whether this worker holds the scored-summary partition now (Faust's rebalance
+        #: signals tell it), and the count of assignments and revocations seen: a refit
+        #: started in one generation is not published in another.
+        self.learner = False
+        self.generation = 0
+        #: The generation whose update chain the model manager has read to its end.
+        self._caught_up: int | None = None
+        #: The publication under way, which a revocation waits for.
+        self._sending: asyncio.Future[Any] | None = None
+
+    # -- ownership of the scored-summary partition
+
+    async def on_partitions_assigned(self, sender: Any, assigned: Any, **kwargs: Any) -> None:
+        """A new assignment: this worker is the learner if it holds the scored partition."""
+        self.generation += 1
+        self.learner = any(tp.topic == SCORED_TOPIC for tp in assigned)
+        if self.learner:
+            log.info("this worker is the speed layer's learner (generation %d)",
+                     self.generation)
+
+    async def on_partitions_revoked(self, sender: Any, revoked: Any, **kwargs: Any) -> None:
+        """The scored partition is revoked: drop what was buffered, publish nothing more, and
+        wait for a send under way, before the worker rejoins the group."""
+        if any(tp.topic == SCORED_TOPIC for tp in revoked):
+            await self.stop_learning("its partition was revoked")
+
+    async def on_before_shutdown(self, sender: Any = None, **kwargs: Any) -> None:
+        """The worker stops (Faust sends this before its consumer leaves the group)."""
+        await self.stop_learning("the worker stops")
+
+    async def stop_learning(self, why: str) -> None:
+        """Stop being the learner; return once no publication is under way."""
+        was, dropped = self.learner, self.pending
+        self.learner = False
+        self.generation += 1
+        self.pending_base = None
+        self.pending_X, self.pending_y = [], []
+        # The learning process's learner holds examples of this generation too: the next
+        # refit sends the base, which starts a new one.
+        self.process_base = None
+        if was or dropped:
+            log.info("no longer the speed layer's learner (%s): %d buffered examples dropped",
+                     why, dropped)
+        sending = self._sending
+        if sending is not None:
+            await asyncio.wait([sending])
+
+    def holds(self, generation: int) -> bool:
+        """Whether this worker is still the learner of ``generation``."""
+        return self.learner and self.generation == generation
+
+    async def catch_up(self, generation: int) -> bool:
+        """Whether the model manager has handled the update topic up to its end as read now,
+        after the assignment of ``generation``; waits up to ``SPEED_WINDOW_S`` once per
+        generation."""
+        if self._caught_up == generation:
+            return True
+        end = await model_manager.end_offset()
+        if end > 0 and not await model_manager.wait_for_offset(end - 1,
+                                                                settings.speed_window_s):
+            log.info("not publishing yet: the model manager has not read the update topic "
+                     "up to offset %d", end)
+            return False
+        if not self.holds(generation):
+            return False
+        self._caught_up = generation
+        return True
 
     @property
     def pending(self) -> int:
@@ -222,13 +317,23 @@ class SpeedLayer:
         return newest, (newest.seq + 1 if newest is not None else 1)
 
     async def step(self) -> ModelUpdate | None:
-        """Refit and publish once if the base has enough new examples; the update or None."""
+        """Refit and publish once if this worker is the learner and the base has enough new
+        examples; the update or None."""
+        if not self.learner:
+            return None
+        generation = self.generation
         base = model_manager.base
         if base is None or self.pending_base != base.base_version:
             return None
         new = self.pending
         if new < settings.speed_min_examples:
             return None
+        if not await self.catch_up(generation):
+            return None
+        base = model_manager.base
+        if base is None or self.pending_base != base.base_version:
+            return None
+        new = self.pending
         # Only the newest SPEED_BUFFER can stay in the buffer: the hidden layers never see
         # the others, which matters when labels arrive faster than the buffer turns over.
         keep = settings.speed_buffer
@@ -239,14 +344,25 @@ class SpeedLayer:
         started = time.monotonic()
         update = await self._refit(base, newest, X, y, seq)
         fit_s = time.monotonic() - started
+        if not self.holds(generation):
+            # Its successor numbers the chain now: this seq may be (or become) theirs. The
+            # learning process learnt from the dropped examples: its next learner starts anew.
+            self.process_base = None
+            log.info("update %s not published: this worker is no longer the learner",
+                     update.version)
+            return None
         if not worker_lease.held:
             # Perhaps no longer the learner: its successor may be publishing this seq.
             log.warning("update %s not published: this worker's partitions are in doubt after "
                         "a stall", update.version)
             return None
-        await app.producer.send_and_wait(
+        self._sending = asyncio.ensure_future(app.producer.send_and_wait(
             settings.updates_topic, update.model.encode(), orjson.dumps(update.to_message()),
-            partition=0, timestamp=None, headers=None)
+            partition=0, timestamp=None, headers=None))
+        try:
+            await self._sending
+        finally:
+            self._sending = None
         self.published = update
         self.updates_published += 1
         fit = update.extra["fit"]
@@ -259,6 +375,10 @@ class SpeedLayer:
 
 
 speed_layer = SpeedLayer()
+# Receivers run before the consumer rejoins the group (Faust awaits them), as serving's do.
+app.on_partitions_assigned.connect(speed_layer.on_partitions_assigned)
+app.on_partitions_revoked.connect(speed_layer.on_partitions_revoked)
+app.on_before_shutdown.connect(speed_layer.on_before_shutdown)
 
 
 @app.agent(scored_topic, concurrency=1)
@@ -282,7 +402,8 @@ async def summarize_scored(stream: Any) -> None:
 
 
 async def publish_update() -> None:
-    """Every ``SPEED_WINDOW_S``: refit and publish if there is enough to learn from."""
+    """Every ``SPEED_WINDOW_S`` on every worker: the learner refits and publishes if there is
+    enough to learn from; the others do nothing."""
     try:
         await speed_layer.step()
     except Exception:  # a failed fit or send must not stop the timer; the next window retries

@@ -262,3 +262,30 @@ def test_learner_keeps_the_newest_examples_and_checks_its_input() -> None:
     learner.add(X, np.ones(20, dtype=np.int64))
     update = learner.fit(base, seq=1)
     assert np.isfinite(update.weight).all() and update.extra["statistics"]["count"][1] == 49
+
+
+def test_refit_goes_on_with_the_process_learner_unless_sent_the_base() -> None:
+    """The learning process keeps its examples between refits; a learner that lost its
+    partition sends the base again at its next refit, which starts without the old ones."""
+    from models import online
+
+    base = make_model()
+    rng = np.random.default_rng(0)
+
+    def examples(n: int) -> tuple[np.ndarray, np.ndarray]:
+        X = rng.normal(size=(n, len(FEATURES)))
+        return X, (X[:, 0] > 0).astype(np.int64)
+
+    saved = online._process_learner
+    try:
+        online._process_learner = None
+        with pytest.raises(online.BaseNotHeld):
+            online.refit(None, base.version, 1000, 100.0, None, *examples(10), 1)
+        assert online.refit(base, base.version, 1000, 100.0, None, *examples(30), 1
+                            ).n_examples == 30
+        assert online.refit(None, base.version, 1000, 100.0, None, *examples(20), 2
+                            ).n_examples == 50
+        assert online.refit(base, base.version, 1000, 100.0, None, *examples(40), 3
+                            ).n_examples == 40
+    finally:
+        online._process_learner = saved

@@ -6,15 +6,20 @@ turn into a chain of UP messages that serving applies.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
+from faust.types import TP
 
 from speed import agent as speed
 from serving import tables
@@ -26,8 +31,9 @@ from app.settings import Settings
 from transport.topics import ensure_topics
 from models.online import ModelUpdate
 from models.registry import Registry
-from devstack.harness import (WorkerProcess, announce, consume_until, http, produce,
-                           publish_small_model, run)
+from devstack.stack import free_port
+from devstack.harness import (WorkerProcess, announce, consume_until, deploy_small_model, http,
+                              produce, publish_small_model, run)
 from tests.test_online import make_model, make_update
 
 FEATURES = ["x0", "x1", "x2", "x3"]
@@ -271,6 +277,183 @@ def test_the_learner_holds_at_most_its_buffer_of_examples(monkeypatch: pytest.Mo
     assert 100 <= layer.pending < 140
 
 
+# -- one learner at a time: rebalances ----------------------------------------------------------
+
+SCORED = TP(speed.SCORED_TOPIC, 0)
+EVENTS_0 = TP(speed.settings.events_topic, 0)
+
+
+class Producer:
+    """Stands in for the worker's Kafka producer: records what the speed layer publishes. A
+    test that wants a send to stay under way clears ``release``."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.release.set()
+        self.log: list[str] = []
+
+    async def send_and_wait(self, topic: str, key: bytes, value: bytes, **kwargs: Any) -> None:
+        self.started.set()
+        await self.release.wait()
+        self.sent.append(json.loads(value))
+        self.log.append(f"stored +{self.sent[-1]['seq']}")
+
+
+class GatedExecutor(ThreadPoolExecutor):
+    """Runs refits in a thread of this process, each one only once ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        def gated() -> Any:
+            self.entered.set()
+            assert self.gate.wait(30)
+            return fn(*args, **kwargs)
+        return super().submit(gated)
+
+
+@dataclass
+class Learner:
+    layer: speed.SpeedLayer
+    base: Any
+    producer: Producer
+    executor: GatedExecutor
+    #: The update topic's end offset, as the model manager's reader would find it.
+    topic_end: list[int]
+
+    def feed(self, n: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        X = rng.normal(size=(n, self.base.n_features))
+        y = (X[:, 0] > 0).astype(np.int64)
+        P = np.tile(np.array([[0.5, 0.5]], dtype=np.float32), (n, 1))
+        self.layer.collect([speed.LabelledBatch(self.base.version, self.base.base_version, y,
+                                                X, P)], self.base)
+
+
+@pytest.fixture()
+def learner(test_app: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Learner]:
+    """The worker's speed layer with a base model serving, refits in a thread, a recording
+    producer and a model manager that has read the whole update topic (offsets 0-2)."""
+    import dataclasses
+
+    from transport.lease import worker_lease
+
+    base = make_model()
+    ledger = model_manager.ledger
+    monkeypatch.setattr(ledger, "base", base)
+    monkeypatch.setattr(ledger, "active", base)
+    monkeypatch.setattr(ledger, "updates", {})
+    monkeypatch.setattr(speed, "settings", dataclasses.replace(
+        speed.settings, speed_min_examples=100, speed_window_s=0.2))
+    producer = Producer()
+    monkeypatch.setattr(app, "_producer", producer)
+    topic_end = [3]
+
+    async def end_offset() -> int:
+        return topic_end[0]
+
+    monkeypatch.setattr(model_manager, "end_offset", end_offset, raising=False)
+    monkeypatch.setattr(model_manager, "position", 3)
+    monkeypatch.setattr(model_manager, "_moved", asyncio.Condition())
+    worker_lease.confirmed()  # no stall: the lease clock does not tick in unit tests
+    layer = speed.speed_layer  # the one the app's rebalance signals reach
+    executor = GatedExecutor()
+    layer.__init__()
+    layer.process = executor
+    try:
+        yield Learner(layer, base, producer, executor, topic_end)
+    finally:
+        executor.gate.set()
+        executor.shutdown(wait=True)
+        layer.__init__()
+
+
+async def test_a_worker_whose_scored_partition_was_revoked_publishes_nothing(
+        learner: Learner) -> None:
+    layer, producer = learner.layer, learner.producer
+    await app.on_partitions_assigned.send({SCORED, EVENTS_0})
+    learner.feed(150)
+    first = await layer.step()
+    assert first is not None and first.seq == 1 and [u["seq"] for u in producer.sent] == [1]
+    # Examples arrive for the next window; then a rebalance gives the partition to another
+    # worker, which numbers the chain from now on (its next update is +2).
+    learner.feed(150, seed=1)
+    assert layer.pending == 150
+    await app.on_partitions_revoked.send({SCORED, EVENTS_0})
+    await app.on_partitions_assigned.send({EVENTS_0})
+    assert await layer.step() is None
+    assert [u["seq"] for u in producer.sent] == [1] and layer.pending == 0
+
+
+@pytest.mark.parametrize("back", [False, True], ids=["moved", "moved-and-back"])
+async def test_a_refit_under_way_at_a_revocation_is_not_published(learner: Learner,
+                                                                  back: bool) -> None:
+    layer, producer, executor = learner.layer, learner.producer, learner.executor
+    await app.on_partitions_assigned.send({SCORED})
+    learner.feed(150)
+    executor.gate.clear()
+    step = asyncio.ensure_future(layer.step())
+    assert await asyncio.get_running_loop().run_in_executor(None, executor.entered.wait, 30)
+    # The refit runs; the partition moves away (and, in the second case, comes back: the
+    # examples of the refit were dropped, so its update is no one's).
+    await app.on_partitions_revoked.send({SCORED})
+    await app.on_partitions_assigned.send({SCORED} if back else {EVENTS_0})
+    executor.gate.set()
+    assert await step is None
+    assert producer.sent == [] and layer.pending == 0
+    if back:
+        # Its next refit learns from what arrived since, not from the dropped examples.
+        learner.feed(120, seed=2)
+        update = await layer.step()
+        assert update is not None and (update.seq, update.n_examples) == (1, 120)
+        assert [u["seq"] for u in producer.sent] == [1]
+
+
+async def test_a_revocation_waits_for_the_publication_under_way(learner: Learner) -> None:
+    layer, producer = learner.layer, learner.producer
+    await app.on_partitions_assigned.send({SCORED})
+    learner.feed(150)
+    producer.release.clear()
+    step = asyncio.ensure_future(layer.step())
+    await producer.started.wait()  # the update is being sent
+
+    async def revoke() -> None:
+        await app.on_partitions_revoked.send({SCORED})
+        producer.log.append("revoked")
+
+    revoking = asyncio.ensure_future(revoke())
+    await asyncio.sleep(0)
+    producer.release.set()
+    await asyncio.gather(step, revoking)
+    # The group moves on only once the update is stored: the next learner reads it.
+    assert producer.log == ["stored +1", "revoked"]
+
+
+async def test_a_new_learner_continues_the_chain_once_it_has_read_the_update_topic(
+        learner: Learner) -> None:
+    layer, producer, base = learner.layer, learner.producer, learner.base
+    # This worker's model manager read up to +4; the previous learner's +5 is at offsets
+    # 3-4, not read yet when the partition comes here.
+    model_manager.ledger.updates[base.version] = make_update(base, seq=4)
+    learner.topic_end[0] = 5
+    await app.on_partitions_assigned.send({SCORED})
+    learner.feed(150)
+    assert await layer.step() is None  # +5 would be published twice
+    assert producer.sent == [] and layer.pending == 150
+    # The model manager reads +5 (and the message after it); the learner goes on at +6.
+    model_manager.ledger.updates[base.version] = make_update(base, seq=5)
+    await model_manager._advance(5)
+    update = await layer.step()
+    assert update is not None and [u["seq"] for u in producer.sent] == [6]
+    assert update.extra["fit"]["from_version"] == f"{base.version}+5"
+
+
 # -- end to end ------------------------------------------------------------------------------
 
 INT_FEATURES = ["a", "b", "c"]
@@ -359,6 +542,61 @@ def test_labelled_events_become_a_chain_of_updates_that_serving_applies(
         assert math.isfinite(q["log_loss"]) and q["log_loss"] > 0
     status, page, _ = http("GET", f"{worker.url}/")
     assert status == 200 and "quality_by_version" in page and f"{base}+1" in page
+
+
+def test_the_learner_moves_to_another_worker_and_the_chain_goes_on_without_a_repeated_seq(
+        settings_env: Any, tmp_path: Path) -> None:
+    env = settings_env(SPEED_LAYER="1", SPEED_WINDOW_S="1", SPEED_MIN_EXAMPLES="20",
+                       TOPIC_PARTITIONS="2", ARCHIVE="0")
+    settings, base = deploy_small_model(env, INT_FEATURES, INT_CLASSES)
+    bootstrap = settings.bootstrap_servers
+    workers = [WorkerProcess({**env, "STRATUM_DATA_DIR": str(tmp_path / f"w{i}"),
+                              "WEB_PORT": env["WEB_PORT"] if i == 0 else str(free_port())},
+                             tmp_path / f"worker-{i}.log").start() for i in range(2)]
+
+    def ups() -> list[dict[str, Any]]:
+        return [v for v in run(consume_until(bootstrap, settings.updates_topic, lambda vs: True))
+                if v.get("type") == "UP"]
+
+    def learners(among: list[WorkerProcess]) -> list[WorkerProcess]:
+        return [w for w in among
+                if "\nstratum_speed_learner 1.0\n" in http("GET", f"{w.url}/metrics")[1]]
+
+    def learn(round_: int, at_least: int) -> None:
+        run(produce(bootstrap, settings.events_topic,
+                    labelled_events(200, f"move{round_}", seed=10 + round_)))
+        run(consume_until(bootstrap, settings.updates_topic,
+                          lambda vs: sum(v.get("type") == "UP" for v in vs) >= at_least,
+                          timeout=90))
+
+    try:
+        for w in workers:  # ready: the rebalance that brought both in is over
+            assert w.wait_ready() == {"model_version": base}
+        [first] = poll(lambda: learners(workers), lambda ls: len(ls) == 1)
+        [other] = [w for w in workers if w is not first]
+        learn(0, 1)
+        learn(1, 2)
+        # Labelled events in flight while the learner stops: the other worker takes over.
+        run(produce(bootstrap, settings.events_topic, labelled_events(200, "move2", seed=12)))
+        first.stop()
+        by_first = len(ups())
+        assert poll(lambda: learners([other]), lambda ls: ls == [other], timeout=90)
+        learn(3, by_first + 1)
+        learn(4, by_first + 2)
+        updates = ups()
+        chain = [(u["base_version"], u["seq"]) for u in updates]
+        assert len(set(chain)) == len(chain), chain
+        assert chain == [(base, seq) for seq in range(1, len(chain) + 1)]
+        # The new learner went on from the head of the chain the first one left.
+        assert updates[by_first]["fit"]["from_version"] == f"{base}+{by_first}"
+        poll(lambda: http("GET", f"{other.url}/models/")[1]["active"],
+             lambda v: v.split("+")[-1].isdigit() and int(v.split("+")[-1]) >= len(chain),
+             timeout=60)
+        # It applied every update: none was dropped as a repeat.
+        assert http("GET", f"{other.url}/models/")[1]["updates_dropped"] == 0
+    finally:
+        for w in workers:
+            w.stop()
 
 
 def poll(read: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 60.0) -> Any:
