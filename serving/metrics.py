@@ -15,7 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from app import app
-from lake.archive import Flush
+from lake.ledger import Flush
 from transport.topics import scored_topic_name
 
 settings = app.settings
@@ -127,7 +127,9 @@ def snapshot() -> dict[str, Any]:
 metrics_topic = app.topic(settings.metrics_topic, value_serializer="json", partitions=1)
 
 
-@app.timer(interval=settings.metrics_interval_s)
 async def broadcast_metrics() -> None:
     """Send this worker's metrics snapshot to the metrics topic."""
     await metrics_topic.send(key=_WORKER.encode(), value=snapshot())
+
+
+app.timer(interval=settings.metrics_interval_s)(broadcast_metrics)

@@ -19,11 +19,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from lake import archive
-from lake.archive import (HOUR_MS, MAX_TS_MS, BatchRows, LakeArchiver, PartitionState,
-                            partition_rows,
-                            build_table, event_rows, file_name, hour_directory, lake_files,
-                            label_type, parse_file_name, prepare_flush, read_intent,
-                            split_by_hour, write_flush)
+from lake.archive import LakeArchiver
+from lake.layout import (HOUR_MS, MAX_TS_MS, file_name, hour_directory, lake_files,
+                         parse_file_name, split_by_hour)
+from lake.ledger import PartitionState, prepare_flush, read_intent, write_flush
+from lake.rows import BatchRows, build_table, event_rows, label_type, partition_rows
 from transport.schemas import decode_events
 from app.settings import Settings, SettingsError
 from transport.topics import ensure_topics

@@ -52,7 +52,9 @@ async def test_revoked_partitions_are_written_or_left_to_their_next_owner(
     """After a stall the archive writes nothing for revoked partitions (another worker may
     own them and write the same events): their next owner reads them again from the
     committed offset. Without one, revoking writes and commits what was read."""
-    from lake.archive import ArchiveRows, LakeArchiver, PartitionState
+    from lake.archive import LakeArchiver
+    from lake.ledger import PartitionState
+    from lake.rows import ArchiveRows
     from app.settings import Settings
 
     clock = Clock()
