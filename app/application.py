@@ -48,7 +48,8 @@ class StratumApp(faust.App):
 async def json_errors(request: aiohttp_web.Request, handler: Any) -> aiohttp_web.StreamResponse:
     """Answer routing errors (unknown path, wrong method) with JSON like every other error."""
     try:
-        return await handler(request)
+        response: aiohttp_web.StreamResponse = await handler(request)
+        return response
     except aiohttp_web.HTTPException as exc:
         if exc.status < 400:
             raise

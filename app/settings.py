@@ -1,6 +1,6 @@
 """Stratum's settings: one typed object, read from the environment once at start.
 
-Every field is documented and has a default (CONTRACT.md). A bad value stops start-up with a
+Every field is documented and has a default (docs/contract.md). A bad value stops start-up with a
 :class:`SettingsError` naming the variable, never later with a confusing traceback.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _env(name: str, help: str) -> Any:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything a Stratum process can be told, with CONTRACT.md's defaults."""
+    """Everything a Stratum process can be told, with the defaults of docs/contract.md."""
 
     kafka_broker: str = field(default="kafka://127.0.0.1:9092", metadata=_env(
         "KAFKA_BROKER", "Kafka bootstrap servers, `kafka://host:port[;host:port]`."))
@@ -364,7 +364,8 @@ class Settings:
 
 def _env_name(field_name: str) -> str:
     """The environment variable of a settings field."""
-    return next(f.metadata["env"] for f in dataclasses.fields(Settings) if f.name == field_name)
+    return str(next(f.metadata["env"] for f in dataclasses.fields(Settings)
+                    if f.name == field_name))
 
 
 def _check(ok: bool, env: str, value: Any, expected: str) -> None:

@@ -15,7 +15,8 @@ def next_run(cron: str, after: datetime) -> datetime:
     """The first time strictly after ``after`` (UTC) that matches ``cron``."""
     from croniter import croniter
 
-    return croniter(cron, after.astimezone(timezone.utc)).get_next(datetime)
+    found: datetime = croniter(cron, after.astimezone(timezone.utc)).get_next(datetime)
+    return found
 
 
 def run_schedule(cron: str, run: Callable[[], int],

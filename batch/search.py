@@ -169,7 +169,7 @@ def candidates(space: Mapping[str, Param], n: int, method: str = "random", seed:
         return [dict(zip(names, combo)) for combo in grid]
     if method != "random":
         raise ValueError(f"search method must be random or grid, got {method!r}")
-    found: dict[tuple, dict[str, Any]] = {}
+    found: dict[tuple[Any, ...], dict[str, Any]] = {}
     for _ in range(n):
         combo = {name: space[name].draw(rng) for name in names}
         found.setdefault(tuple(combo[name] for name in names), combo)

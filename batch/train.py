@@ -178,7 +178,8 @@ def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
         Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32))
         yv = torch.from_numpy(np.asarray(y_val, dtype=np.int64))
     module = MLPClassifier(X.shape[1], n_classes, hidden=config.hidden, dropout=config.dropout)
-    rank, world, network = 0, 1, module
+    rank, world = 0, 1
+    network: torch.nn.Module = module
     if distributed:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel

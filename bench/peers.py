@@ -3,7 +3,7 @@
 
 Both read the input topic with aiokafka in a consumer group, parse each event as a plain loop
 would (``orjson.loads``, the features picked in the model's order), score it with the same
-model (``LoadedModel.predict_proba``), send a CONTRACT prediction keyed by id (a dead letter
+model (``LoadedModel.predict_proba``), send a prediction (docs/contract.md) keyed by id (a dead letter
 with the exception's text for an event that fails), and commit only what the broker
 acknowledged:
 

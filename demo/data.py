@@ -298,7 +298,7 @@ def write_lake(lake_uri: str, storage_options: Mapping[str, Any] | None, n: int,
 
 def event_messages(n: int, seed: int = 0, labelled_fraction: float = 0.5, start_id: int = 0,
                    ts_ms: int | None = None) -> list[dict[str, Any]]:
-    """``n`` input events as the ``events`` topic carries them (CONTRACT).
+    """``n`` input events as the ``events`` topic carries them (docs/contract.md).
 
     Parameters
     ----------

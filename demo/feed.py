@@ -1,6 +1,6 @@
 """The demo feed: Higgs-schema events, labelled and unlabelled, at a steady rate.
 
-``python -m demo.feed [--rate 200] [--labelled 0.5] [--count N]`` produces CONTRACT input
+``python -m demo.feed [--rate 200] [--labelled 0.5] [--count N]`` produces input
 events to ``EVENTS_TOPIC`` with a real Kafka producer until stopped (or ``--count`` sent).
 ``make run`` starts it unless ``DEMO_FEED=0``.
 """

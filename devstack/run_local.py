@@ -1,6 +1,6 @@
 """``make run``: Stratum on one machine, in the foreground, until Ctrl-C.
 
-1. Starts the embedded stack (Kafka + ZooKeeper, s3rver) on CONTRACT ports, unless
+1. Starts the embedded stack (Kafka + ZooKeeper, s3rver) on the default ports of docs/contract.md, unless
    ``KAFKA_BROKER`` / ``S3_ENDPOINT_URL`` name existing ones.
 2. Bootstraps a base model when the registry has none (``python -m demo bootstrap``: demo
    data into the lake when it is empty, then one batch run).

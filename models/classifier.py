@@ -63,7 +63,8 @@ class MLPClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape ``(n, n_classes)`` for a ``(n, n_features)`` float32 batch."""
-        return self.net(x)
+        logits: torch.Tensor = self.net(x)
+        return logits
 
     def architecture(self) -> dict[str, Any]:
         """JSON-ready description from which :meth:`from_architecture` rebuilds the module."""

@@ -122,7 +122,7 @@ def share_local_credentials(spark: "SparkSession",
     machine. Cluster executors must have credentials of their own.
     """
     sc = spark.sparkContext
-    if not is_local_master(sc.master):
+    if not is_local_master(str(sc.master)):
         return
     for option, variable in _CREDENTIAL_ENV.items():
         value = (storage_options or {}).get(option)

@@ -39,7 +39,8 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, TopicPartition
 from mode import Service
 
-from lake.archive import BatchRows, LakeArchiver
+from lake.archive import LakeArchiver
+from lake.rows import BatchRows
 from transport.lease import worker_lease
 from serving.metrics import (BATCH_SECONDS, BATCH_SIZE, EVENTS_DEAD_LETTERED, count_flush,
                              count_scored)
@@ -153,8 +154,9 @@ class ServingService(Service):
         #: Set once a micro-batch could not be stored: nothing may be committed after that.
         self._failed = False
         # Receivers run before the consumer rejoins the group (Faust awaits them).
-        app.on_partitions_revoked.connect(self._on_partitions_revoked)
-        app.on_partitions_assigned.connect(self._on_partitions_assigned)
+        # Faust's signal type asks for a ``signal`` keyword parameter; it arrives in **kwargs.
+        app.on_partitions_revoked.connect(self._on_partitions_revoked)  # type: ignore[arg-type]
+        app.on_partitions_assigned.connect(self._on_partitions_assigned)  # type: ignore[arg-type]
 
     @property
     def ready(self) -> bool:
@@ -277,16 +279,16 @@ class ServingService(Service):
         timestamps: list[int] = []
         mine = self.partitions
         for message in messages:
-            if message.error() is not None:
-                log.warning("reading %s: %s", self.settings.events_topic,
-                            message.error().str())
+            error = message.error()
+            if error is not None:
+                log.warning("reading %s: %s", self.settings.events_topic, error.str())
                 continue
-            partition = message.partition()
-            if partition not in mine:  # read before it was revoked
+            partition, offset = message.partition(), message.offset()
+            if partition not in mine or offset is None:  # read before it was revoked
                 continue
             values.append(message.value())
             partitions.append(partition)
-            offsets.append(message.offset())
+            offsets.append(offset)
             timestamps.append(message.timestamp()[1])
         if not values:
             return None
@@ -556,4 +558,4 @@ class ServingService(Service):
 
 
 serving = ServingService(settings)
-app.service(serving)
+app.service(serving)  # type: ignore[arg-type]  # Faust takes a Service instance as well as a class

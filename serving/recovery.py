@@ -79,7 +79,8 @@ class RecoveryWatchdog:
     async def _watch(self) -> None:
         while not app.should_stop:
             await asyncio.sleep(CHECK_INTERVAL_S)
-            recovery = app.tables.recovery
+            tables: Any = app.tables  # Faust's TableManager; its type omits recovery
+            recovery = tables.recovery
             if not recovery.in_recovery:
                 continue
             try:
@@ -104,4 +105,6 @@ class RecoveryWatchdog:
 
 
 recovery_watchdog = RecoveryWatchdog()
-app.on_partitions_assigned.connect(recovery_watchdog.on_partitions_assigned)
+# Faust's signal type wants a handler taking ``signal=``; it is passed in ``**kwargs``.
+app.on_partitions_assigned.connect(
+    recovery_watchdog.on_partitions_assigned)  # type: ignore[arg-type]

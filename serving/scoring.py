@@ -38,9 +38,14 @@ class Rejected:
 class Scorer(Protocol):
     """What serving needs of a model (``models.loaded.LoadedModel`` is one)."""
 
-    version: str
-    features: Sequence[str]
-    classes: Sequence[Any]
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def features(self) -> Sequence[str]: ...
+
+    @property
+    def classes(self) -> Sequence[Any]: ...
 
     def predict_proba(self, rows: np.ndarray) -> np.ndarray: ...
 
@@ -68,7 +73,7 @@ def feature_matrix(events: Sequence[ValidEvent], n_features: int) -> np.ndarray:
 
 
 def score(model: Scorer, events: Sequence[ValidEvent], now_ms: int) -> list[dict[str, Any]]:
-    """CONTRACT prediction messages for ``events``, in order, from one forward pass."""
+    """Prediction messages (docs/contract.md) for ``events``, in order, from one forward pass."""
     if not events:
         return []
     probabilities = model.predict_proba(feature_matrix(events, len(model.features)))
@@ -90,7 +95,7 @@ def class_counts(predictions: Sequence[dict[str, Any]]) -> Counter[str]:
 
 def encode_predictions(model: Scorer, ids: Sequence[str], probabilities: np.ndarray,
                        now_ms: int) -> tuple[list[bytes], list[Any]]:
-    """CONTRACT prediction messages for a scored micro-batch, as JSON bytes, and the class
+    """Prediction messages (docs/contract.md) for a scored micro-batch, as JSON bytes, and the class
     each one predicted; the same messages :func:`predictions_from` builds, one pass each."""
     if not len(ids):
         return [], []

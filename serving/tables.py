@@ -102,7 +102,8 @@ def store_latest(partition: int, keys: Sequence[bytes], values: Sequence[bytes])
     """
     from rocksdict import WriteBatch
 
-    db = latest_predictions.data._db_for_partition(partition)
+    store: Any = latest_predictions.data  # Faust's RocksDB store
+    db = store._db_for_partition(partition)
     batch = WriteBatch(raw_mode=True)
     put = batch.put
     for key, value in zip(keys, values):
@@ -114,7 +115,7 @@ def store_latest(partition: int, keys: Sequence[bytes], values: Sequence[bytes])
 def record_changelog_offsets(offsets: Mapping[int, int]) -> None:
     """Remember, per partition, the newest changelog offset whose row the store holds: a
     restart recovers only what comes after it."""
-    store = latest_predictions.data
+    store: Any = latest_predictions.data
     for partition, offset in offsets.items():
         store.set_persisted_offset(TP(LATEST_CHANGELOG, partition), offset)
 
@@ -122,7 +123,7 @@ def record_changelog_offsets(offsets: Mapping[int, int]) -> None:
 def latest_prediction(key: bytes) -> bytes | None:
     """This worker's stored prediction for ``key``, or None (also once it is older than
     ``LATEST_RETENTION_S``, which RocksDB only enforces when it compacts)."""
-    value = latest_predictions.data.get(key)
+    value: bytes | None = latest_predictions.data.get(key)
     if value is None:
         return None
     try:
@@ -151,15 +152,16 @@ def count_scored(version: str, scored: int, classes: dict[str, int]) -> None:
 def table_size(name: str) -> int:
     """Rows of table ``name`` on this worker (an estimate for ``latest_predictions``)."""
     if name == latest_predictions.name:
-        store = latest_predictions.data
-        return sum(db.property_int_value("rocksdb.estimate-num-keys") or 0
+        store: Any = latest_predictions.data
+        return sum(int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
                    for db in store._dbs_for_actives())
-    return len(app.tables[name].data)
+    table: Any = app.tables[name]
+    return len(table.data)
 
 
 def table_rows(name: str, limit: int) -> dict[str, Any]:
     """This worker's rows of table ``name`` as JSON, newest first, at most ``limit``."""
-    table = app.tables[name]
+    table: Any = app.tables[name]
     rows: list[dict[str, Any]] = []
     newest_first: Iterable[tuple[Any, Any]]
     if name == latest_predictions.name:

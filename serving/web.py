@@ -1,4 +1,4 @@
-"""The worker's HTTP endpoints (CONTRACT.md): readiness, table state, models, predict, metrics.
+"""The worker's HTTP endpoints (docs/contract.md): readiness, table state, models, predict, metrics.
 
 Bad requests get a 4xx with a JSON ``{"error": ...}``; nothing answers with a stack trace.
 """

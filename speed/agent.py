@@ -172,14 +172,17 @@ class SpeedLayer:
     process.
     """
 
+    process: ProcessPoolExecutor | None
+
     def start(self) -> None:
         """Start the learning process (its imports take seconds: better at start-up)."""
         if self.process is None:
-            self.process = _learning_process()
-            self.process.submit(int)
+            process = _learning_process()
+            process.submit(int)
+            self.process = process
 
     def __init__(self) -> None:
-        self.process: ProcessPoolExecutor | None = None
+        self.process = None
         #: The base version whose learner the learning process holds.
         self.process_base: str | None = None
         self.pending_base: str | None = None
@@ -376,9 +379,10 @@ class SpeedLayer:
 
 speed_layer = SpeedLayer()
 # Receivers run before the consumer rejoins the group (Faust awaits them), as serving's do.
-app.on_partitions_assigned.connect(speed_layer.on_partitions_assigned)
-app.on_partitions_revoked.connect(speed_layer.on_partitions_revoked)
-app.on_before_shutdown.connect(speed_layer.on_before_shutdown)
+# (Faust's signal type asks for a ``signal`` keyword parameter; receivers get it in **kwargs.)
+app.on_partitions_assigned.connect(speed_layer.on_partitions_assigned)  # type: ignore[arg-type]
+app.on_partitions_revoked.connect(speed_layer.on_partitions_revoked)  # type: ignore[arg-type]
+app.on_before_shutdown.connect(speed_layer.on_before_shutdown)  # type: ignore[arg-type]
 
 
 @app.agent(scored_topic, concurrency=1)
@@ -413,7 +417,8 @@ async def publish_update() -> None:
 if settings.speed_layer:
     app.timer(settings.speed_window_s, name="speed_layer_updates")(publish_update)
 
-    @app.task
     async def start_learner() -> None:
         """Start the learning process (and its imports) while the worker starts."""
         speed_layer.start()
+
+    app.task(start_learner)

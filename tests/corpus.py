@@ -2,7 +2,7 @@
 
 Shared by ``tests/test_hostile.py`` and ``bench/hostile.py``. Each :class:`HostileRecord` is
 one record of the input topic (key and value as raw bytes, either may be null). A *malformed*
-record is one CONTRACT.md's event schema refuses (as :func:`transport.schemas.validate_event`
+record is one the event schema of docs/contract.md refuses (as :func:`transport.schemas.validate_event`
 words it): it must reach the dead-letter topic with a reason and nothing else. An *edge*
 record is unusual but valid: it must get exactly one prediction, for :attr:`expect_id`.
 

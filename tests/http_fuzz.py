@@ -9,7 +9,7 @@ the right shape with the wrong types), sent at once or byte by byte with pauses,
 abandoned half-way.
 
 The worker must answer every request it can parse with a status below 500, and every refusal
-of a well-formed request with a JSON ``{"error": ...}`` (CONTRACT.md, HTTP).
+of a well-formed request with a JSON ``{"error": ...}`` (docs/contract.md, HTTP).
 """
 from __future__ import annotations
 

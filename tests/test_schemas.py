@@ -1,4 +1,4 @@
-"""Input validation and the CONTRACT message formats."""
+"""Input validation and the contract message formats."""
 from __future__ import annotations
 
 import base64

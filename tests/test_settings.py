@@ -1,4 +1,4 @@
-"""Settings: CONTRACT defaults, environment overrides, and start-up failures naming the variable."""
+"""Settings: contract defaults, environment overrides, and start-up failures naming the variable."""
 from __future__ import annotations
 
 import dataclasses

@@ -266,6 +266,8 @@ class Delivery:
     def _changelog_delivered(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             partition, offset = msg.partition(), msg.offset()
+            # A delivered message has both (librdkafka sets them on success).
+            assert partition is not None and offset is not None
             if offset > self.changelog_offsets.get(partition, -1):
                 self.changelog_offsets[partition] = offset
         self._delivered(err, msg)

@@ -88,10 +88,10 @@ def _worker_lease() -> Lease:
 
     lease = Lease(app.settings.worker_session_timeout_s)
 
-    @app.timer(0.5, name="lease_clock")
     async def lease_clock() -> None:
         lease.tick()
 
+    app.timer(0.5, name="lease_clock")(lease_clock)
     return lease
 
 

@@ -1,4 +1,4 @@
-"""Message formats on Stratum's topics (CONTRACT.md) and the validation of input events.
+"""Message formats on Stratum's topics (docs/contract.md) and the validation of input events.
 
 Validation is a pure function of the raw message bytes and the active model's feature names
 and classes, so it is unit-tested without Kafka and shared by the serving path and
@@ -88,7 +88,7 @@ def parse_event(raw: bytes | str | None) -> dict[str, Any]:
 
 def validate_event(obj: dict[str, Any], features: Sequence[str],
                    classes: Sequence[Any]) -> ValidEvent:
-    """Check one decoded event against CONTRACT.md and the model's schema.
+    """Check one decoded event against docs/contract.md and the model's schema.
 
     Parameters
     ----------
@@ -344,7 +344,7 @@ def _json_type(value: Any) -> str:
 
 def prediction_message(event_id: str, model_version: str, classes: Sequence[Any],
                        probabilities: Sequence[float], ts: int) -> dict[str, Any]:
-    """A CONTRACT ``predictions`` value; ``predicted`` is the most probable class.
+    """A ``predictions`` value; ``predicted`` is the most probable class.
 
     ``probabilities`` are plain floats in the order of ``classes``.
     """
@@ -356,7 +356,7 @@ def prediction_message(event_id: str, model_version: str, classes: Sequence[Any]
 
 def dead_letter_message(reason: str, raw: bytes | None, topic: str, partition: int | None,
                         offset: int | None) -> dict[str, Any]:
-    """A CONTRACT ``events-dlq`` value: the reason, the original message and where it was.
+    """A ``events-dlq`` value: the reason, the original message and where it was.
 
     ``raw`` is the message as text, or base64 (with ``"raw_encoding": "base64"``) when it is
     not UTF-8. A message whose quote would take more than :data:`MAX_DEAD_LETTER_RAW_BYTES`

@@ -100,13 +100,15 @@ class LabelledBatch:
     @property
     def correct(self) -> np.ndarray:
         """Whether the most probable class was the label, per event."""
-        return self.probabilities.argmax(axis=1) == self.labels
+        correct: np.ndarray = self.probabilities.argmax(axis=1) == self.labels
+        return correct
 
     @property
     def log_loss(self) -> np.ndarray:
         """``-log p(label)`` per event, ``p`` clipped to ``[1e-15, 1]``."""
         p = self.probabilities[np.arange(len(self.labels)), self.labels].astype(np.float64)
-        return -np.log(np.clip(p, _EPS, 1.0))
+        loss: np.ndarray = -np.log(np.clip(p, _EPS, 1.0))
+        return loss
 
 
 @dataclass(frozen=True)
