@@ -24,6 +24,7 @@ from app.settings import Settings
 from app.topics import ensure_topics
 from models.online import ModelUpdate
 from models.registry import Registry
+from transport import protocol
 from tests.support import (WorkerProcess, announce, consume_until, http, produce,
                            publish_small_model, run)
 from tests.test_online import make_model, make_update
@@ -237,20 +238,20 @@ def test_the_learner_keeps_the_serving_base_and_continues_the_chain() -> None:
     assert np.concatenate(layer.pending_y).tolist() == [1, 0]
     # The chain continues after the newest update seen by the manager or published here.
     ledger = model_manager.ledger
-    saved = dict(ledger.updates)
+    saved = ledger.topic
     try:
-        ledger.updates.pop(base.version, None)
+        ledger.topic = protocol.Ledger(saved.model)
         assert layer.next_seq(base) == (None, 1)
         applied = make_update(base, seq=4)
-        ledger.updates[base.version] = applied
-        assert layer.next_seq(base) == (applied, 5)
+        ledger.topic = protocol.fold(ledger.topic, protocol.Record(0, applied.to_message()))
+        newest, seq = layer.next_seq(base)
+        assert newest is ledger.updates[base.version] and (newest.seq, seq) == (4, 5)
         layer.published = make_update(base, seq=6)
         assert layer.next_seq(base) == (layer.published, 7)
         layer.published = make_update(base, seq=2)
-        assert layer.next_seq(base) == (applied, 5)
+        assert layer.next_seq(base) == (newest, 5)
     finally:
-        ledger.updates.clear()
-        ledger.updates.update(saved)
+        ledger.topic = saved
     # A new base version starts afresh.
     other = make_model(version="20261124T000000Z-abcdef")
     layer.collect([batch_of(other.version, [1], 0.5, other.version)], other)
