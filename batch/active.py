@@ -1,81 +1,93 @@
-"""Which version of a model is serving now, and which one is pinned: read from the update topic.
+"""Which version of a model is serving now, which one is pinned, which are refused: the batch
+layer's reading of the update topic.
 
-The update topic is the system's record of what was announced: the newest ``MODEL-REF`` of a
-model is the version workers serve, unless an operator pinned one with a ``PIN`` message
-(``{"type": "PIN", "model": ..., "version": ... | null}``; ``null`` releases the pin). The
-batch job compares its candidate with the active version, and generation clean-up never deletes
-the active or the pinned version. Where the topic cannot be read, the registry's newest version
-stands in for the active one.
+The topic's records, in offset order, are folded with :func:`transport.protocol.fold`, the same
+fold serving workers use, and the ledger is then settled (:func:`transport.protocol.settle`):
+the version :func:`~transport.protocol.should_serve` names is verified with the registry's check
+(:meth:`models.registry.Registry.load_ref`) and refused when it fails, as a worker refuses a
+version it cannot load, until one verifies. The batch job compares its candidate with that
+version, and generation clean-up never deletes a :func:`~transport.protocol.protected` version
+(of the topic as read and of the settled ledger). Where the topic cannot be read, the registry's
+newest version stands in for the active one.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
 
 from app.settings import Settings
-from models.errors import MessageError
-from models.registry import MODEL_REF_TYPE, ModelRef
+from transport.protocol import (Ledger, ModelRef, Record, protected, replay, settle,
+                                should_serve)
 
-__all__ = ["PIN_TYPE", "UpdateState", "fold_updates", "read_update_state"]
+__all__ = ["UpdateState", "update_state", "read_update_state"]
 
 log = logging.getLogger(__name__)
-
-#: ``"type"`` of the update-topic message that pins (or, with a null version, unpins) a version.
-PIN_TYPE = "PIN"
 
 
 @dataclass(frozen=True)
 class UpdateState:
-    """What the update topic says about one model.
+    """What the update topic (and verification) says about one model.
 
     Attributes
     ----------
     active : ModelRef or None
-        The newest valid MODEL-REF of the model.
+        The version that serves: the pinned one if it verifies, else the newest announced one
+        that verifies; None when there is none.
     pinned : str or None
-        The version of the newest PIN message, None when there is none or it was released.
+        The version of the newest PIN, None when there is none or it was lifted.
+    refused : mapping of version to reason
+        Versions whose artifact failed verification.
     source : str
         ``"topic"``, or ``"registry"`` when the topic could not be read.
+    keep : frozenset of str
+        Versions generation clean-up must keep.
     """
 
     active: ModelRef | None
     pinned: str | None
+    refused: Mapping[str, str] = field(default_factory=dict)
     source: str = "topic"
+    keep: frozenset[str] = frozenset()
 
     @property
     def active_version(self) -> str | None:
-        """The pinned version if any, else the newest announced one: what serves now."""
-        return self.pinned or (self.active.version if self.active else None)
+        """The version serving now."""
+        return self.active.version if self.active is not None else None
 
     def protected(self) -> set[str]:
-        """Versions generation clean-up must keep: the active and the pinned one."""
-        return {v for v in (self.pinned, self.active.version if self.active else None) if v}
+        """Versions generation clean-up must keep: the active one, the pinned one, and the one
+        serving once the pin is lifted, whether or not this reader could verify them."""
+        return set(self.keep) | {v for v in (self.pinned, self.active_version) if v}
 
 
-def fold_updates(messages: Iterable[Any], model: str) -> UpdateState:
-    """Fold decoded update messages (oldest first) into the :class:`UpdateState` of ``model``.
+def update_state(records: Iterable[Record], model: str,
+                 verify: Callable[[ModelRef], Any] | None = None) -> UpdateState:
+    """The :class:`UpdateState` of ``model`` from the update topic's records.
 
-    Malformed messages and other models' messages are skipped; a PIN without a ``"model"``
-    field applies to every model.
+    Parameters
+    ----------
+    records : iterable of Record
+        The topic's records (its one partition), folded in offset order whatever their
+        producer timestamps.
+    model : str
+        The model to follow.
+    verify : callable, optional
+        Checks a version's artifact and raises when it does not verify (the registry's
+        ``load_ref``); without it nothing is refused.
     """
-    active: ModelRef | None = None
-    pinned: str | None = None
-    for message in messages:
-        if not isinstance(message, Mapping):
-            continue
-        kind = message.get("type")
-        if kind == MODEL_REF_TYPE and message.get("model") == model:
-            try:
-                active = ModelRef.from_message(message)
-            except MessageError as exc:
-                log.warning("ignoring a malformed MODEL-REF on the update topic: %s", exc)
-        elif kind == PIN_TYPE and message.get("model", model) == model:
-            version = message.get("version")
-            pinned = version if isinstance(version, str) and version else None
-    return UpdateState(active=active, pinned=pinned)
+    ledger: Ledger = replay(sorted(records, key=lambda r: r.offset), model)
+    keep = protected(ledger)
+    if verify is not None:
+        ledger = settle(ledger, verify)
+        keep |= protected(ledger)
+        for version, reason in ledger.refused.items():
+            log.warning("version %s/%s does not verify, so no worker serves it: %s", model,
+                        version, reason)
+    version = should_serve(ledger)
+    return UpdateState(active=ledger.announced[version] if version else None,
+                       pinned=ledger.pinned, refused=dict(ledger.refused), keep=keep)
 
 
 async def _partitions(settings: Settings, timeout_s: float) -> list[int]:
@@ -94,60 +106,58 @@ async def _partitions(settings: Settings, timeout_s: float) -> list[int]:
         await admin.close()
 
 
-async def _read_topic(settings: Settings, timeout_s: float) -> list[Any]:
+async def _read_topic(settings: Settings, timeout_s: float) -> list[Record]:
+    """Every record of the update topic, in offset order (partition 0: the topic has one, and
+    it is the one serving workers follow)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    ids = await _partitions(settings, timeout_s)
-    if not ids:
+    if not await _partitions(settings, timeout_s):
         return []
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 request_timeout_ms=int(timeout_s * 1000))
     await asyncio.wait_for(consumer.start(), timeout_s)
     try:
-        tps = [TopicPartition(settings.updates_topic, p) for p in ids]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await asyncio.wait_for(consumer.end_offsets(tps), timeout_s)
-        records: list[tuple[int, int, Any]] = []
+        tp = TopicPartition(settings.updates_topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await asyncio.wait_for(consumer.end_offsets([tp]), timeout_s))[tp]
+        records: list[Record] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+        while await consumer.position(tp) < end:
             if loop.time() > deadline:
                 raise TimeoutError(f"reading {settings.updates_topic!r} took over {timeout_s}s")
-            batches = await consumer.getmany(timeout_ms=500)
-            for tp, rows in batches.items():
-                for row in rows:
-                    try:
-                        value = json.loads(row.value) if row.value is not None else None
-                    except ValueError:
-                        continue
-                    records.append((row.timestamp, row.offset, value))
-        # Messages of one model share a key and so a partition; ordering by broker time
-        # merges partitions for messages without one.
-        records.sort(key=lambda r: (r[0], r[1]))
-        return [value for _, _, value in records]
+            batch = await consumer.getmany(tp, timeout_ms=500)
+            records.extend(Record(row.offset, row.value, row.timestamp)
+                           for row in batch.get(tp, []))
+        return records
     finally:
         await consumer.stop()
 
 
 def read_update_state(settings: Settings, model: str, timeout_s: float = 20.0,
-                      registry: Any = None) -> UpdateState:
-    """The :class:`UpdateState` of ``model`` from the update topic.
+                      registry: Any = None,
+                      verify: Callable[[ModelRef], Any] | None = None) -> UpdateState:
+    """The :class:`UpdateState` of ``model`` from the update topic (see :func:`update_state`;
+    ``verify`` defaults to ``registry.load_ref`` when a registry is given).
 
     When the broker cannot be reached in ``timeout_s``, falls back to the registry's newest
     version as the active one (``source="registry"``; no pin is known then), so a rebuild can
     still compare against what most probably serves.
     """
+    if verify is None and registry is not None:
+        verify = registry.load_ref
     try:
-        messages = asyncio.run(asyncio.wait_for(_read_topic(settings, timeout_s),
-                                                timeout_s * 2))
-        return fold_updates(messages, model)
+        records = asyncio.run(asyncio.wait_for(_read_topic(settings, timeout_s),
+                                               timeout_s * 2))
     except Exception as exc:  # broker down, timeouts: fall back, never fail the run over it
         text = str(exc).strip().splitlines()
         reason = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
         log.warning("cannot read %r (%s); using the registry's newest version as the active "
                     "one", settings.updates_topic, reason)
+    else:
+        return update_state(records, model, verify)
     if registry is None:
         return UpdateState(active=None, pinned=None, source="registry")
     return UpdateState(active=registry.latest(model), pinned=None, source="registry")

@@ -1,22 +1,17 @@
-"""Announcing a published model version on the update topic."""
+"""Announcing a published model version on the update topic (the ``MODEL-REF`` message of
+:mod:`transport.protocol`)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from app.settings import Settings
 from batch.errors import AnnounceError
-from models.registry import ModelRef
+from transport.protocol import ModelRef, encode
 
-__all__ = ["announce", "announce_async", "encode_model_ref"]
+__all__ = ["announce", "announce_async"]
 
 log = logging.getLogger(__name__)
-
-
-def encode_model_ref(ref: ModelRef) -> bytes:
-    """The MODEL-REF message's bytes: UTF-8 JSON of :meth:`ModelRef.to_message`."""
-    return json.dumps(ref.to_message(), sort_keys=True).encode("utf-8")
 
 
 async def announce_async(settings: Settings, ref: ModelRef, timeout_s: float = 30.0) -> None:
@@ -38,7 +33,7 @@ async def announce_async(settings: Settings, ref: ModelRef, timeout_s: float = 3
                                     request_timeout_ms=int(timeout_s * 1000))
         await asyncio.wait_for(producer.start(), timeout_s)
         metadata = await asyncio.wait_for(
-            producer.send_and_wait(topic, encode_model_ref(ref), key=ref.name.encode("utf-8")),
+            producer.send_and_wait(topic, encode(ref), key=ref.name.encode("utf-8")),
             timeout_s)
     except Exception as exc:  # aiokafka, timeouts and OS errors alike
         text = str(exc).strip().splitlines()

@@ -448,17 +448,29 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
         active: LoadedModel | None = None
         if config.compare_active or config.keep_versions > 0:
             with stages.stage("active model"):
-                state = read_update_state(settings, model_name, registry=registry)
+                # Verified as a worker verifies it: a version that fails is refused, and the
+                # active one is the newest (or pinned) version that loads.
+                verified: dict[str, LoadedModel] = {}
+
+                def verify(ref: Any) -> None:
+                    verified[ref.version] = registry.load_ref(ref)
+
+                state = read_update_state(settings, model_name, registry=registry,
+                                          verify=verify)
                 version = state.active_version
                 if version and config.compare_active:
-                    try:
-                        ref = (state.active if state.active and state.active.version == version
-                               else registry.ref(model_name, version))
-                        active = registry.load_ref(ref)
-                    except ModelError as exc:
-                        say(f"cannot load the active model {version} to compare with: {exc}")
+                    active = verified.get(version)
+                    if active is None and state.active is not None:  # the registry's newest
+                        try:
+                            active = registry.load_ref(state.active)
+                        except ModelError as exc:
+                            say(f"cannot load the active model {version} to compare with: "
+                                f"{exc}")
+                verified.clear()
             say(f"active model: {state.active_version or 'none'} (from the {state.source})"
-                + (f", pinned {state.pinned}" if state.pinned else ""))
+                + (f", pinned {state.pinned}" if state.pinned else "")
+                + (f"; refused (artifact does not verify): {sorted(state.refused)}"
+                   if state.refused else ""))
 
         try:
             with stages.stage("fit preprocessing"):

@@ -1,10 +1,13 @@
 """The exceptions :mod:`models` raises: one base class, so callers can catch them all."""
 from __future__ import annotations
 
+from app.errors import StratumError
+from transport.protocol import MessageError
+
 __all__ = ["ModelError", "ManifestError", "ArtifactError", "MessageError"]
 
 
-class ModelError(Exception):
+class ModelError(StratumError):
     """Base class of every error raised by :mod:`models`; ``str(err)`` is the reason."""
 
 
@@ -15,6 +18,3 @@ class ManifestError(ModelError):
 class ArtifactError(ModelError):
     """A model version cannot be used: unreadable, tampered with, incomplete or inconsistent."""
 
-
-class MessageError(ModelError):
-    """A message on the update topic is malformed (a MODEL-REF or an UP)."""

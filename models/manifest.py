@@ -24,48 +24,22 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
-from models.errors import ManifestError, MessageError, ModelError
+from models.errors import ManifestError, ModelError
 from models.preprocessing import Preprocessor
+from transport.protocol import MANIFEST_FILE
 
-__all__ = ["Manifest", "FORMAT_VERSION", "MANIFEST_FILE", "check_path_segment",
-           "check_message", "utc_now_iso"]
+__all__ = ["Manifest", "FORMAT_VERSION", "MANIFEST_FILE", "check_path_segment", "utc_now_iso"]
 
 #: The manifest layout this code writes and the only one it reads.
 FORMAT_VERSION = 1
-#: File name of the manifest inside a version directory.
-MANIFEST_FILE = "manifest.json"
 
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _REQUIRED_METRICS = ("accuracy", "log_loss")
-
-
-def check_message(message: Any, kind: str, strings: Sequence[str],
-                  path_segments: Sequence[str]) -> Mapping[str, Any]:
-    """Check the common part of an update-topic message of type ``kind`` and return it.
-
-    It must be a JSON object of that ``type`` whose ``strings`` fields are non-empty strings,
-    the ``path_segments`` among them safe as registry path segments; otherwise
-    :class:`MessageError` says which field is wrong.
-    """
-    if not isinstance(message, Mapping):
-        raise MessageError(f"{kind} must be a JSON object")
-    if message.get("type") != kind:
-        article = "an" if kind[:1] in "AEIOU" else "a"
-        raise MessageError(f"not {article} {kind}: type {message.get('type')!r}")
-    for key in strings:
-        if not isinstance(message.get(key), str) or not message[key]:
-            raise MessageError(f"{kind} field {key!r} must be a non-empty string")
-    try:
-        for key in path_segments:
-            check_path_segment(key, message[key])
-    except ManifestError as exc:
-        raise MessageError(f"{kind} {exc}") from None
-    return message
 
 
 def check_path_segment(what: str, value: Any) -> str:

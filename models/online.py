@@ -12,177 +12,30 @@ belongs to and a sequence number; serving applies it to that base only, in order
 >>> same = ModelUpdate.from_message(message)                     # validated
 >>> serving = apply_update(base, same)                           # version "<base>+3"
 
-Everything here is plain numpy/torch: no Kafka, so unit tests call it directly.
+The ``UP`` message itself (:class:`~transport.protocol.ModelUpdate`, re-exported here) is
+defined with the rest of the update topic's protocol in :mod:`transport.protocol`. Everything
+here is plain numpy/torch: no Kafka, so unit tests call it directly.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import math
-import re
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from models.classifier import MLPClassifier
-from models.errors import MessageError, ModelError
-from models.manifest import check_message, utc_now_iso
+from models.errors import ModelError
+from models.manifest import utc_now_iso
 from models.preprocessing import missing_mask
 from models.loaded import LoadedModel
+from transport.protocol import ModelUpdate
 
-__all__ = ["UP_TYPE", "ModelUpdate", "apply_update", "output_layer", "hidden_activations",
+__all__ = ["ModelUpdate", "apply_update", "output_layer", "hidden_activations",
            "recency_weights", "OutputLayerLearner", "BaseNotHeld", "start_learning_process",
            "refit"]
-
-#: ``"type"`` of the update-topic message that carries an incremental update.
-UP_TYPE = "UP"
-#: The only layer an update replaces today.
-OUTPUT_LAYER = "output"
-
-# Fields of the UP message that ModelUpdate owns; everything else travels in ``extra``.
-_MESSAGE_FIELDS = frozenset({"type", "model", "base_version", "seq", "layer", "shape", "weight",
-                             "bias", "sha256", "n_examples", "created_at"})
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-# Bounds a malicious or corrupted message cannot push memory past (1000 classes x 100k units).
-_MAX_CLASSES, _MAX_HIDDEN = 1000, 100_000
-# float32, little-endian: the wire format of weight and bias, whatever the host's byte order.
-_WIRE_DTYPE = np.dtype("<f4")
-
-
-@dataclass(frozen=True)
-class ModelUpdate:
-    """A new output layer for one base version, as the speed layer publishes it.
-
-    Attributes
-    ----------
-    model : str
-        Registry model name.
-    base_version : str
-        The batch-built version the update applies to; never applied to another.
-    seq : int
-        Position in the base version's chain of updates, from 1; serving applies only a seq
-        greater than the last one it applied.
-    weight : numpy.ndarray
-        ``float32`` ``(n_classes, last_hidden)``: the weight of the last linear layer.
-    bias : numpy.ndarray
-        ``float32`` ``(n_classes,)``: its bias.
-    n_examples : int
-        Labelled examples the fit used.
-    created_at : str
-        ISO 8601 UTC time of the fit.
-    extra : dict
-        Free JSON carried along in the message (fit figures, refreshed feature statistics).
-    """
-
-    model: str
-    base_version: str
-    seq: int
-    weight: np.ndarray
-    bias: np.ndarray
-    n_examples: int
-    created_at: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def version(self) -> str:
-        """The version a model with this update applied reports: ``<base_version>+<seq>``."""
-        return f"{self.base_version}+{self.seq}"
-
-    def to_message(self) -> dict[str, Any]:
-        """The CONTRACT ``UP`` message (a JSON-ready dict)."""
-        weight = np.ascontiguousarray(self.weight, dtype=_WIRE_DTYPE).tobytes()
-        bias = np.ascontiguousarray(self.bias, dtype=_WIRE_DTYPE).tobytes()
-        message: dict[str, Any] = {k: v for k, v in self.extra.items()
-                                   if k not in _MESSAGE_FIELDS}
-        message.update({
-            "type": UP_TYPE, "model": self.model, "base_version": self.base_version,
-            "seq": self.seq, "layer": OUTPUT_LAYER, "shape": list(self.weight.shape),
-            "weight": base64.b64encode(weight).decode("ascii"),
-            "bias": base64.b64encode(bias).decode("ascii"),
-            "sha256": hashlib.sha256(weight + bias).hexdigest(),
-            "n_examples": self.n_examples, "created_at": self.created_at,
-        })
-        return message
-
-    @classmethod
-    def from_message(cls, message: Mapping[str, Any]) -> "ModelUpdate":
-        """Validate a decoded ``UP`` message and build the update.
-
-        Raises
-        ------
-        MessageError
-            The message is not an object, not an ``UP``, or a field is absent or malformed
-            (types, shape, base64, checksum, non-finite values); the reason names the field.
-        """
-        check_message(message, UP_TYPE, ("model", "base_version"), ("model", "base_version"))
-        seq = message.get("seq")
-        if not _is_int(seq) or seq < 1:
-            raise MessageError(f"UP field 'seq' must be an integer >= 1, got {seq!r}")
-        if message.get("layer") != OUTPUT_LAYER:
-            raise MessageError(f"UP field 'layer' must be {OUTPUT_LAYER!r}, got "
-                               f"{message.get('layer')!r}")
-        shape = message.get("shape")
-        if (not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(s) for s in shape)
-                or not 2 <= shape[0] <= _MAX_CLASSES or not 1 <= shape[1] <= _MAX_HIDDEN):
-            raise MessageError(f"UP field 'shape' must be [n_classes >= 2, hidden >= 1], got "
-                               f"{shape!r}"[:200])
-        n_classes, hidden = shape
-        weight_bytes = _decode("weight", message.get("weight"), n_classes * hidden)
-        bias_bytes = _decode("bias", message.get("bias"), n_classes)
-        checksum = message.get("sha256")
-        if not isinstance(checksum, str) or not _SHA256_RE.match(checksum):
-            raise MessageError("UP field 'sha256' must be 64 lowercase hex digits")
-        if hashlib.sha256(weight_bytes + bias_bytes).hexdigest() != checksum:
-            raise MessageError("UP weight and bias do not match their sha256: the message was "
-                               "altered or corrupted")
-        weight = np.frombuffer(weight_bytes, dtype=_WIRE_DTYPE).astype(np.float32)
-        bias = np.frombuffer(bias_bytes, dtype=_WIRE_DTYPE).astype(np.float32)
-        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
-            raise MessageError("UP weight and bias must be finite numbers")
-        n_examples = message.get("n_examples")
-        if not _is_int(n_examples) or n_examples < 0:
-            raise MessageError(f"UP field 'n_examples' must be an integer >= 0, got "
-                               f"{n_examples!r}"[:200])
-        created_at = message.get("created_at")
-        if not isinstance(created_at, str) or not _is_iso_time(created_at):
-            raise MessageError(f"UP field 'created_at' must be an ISO 8601 time, got "
-                               f"{created_at!r}"[:200])
-        extra = {k: v for k, v in message.items() if k not in _MESSAGE_FIELDS}
-        return cls(model=message["model"], base_version=message["base_version"], seq=seq,
-                   weight=weight.reshape(n_classes, hidden), bias=bias,
-                   n_examples=n_examples, created_at=created_at, extra=extra)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_iso_time(text: str) -> bool:
-    try:
-        datetime.fromisoformat(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _decode(name: str, text: Any, n_values: int) -> bytes:
-    if not isinstance(text, str):
-        raise MessageError(f"UP field {name!r} must be a base64 string")
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise MessageError(f"UP field {name!r} is not valid base64") from None
-    if len(raw) != 4 * n_values:
-        raise MessageError(f"UP field {name!r} holds {len(raw)} bytes; shape says {n_values} "
-                           f"float32 values ({4 * n_values} bytes)")
-    return raw
-
 
 def output_layer(model: LoadedModel) -> nn.Linear:
     """The last linear layer (the logits) of ``model``'s network."""

@@ -6,12 +6,14 @@ input ``x`` = preprocessed float32 rows, output ``logits``) and ``manifest.json`
 written last: a version without a manifest is incomplete and invisible. Versions are never
 overwritten.
 
-The batch layer publishes and announces a :class:`ModelRef` on the update topic; the serving
-layer turns the message back into a :class:`ModelRef` and loads it with every check:
+The batch layer publishes a version and announces its :class:`~transport.protocol.ModelRef`
+(the ``MODEL-REF`` message, defined in :mod:`transport.protocol`) on the update topic; a reader
+loads what the reference says with every check, :meth:`Registry.load_ref`, which also refuses a
+reference whose manifest is another version than it names:
 
 >>> registry = Registry(settings.registry_uri, settings.storage_options)  # doctest: +SKIP
 >>> ref = ModelRef.from_message(json.loads(value))                         # doctest: +SKIP
->>> model = registry.load(ref.manifest_uri, sha256=ref.sha256)            # doctest: +SKIP
+>>> model = registry.load_ref(ref)                                         # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import logging
 import re
 import secrets
 import warnings
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 
@@ -30,14 +31,13 @@ import fsspec
 import torch
 
 from models.classifier import MLPClassifier
-from models.errors import ArtifactError, ManifestError, MessageError, ModelError
-from models.manifest import (MANIFEST_FILE, Manifest, check_message, check_path_segment,
-                             utc_now_iso)
+from models.errors import ArtifactError, ManifestError, ModelError
+from models.manifest import MANIFEST_FILE, Manifest, check_path_segment, utc_now_iso
 from models.loaded import LoadedModel
 from models.storage import ensure_bucket, filesystem, sha256_hex
+from transport.protocol import ModelRef
 
-__all__ = ["Registry", "ModelRef", "new_version", "WEIGHTS_FILE", "ONNX_FILE",
-           "MODEL_REF_TYPE"]
+__all__ = ["Registry", "ModelRef", "new_version", "WEIGHTS_FILE", "ONNX_FILE"]
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,9 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.pt"
 #: File name of the optional ONNX export.
 ONNX_FILE = "model.onnx"
-#: ``"type"`` of the update-topic message that announces a new batch model.
-MODEL_REF_TYPE = "MODEL-REF"
 
 _VERSION_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 _VERSION_RE = re.compile(r"^(\d{8}T\d{6}Z)-[0-9a-f]{6}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def new_version(now: datetime | None = None, after: str | None = None) -> str:
@@ -72,59 +69,6 @@ def new_version(now: datetime | None = None, after: str | None = None) -> str:
                 tzinfo=timezone.utc)
             now = max(now, previous + timedelta(seconds=1))
     return f"{now.strftime(_VERSION_TIME_FORMAT)}-{secrets.token_hex(3)}"
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A pointer to one published model version, as announced on the update topic.
-
-    Attributes
-    ----------
-    name, version : str
-        Model name and version id.
-    manifest_uri : str
-        Full URI of the version's ``manifest.json``.
-    sha256 : str
-        sha256 of the manifest's bytes: pins the manifest, which pins every other file.
-    metrics : dict
-        Test metrics copied from the manifest, so consumers can log them without loading.
-    """
-
-    name: str
-    version: str
-    manifest_uri: str
-    sha256: str
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    def to_message(self) -> dict[str, Any]:
-        """The CONTRACT ``MODEL-REF`` message (a JSON-ready dict)."""
-        return {"type": MODEL_REF_TYPE, "model": self.name, "version": self.version,
-                "manifest": self.manifest_uri, "sha256": self.sha256,
-                "metrics": dict(self.metrics)}
-
-    @classmethod
-    def from_message(cls, message: Any) -> "ModelRef":
-        """Validate a decoded ``MODEL-REF`` message and build the reference.
-
-        Raises
-        ------
-        MessageError
-            The message is not an object, has another ``"type"``, or a field is absent or
-            malformed; the reason names the field.
-        """
-        check_message(message, MODEL_REF_TYPE, ("model", "version", "manifest", "sha256"),
-                      ("model", "version"))
-        manifest = message["manifest"]
-        if "://" not in manifest or not manifest.endswith("/" + MANIFEST_FILE):
-            raise MessageError(f"MODEL-REF manifest {manifest!r} is not a URI of a "
-                               f"{MANIFEST_FILE}")
-        if not _SHA256_RE.match(message["sha256"]):
-            raise MessageError("MODEL-REF sha256 must be 64 lowercase hex digits")
-        metrics = message.get("metrics", {})
-        if not isinstance(metrics, Mapping):
-            raise MessageError("MODEL-REF metrics must be an object")
-        return cls(name=message["model"], version=message["version"], manifest_uri=manifest,
-                   sha256=message["sha256"], metrics=dict(metrics))
 
 
 class Registry:

@@ -19,16 +19,21 @@ gives every worker, restarted or new, the same state. Its messages:
     whatever is announced later, until a PIN with ``"version": null`` lifts it.
 
 Anything else is logged, counted and shown as a refusal in ``GET /models/``.
+
+The messages, and the fold of the topic into what should serve, are :mod:`transport.protocol`'s,
+shared with the batch layer: this worker's :class:`~transport.protocol.Ledger` is the topic
+folded in offset order plus the versions this worker refused, and it serves
+:func:`~transport.protocol.should_serve` of it, falling back version by version while loading
+fails, whether it is replaying the topic at start or following it.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
@@ -36,28 +41,22 @@ from mode import Service
 from serving.metrics import MODEL_REFUSAL_REASONS, record_model_state
 from app import app
 from models.errors import ModelError
-from models.registry import ModelRef, Registry
+from models.registry import Registry
 from models.loaded import LoadedModel
-
-if TYPE_CHECKING:
-    from models.online import ModelUpdate
+from transport import protocol
+from transport.protocol import ModelRef, ModelUpdate, Record
 
 settings = app.settings
 
-__all__ = ["ModelManager", "model_manager", "SwapRecord", "PIN_TYPE", "pin_message"]
+__all__ = ["ModelManager", "model_manager", "SwapRecord", "pin_message"]
 
 log = logging.getLogger(__name__)
-
-PIN_TYPE = "PIN"
 
 
 def pin_message(version: str | None, *, rollback_from: str | None = None) -> dict[str, Any]:
     """The update-topic message that pins ``version`` for every worker (None lifts the pin)."""
-    message: dict[str, Any] = {"type": PIN_TYPE, "model": settings.model_name,
-                               "version": version, "at": int(time.time() * 1000)}
-    if rollback_from is not None:
-        message["rollback_from"] = rollback_from
-    return message
+    return protocol.pin_message(settings.model_name, version, at=int(time.time() * 1000),
+                                rollback_from=rollback_from)
 
 
 @dataclass
@@ -81,25 +80,45 @@ class SwapRecord:
 
 @dataclass
 class ModelLedger:
-    """What the manager knows; only the event loop mutates it."""
+    """What the manager knows; only the event loop changes it."""
 
+    #: The update topic folded so far, with the versions this worker refused.
+    topic: protocol.Ledger = field(
+        default_factory=lambda: protocol.Ledger(settings.model_name))
     #: What serves now: the base version, or the base with its newest applied update.
     active: LoadedModel | None = None
     #: The base version of :attr:`active`, without updates.
     base: LoadedModel | None = None
-    #: Every announced version of this model, in announcement order.
-    announced: dict[str, ModelRef] = field(default_factory=dict)
-    #: Versions that failed to load or verify, with the reason.
-    refused: dict[str, str] = field(default_factory=dict)
-    #: The newest valid update per base version (applied or kept for later).
-    updates: dict[str, ModelUpdate] = field(default_factory=dict)
-    pinned: str | None = None
     history: deque[SwapRecord] = field(default_factory=lambda: deque(maxlen=50))
     last_swap: SwapRecord | None = None
     last_refusal: SwapRecord | None = None
     refusals: int = 0
     updates_applied: int = 0
-    updates_dropped: int = 0
+
+    @property
+    def announced(self) -> Mapping[str, ModelRef]:
+        """Every announced version of this model, oldest announcement first."""
+        return self.topic.announced
+
+    @property
+    def refused(self) -> Mapping[str, str]:
+        """Versions that failed to load or verify, with the reason."""
+        return self.topic.refused
+
+    @property
+    def updates(self) -> Mapping[str, ModelUpdate]:
+        """The newest valid update per base version (applied or kept for later)."""
+        return self.topic.updates
+
+    @property
+    def pinned(self) -> str | None:
+        """The pinned version, None when nothing is pinned."""
+        return self.topic.pinned
+
+    @property
+    def updates_dropped(self) -> int:
+        """Stale updates dropped."""
+        return self.topic.stale
 
 
 class ModelManager(Service):
@@ -166,8 +185,7 @@ class ModelManager(Service):
                 continue
             ref = self.ledger.announced[version]
             try:
-                model = await loop.run_in_executor(None, self.registry.load, ref.manifest_uri,
-                                                   ref.sha256)
+                model = await loop.run_in_executor(None, self.registry.load_ref, ref)
             except Exception as exc:  # noqa: BLE001 - any failure rules the version out
                 log.warning("rollback cannot use %s: %s", version, exc)
                 continue
@@ -199,7 +217,7 @@ class ModelManager(Service):
             batch = await consumer.getmany(tp, timeout_ms=1000)
             for record in batch.get(tp, []):
                 self._record(record.value, record.offset)
-        await self._converge(replaying=True)
+        await self._converge()
         await self._advance(end)
         if self.ledger.active is None:
             log.info("no model announced yet on %s; /ready answers 503 until one is",
@@ -219,96 +237,71 @@ class ModelManager(Service):
     # -- the update topic's messages -------------------------------------------------------
 
     def _record(self, raw: bytes | None, offset: int) -> bool:
-        """Take one update message into the ledger; True if what should serve may change."""
-        try:
-            message = json.loads(raw or b"")
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            message = None
-        kind = message.get("type") if isinstance(message, dict) else None
-        if kind not in ("MODEL-REF", "UP", PIN_TYPE):
-            self._refuse(str(message.get("version", "?")) if isinstance(message, dict) else "?",
-                         f"unknown message type {kind!r} at {settings.updates_topic} "
-                         f"offset {offset}", kind="ignored")
-            return False
-        assert isinstance(message, dict)
-        if message.get("model") != settings.model_name:
-            return False  # another model's traffic on a shared topic
-        if kind == "MODEL-REF":
-            try:
-                ref = ModelRef.from_message(message)
-            except ModelError as exc:
-                self._refuse(str(message.get("version", "?")), f"bad announcement: {exc}")
-                return False
-            self.ledger.announced.pop(ref.version, None)  # a re-announcement counts as newest
-            self.ledger.announced[ref.version] = ref
-            return True
-        if kind == PIN_TYPE:
-            version = message.get("version")
-            if version is not None and not isinstance(version, str):
-                self._refuse(str(version), "bad pin: version must be a string or null")
-                return False
-            self.ledger.pinned = version
-            log.warning("version %s pinned by an operator%s", version,
-                        " (rollback)" if message.get("rollback_from") else "")
-            return True
-        from models.online import ModelUpdate
+        """Fold one update message into the ledger; True if what should serve may change."""
+        ledger, note = protocol.step(self.ledger.topic, Record(offset, raw))
+        self.ledger.topic = ledger
+        where = f"at {settings.updates_topic} offset {offset}"
+        if note.kind == "unknown":
+            self._refuse(note.version or "?", f"{note.reason} {where}", kind="ignored")
+        elif note.kind == "malformed":
+            what = {protocol.MODEL_REF: ("bad announcement", "model"),
+                    protocol.PIN: ("bad pin", "model"),
+                    protocol.UP: ("bad update", "update")}[note.message_type]
+            self._refuse(note.version or "?", f"{what[0]}: {note.reason} ({where})",
+                         kind=what[1])
+        elif note.kind == "stale":
+            log.info("dropped stale update %s (%s)", note.version, note.reason)
+        elif note.kind == "pinned":
+            pin = note.message
+            log.warning("version %s pinned by an operator%s", note.version,
+                        " (rollback)" if getattr(pin, "rollback_from", None) else "")
+            self._check_pin()
+        elif note.kind == "announced" and note.version == ledger.pinned:
+            self._check_pin()
+        return note.changed
 
-        try:
-            update = ModelUpdate.from_message(message)
-        except ModelError as exc:
-            self._refuse(f"{message.get('base_version', '?')}+{message.get('seq', '?')}",
-                         f"bad update: {exc}", kind="update")
-            return False
-        known = self.ledger.updates.get(update.base_version)
-        if known is not None and update.seq <= known.seq:
-            self.ledger.updates_dropped += 1
-            log.info("dropped stale update %s+%d (have +%d)", update.base_version, update.seq,
-                     known.seq)
-            return False
-        self.ledger.updates[update.base_version] = update
-        return True
-
-    def _candidates(self) -> list[str]:
-        """Versions that should serve, best first: the pin, then the newest announced."""
-        newest = [v for v in reversed(self.ledger.announced) if v not in self.ledger.refused]
+    def _check_pin(self) -> None:
+        """Report a pin that cannot be honoured (what should serve then skips it)."""
         pinned = self.ledger.pinned
-        return [pinned, *(v for v in newest if v != pinned)] if pinned else newest
+        if pinned is None:
+            return
+        if pinned not in self.ledger.announced:
+            self._refuse(pinned, "pinned version was never announced for "
+                         f"{settings.model_name}", kind="pin")
+        elif pinned in self.ledger.refused:
+            self._refuse(pinned, f"pinned version was refused: {self.ledger.refused[pinned]}",
+                         kind="pin")
 
-    async def _converge(self, replaying: bool = False) -> None:
-        """Make :attr:`active` what the ledger says should serve, as far as verification
-        allows. At start a worker with nothing to serve falls back to older announcements
-        until one loads; once serving, a version that fails is refused and nothing changes."""
-        candidates = self._candidates()
-        if not replaying or self.ledger.active is not None:
-            candidates = candidates[:1]
-        for version in candidates:
-            if await self._serve_base(version):
+    def should_serve(self) -> str | None:
+        """The version that should serve now, by the ledger (see
+        :func:`transport.protocol.should_serve`)."""
+        return protocol.should_serve(self.ledger.topic)
+
+    async def _converge(self) -> None:
+        """Make :attr:`active` what the ledger says should serve. A version that fails to load
+        or verify is refused, and the next one the ledger names is tried, until one loads (often
+        the one serving already) or none is left; so a worker serves the same whether it
+        followed the topic live or replayed it at start."""
+        while True:
+            version = self.should_serve()
+            if version is None or await self._serve_base(version):
                 break
         await self._apply_update()
 
     async def _serve_base(self, version: str) -> bool:
-        """Switch the base to ``version`` (loaded and verified off the event loop)."""
+        """Switch the base to ``version`` (loaded and verified off the event loop); False, with
+        the version refused, when it cannot serve."""
         current = self.ledger.base
         if current is not None and current.version == version:
             return True
-        ref = self.ledger.announced.get(version)
-        if ref is None:
-            self._refuse(version, "pinned version was never announced for "
-                         f"{settings.model_name}", kind="pin")
-            return False
-        if version in self.ledger.refused:
-            self._refuse(version, f"pinned version was refused: {self.ledger.refused[version]}",
-                         kind="pin")
-            return False
+        ref = self.ledger.announced[version]
         started = time.monotonic()
         try:
+            # load_ref: the manifest must be the version the announcement names.
             model = await asyncio.get_running_loop().run_in_executor(
-                None, self.registry.load, ref.manifest_uri, ref.sha256)
-        except ModelError as exc:
-            self._refuse(version, str(exc), remember=True)
-            return False
-        except Exception as exc:  # S3 unreachable, corrupt bytes...: refuse, keep serving
-            self._refuse(version, f"{type(exc).__name__}: {exc}", remember=True)
+                None, self.registry.load_ref, ref)
+        except Exception as exc:  # ModelError, S3 unreachable...: refuse, keep serving
+            self._refuse(version, protocol.describe_error(exc), remember=True)
             return False
         incompatible = _incompatibility(current, model)
         if incompatible:
@@ -352,7 +345,7 @@ class ModelManager(Service):
     def _refuse(self, version: str, reason: str, kind: str = "model",
                 remember: bool = False) -> None:
         if remember:
-            self.ledger.refused[version] = reason
+            self.ledger.topic = protocol.refuse(self.ledger.topic, version, reason)
         record = SwapRecord(version, time.time(), reason=reason, kind=f"refused {kind}")
         self.ledger.last_refusal = record
         self.ledger.refusals += 1

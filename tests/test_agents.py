@@ -83,7 +83,7 @@ def test_update_messages_are_recorded_or_refused() -> None:
     assert list(ledger.announced) == [ok["version"]]
     pin = {"type": "PIN", "model": "default", "version": ok["version"]}
     assert manager._record(json.dumps(pin).encode(), 6) is True
-    assert ledger.pinned == ok["version"] and manager._candidates() == [ok["version"]]
+    assert ledger.pinned == ok["version"] and manager.should_serve() == ok["version"]
     assert manager._record(json.dumps({**pin, "version": 7}).encode(), 7) is False
     assert ledger.pinned == ok["version"] and "bad pin" in ledger.last_refusal.reason
     assert manager._record(json.dumps({**pin, "version": None}).encode(), 8) is True

@@ -5,13 +5,14 @@ import json
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from batch import prepare
-from batch.active import fold_updates
+from batch.active import update_state
 from batch.candidates import Arrays, plan_parallelism, train_candidates
 from batch.errors import LockError
 from batch.evaluate import evaluate_policy
@@ -19,6 +20,7 @@ from lake.reader import window_start, within_window
 from batch.lock import RegistryLock
 from batch.search import candidates, describe, parse_param, parse_space
 from batch.train import TrainConfig, train_classifier
+from transport.protocol import Record
 
 SPACE = {"lr": "0.001", "hidden": "16", "dropout": "0.1", "epochs": "2", "batch_size": "64"}
 
@@ -139,16 +141,23 @@ def test_the_newest_model_ref_is_active_and_the_newest_pin_wins() -> None:
                 "manifest": f"s3://b/models/{model}/{version}/manifest.json",
                 "sha256": "a" * 64, "metrics": {}}
 
-    state = fold_updates([ref("v1"), {"type": "UP", "model": "default"}, ref("v2"),
-                          ref("v9", model="other"), {"type": "MODEL-REF", "model": "default"},
-                          "not an object"], "default")
+    def records(*values: Any) -> list[Record]:
+        return [Record(i, json.dumps(v).encode()) for i, v in enumerate(values)]
+
+    state = update_state(records(ref("v1"), {"type": "UP", "model": "default"}, ref("v2"),
+                                 ref("v9", model="other"), {"type": "MODEL-REF",
+                                                            "model": "default"},
+                                 "not an object"), "default")
     assert state.active is not None and state.active.version == "v2" and state.pinned is None
-    pinned = fold_updates([ref("v1"), ref("v2"), {"type": "PIN", "version": "v1"},
-                           ref("v3")], "default")
+    pinned = update_state(records(ref("v1"), ref("v2"),
+                                  {"type": "PIN", "model": "default", "version": "v1"},
+                                  ref("v3")), "default")
     assert pinned.pinned == "v1" and pinned.active_version == "v1"
     assert pinned.protected() == {"v1", "v3"}
-    released = fold_updates([ref("v1"), {"type": "PIN", "model": "default", "version": "v1"},
-                             {"type": "PIN", "model": "default", "version": None}], "default")
+    released = update_state(records(ref("v1"),
+                                    {"type": "PIN", "model": "default", "version": "v1"},
+                                    {"type": "PIN", "model": "default", "version": None}),
+                            "default")
     assert released.pinned is None and released.protected() == {"v1"}
 
 

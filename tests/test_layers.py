@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 #: The installed product's packages, bottom layer first: a package may import the packages of
 #: lower layers (and its own modules), never one of its own layer or above.
 LAYERS: list[set[str]] = [
-    {"app"},        # settings and the Faust App that agents attach to
-    {"models"},     # network, preprocessing, manifest, registry
+    {"app"},        # settings, the Faust App that agents attach to, the base error
     {"transport"},  # topics, message formats, the update protocol, bulk Kafka I/O
+    {"models"},     # network, preprocessing, manifest, registry
     {"lake"},       # the archive writer and the reader the batch job uses
     {"serving", "batch"},
     {"speed"},

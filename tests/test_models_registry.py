@@ -1,6 +1,8 @@
 """Registry on file://: publish/load round trip, immutability, and refusal of damaged versions."""
 from __future__ import annotations
 
+from app.errors import StratumError
+
 import json
 from pathlib import Path
 from typing import Any
@@ -198,7 +200,7 @@ def test_model_ref_from_message_names_what_is_wrong(change: dict, reason: str) -
     message.update(change)
     with pytest.raises(MessageError, match=reason):
         ModelRef.from_message(message)
-    assert issubclass(MessageError, ModelError)
+    assert issubclass(MessageError, StratumError) and issubclass(ModelError, StratumError)
 
 
 def test_predict_proba_shapes_types_and_missing_values() -> None:

@@ -34,6 +34,7 @@ from models.registry import Registry
 from devstack.stack import free_port
 from devstack.harness import (WorkerProcess, announce, consume_until, deploy_small_model, http,
                               produce, publish_small_model, run)
+from transport import protocol
 from tests.test_online import make_model, make_update
 
 FEATURES = ["x0", "x1", "x2", "x3"]
@@ -245,20 +246,20 @@ def test_the_learner_keeps_the_serving_base_and_continues_the_chain() -> None:
     assert np.concatenate(layer.pending_y).tolist() == [1, 0]
     # The chain continues after the newest update seen by the manager or published here.
     ledger = model_manager.ledger
-    saved = dict(ledger.updates)
+    saved = ledger.topic
     try:
-        ledger.updates.pop(base.version, None)
+        ledger.topic = protocol.Ledger(saved.model)
         assert layer.next_seq(base) == (None, 1)
         applied = make_update(base, seq=4)
-        ledger.updates[base.version] = applied
-        assert layer.next_seq(base) == (applied, 5)
+        ledger.topic = protocol.fold(ledger.topic, protocol.Record(0, applied.to_message()))
+        newest, seq = layer.next_seq(base)
+        assert newest is ledger.updates[base.version] and (newest.seq, seq) == (4, 5)
         layer.published = make_update(base, seq=6)
         assert layer.next_seq(base) == (layer.published, 7)
         layer.published = make_update(base, seq=2)
-        assert layer.next_seq(base) == (applied, 5)
+        assert layer.next_seq(base) == (newest, 5)
     finally:
-        ledger.updates.clear()
-        ledger.updates.update(saved)
+        ledger.topic = saved
     # A new base version starts afresh.
     other = make_model(version="20261124T000000Z-abcdef")
     layer.collect([batch_of(other.version, [1], 0.5, other.version)], other)
@@ -348,7 +349,7 @@ def learner(test_app: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Learner]
     ledger = model_manager.ledger
     monkeypatch.setattr(ledger, "base", base)
     monkeypatch.setattr(ledger, "active", base)
-    monkeypatch.setattr(ledger, "updates", {})
+    monkeypatch.setattr(ledger, "topic", protocol.Ledger(app.settings.model_name))
     monkeypatch.setattr(speed, "settings", dataclasses.replace(
         speed.settings, speed_min_examples=100, speed_window_s=0.2))
     producer = Producer()
@@ -440,14 +441,17 @@ async def test_a_new_learner_continues_the_chain_once_it_has_read_the_update_top
     layer, producer, base = learner.layer, learner.producer, learner.base
     # This worker's model manager read up to +4; the previous learner's +5 is at offsets
     # 3-4, not read yet when the partition comes here.
-    model_manager.ledger.updates[base.version] = make_update(base, seq=4)
+    ledger = model_manager.ledger
+    ledger.topic = protocol.fold(ledger.topic,
+                                 protocol.Record(2, make_update(base, seq=4).to_message()))
     learner.topic_end[0] = 5
     await app.on_partitions_assigned.send({SCORED})
     learner.feed(150)
     assert await layer.step() is None  # +5 would be published twice
     assert producer.sent == [] and layer.pending == 150
     # The model manager reads +5 (and the message after it); the learner goes on at +6.
-    model_manager.ledger.updates[base.version] = make_update(base, seq=5)
+    ledger.topic = protocol.fold(ledger.topic,
+                                 protocol.Record(3, make_update(base, seq=5).to_message()))
     await model_manager._advance(5)
     update = await layer.step()
     assert update is not None and [u["seq"] for u in producer.sent] == [6]
