@@ -165,7 +165,7 @@ class JobConfig:
             "distributed": settings.batch_distributed,
             "window_days": settings.batch_window_days, "metric": settings.batch_metric,
             "min_accuracy": settings.batch_min_accuracy,
-            "compare_active": bool(settings.batch_compare_active),
+            "compare_active": settings.batch_compare_active,
             "compare_tolerance": settings.batch_compare_tolerance,
             "keep_versions": settings.batch_keep_versions,
             "lock_ttl_s": float(settings.batch_lock_ttl_s),

@@ -9,7 +9,7 @@ exactly one worker keeps the counts, learns and numbers the chain of updates. It
 * adds the counts to ``class_counts`` and ``scored_by_version``;
 * keeps the ``quality_by_version`` table: per model version, the labelled events it predicted,
   their accuracy and log loss overall and as a rolling (exponentially weighted) figure;
-* when ``SPEED_LAYER=1``, buffers the examples of the serving base version and, every
+* when ``SPEED_LAYER`` is on, buffers the examples of the serving base version and, every
   ``SPEED_WINDOW_S`` with at least ``SPEED_MIN_EXAMPLES`` new ones, refits the output layer in a
   process of its own (:func:`models.online.refit`, so that a refit never holds the serving
   process's GIL) and publishes the result as an ``UP``

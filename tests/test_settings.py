@@ -1,14 +1,20 @@
 """Settings: contract defaults, environment overrides, and start-up failures naming the variable."""
 from __future__ import annotations
 
-import dataclasses
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from pydantic import Field, ValidationError
 
-from app.settings import Settings, SettingsError
+from app.settings import SECTIONS, Settings, SettingsError, env_name
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Read by `make run`, not by Settings (docs/contract.md, "Outside Settings").
+OUTSIDE_SETTINGS = {"DEMO_FEED"}
 
 
 def test_contract_defaults() -> None:
@@ -62,8 +68,121 @@ def test_kafka_prefix_goes_before_every_topic_and_the_app_id() -> None:
                                            "team-a.events-dlq", "team-a.model-updates",
                                            "team-a.metrics", "team-a.stratum")
     # Once: copies of the settings keep the names they were given.
-    assert dataclasses.replace(s, archive=0).events_topic == "team-a.clicks"
+    copy = s.replace(archive=False)
+    assert (copy.events_topic, copy.app_id, copy.archive) == ("team-a.clicks", "team-a.stratum",
+                                                              False)
     assert Settings.from_env({}).events_topic == "events"
+
+
+def test_a_copy_is_checked_and_only_takes_known_names() -> None:
+    s = Settings.from_env({})
+    assert s.replace(web_port=7000).web_port == 7000 and s.web_port == 6066
+    with pytest.raises(SettingsError, match="WEB_PORT=0: expected 1-65535"):
+        s.replace(web_port=0)
+    with pytest.raises(TypeError, match="web_prot"):
+        s.replace(web_prot=7000)
+
+
+def test_settings_are_frozen_and_unknown_variables_ignored() -> None:
+    s = Settings.from_env({"NOT_A_STRATUM_SETTING": "x", "web_port": "1"})
+    assert s.web_port == 6066 and not hasattr(s, "NOT_A_STRATUM_SETTING")
+    with pytest.raises(ValidationError, match="frozen"):
+        s.web_port = 7000  # type: ignore[misc]
+
+
+SWITCHES = ["SPEED_LAYER", "ARCHIVE", "BATCH_COMPARE_ACTIVE"]
+
+
+@pytest.mark.parametrize("env", SWITCHES)
+@pytest.mark.parametrize("value", ["2", "-1", "maybe", "", "t"])
+def test_a_switch_refuses_anything_but_on_and_off_words(env: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=f"{env}='{value}': expected true or false"):
+        Settings.from_env({env: value})
+
+
+@pytest.mark.parametrize("env", SWITCHES)
+def test_a_switch_is_a_real_boolean(env: str) -> None:
+    field = next(name for name in Settings.model_fields if env_name(name) == env)
+    assert getattr(Settings.from_env({}), field) is True
+    for off in ("false", "0", "no", "off", "False", " OFF "):
+        assert getattr(Settings.from_env({env: off}), field) is False
+    for on in ("true", "1", "yes", "on", "TRUE"):
+        assert getattr(Settings.from_env({env: on}), field) is True
+
+
+def test_numbers_convert_and_integers_are_written_as_integers() -> None:
+    s = Settings.from_env({"SPEED_HALF_LIFE": "1e3", "TOPIC_PARTITIONS": " 8 ",
+                           "WORKER_SESSION_TIMEOUT_S": "30"})
+    assert (s.speed_half_life, s.topic_partitions, s.worker_session_timeout_s) == (1000.0, 8,
+                                                                                   30.0)
+    assert type(s.topic_partitions) is int and type(s.worker_session_timeout_s) is float
+    with pytest.raises(SettingsError, match="TOPIC_PARTITIONS='8.0': expected an integer"):
+        Settings.from_env({"TOPIC_PARTITIONS": "8.0"})
+    with pytest.raises(SettingsError, match="SPEED_HALF_LIFE='half': expected a number"):
+        Settings.from_env({"SPEED_HALF_LIFE": "half"})
+
+
+class _WithLimit(Settings):
+    """A settings class with an optional integer, as a deployment's own extension would add."""
+
+    row_limit: int | None = Field(None, validation_alias="ROW_LIMIT", description="Rows.")
+
+
+def test_an_optional_integer_converts() -> None:
+    assert _WithLimit.from_env({}).row_limit is None
+    assert _WithLimit.from_env({"ROW_LIMIT": ""}).row_limit is None
+    limited = _WithLimit.from_env({"ROW_LIMIT": "250", "WEB_PORT": "7000"})
+    assert limited.row_limit == 250 and type(limited.row_limit) is int
+    assert limited.web_port == 7000
+    with pytest.raises(SettingsError, match="ROW_LIMIT='many': expected an integer"):
+        _WithLimit.from_env({"ROW_LIMIT": "many"})
+
+
+def test_every_bad_value_is_reported_at_once() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"WEB_PORT": "x", "ARCHIVE": "2", "SPEED_BUFFER": "0"})
+    message = str(caught.value)
+    for part in ("WEB_PORT='x'", "ARCHIVE='2'", "SPEED_BUFFER='0'"):
+        assert part in message
+
+
+def test_every_setting_has_a_variable_a_meaning_and_one_layer() -> None:
+    names = list(Settings.model_fields)
+    envs = [env_name(name) for name in names]
+    assert len(set(envs)) == len(envs)
+    for name, info in Settings.model_fields.items():
+        assert re.fullmatch(r"[A-Z][A-Z0-9_]+", env_name(name)), name
+        assert info.description and len(info.description) > 10, name
+    by_section = [name for section in SECTIONS for name in section.model_fields]
+    assert sorted(by_section) == sorted(names)  # each field in exactly one layer
+    checks = Settings.__pydantic_decorators__
+    for section in SECTIONS:  # no check of a layer hidden by another of the same name
+        own = section.__pydantic_decorators__
+        assert set(own.field_validators) <= set(checks.field_validators), section
+        assert set(own.model_validators) <= set(checks.model_validators), section
+    assert len(checks.field_validators) > len(SECTIONS)
+    described = Settings.describe().splitlines()
+    assert [line.split()[0] for line in described] == envs
+
+
+def _documented(path: Path, section: str) -> set[str]:
+    """The variables named in the first column of the tables of a document's section."""
+    text = path.read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    names: set[str] = set()
+    for line in text[start:end].splitlines():
+        if line.startswith("| `"):
+            names |= set(re.findall(r"`([A-Z][A-Z0-9_]+)`", line.split("|")[1]))
+    return names
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/contract.md"])
+def test_the_settings_tables_name_every_variable(doc: str) -> None:
+    envs = {env_name(name) for name in Settings.model_fields}
+    documented = _documented(ROOT / doc, "Settings")
+    assert envs - documented == set(), f"{doc} lacks these settings"
+    assert documented - envs <= OUTSIDE_SETTINGS, f"{doc} names settings that do not exist"
 
 
 def test_secret_never_in_repr() -> None:

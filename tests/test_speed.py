@@ -268,10 +268,8 @@ def test_the_learner_keeps_the_serving_base_and_continues_the_chain() -> None:
 
 def test_the_learner_holds_at_most_its_buffer_of_examples(monkeypatch: pytest.MonkeyPatch
                                                          ) -> None:
-    import dataclasses
-
     base = make_model()
-    monkeypatch.setattr(speed, "settings", dataclasses.replace(speed.settings, speed_buffer=100))
+    monkeypatch.setattr(speed, "settings", speed.settings.replace(speed_buffer=100))
     layer = speed.SpeedLayer()
     for _ in range(30):
         layer.collect([batch_of(base.version, [1] * 40, 0.5, base.version)], base)
@@ -341,8 +339,6 @@ class Learner:
 def learner(test_app: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Learner]:
     """The worker's speed layer with a base model serving, refits in a thread, a recording
     producer and a model manager that has read the whole update topic (offsets 0-2)."""
-    import dataclasses
-
     from transport.lease import worker_lease
 
     base = make_model()
@@ -350,8 +346,8 @@ def learner(test_app: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Learner]
     monkeypatch.setattr(ledger, "base", base)
     monkeypatch.setattr(ledger, "active", base)
     monkeypatch.setattr(ledger, "topic", protocol.Ledger(app.settings.model_name))
-    monkeypatch.setattr(speed, "settings", dataclasses.replace(
-        speed.settings, speed_min_examples=100, speed_window_s=0.2))
+    monkeypatch.setattr(speed, "settings", speed.settings.replace(
+        speed_min_examples=100, speed_window_s=0.2))
     producer = Producer()
     monkeypatch.setattr(app, "_producer", producer)
     topic_end = [3]
