@@ -85,8 +85,8 @@ def update_state(records: Iterable[Record], model: str,
         for version, reason in ledger.refused.items():
             log.warning("version %s/%s does not verify, so no worker serves it: %s", model,
                         version, reason)
-    version = should_serve(ledger)
-    return UpdateState(active=ledger.announced[version] if version else None,
+    serving = should_serve(ledger)
+    return UpdateState(active=ledger.announced[serving] if serving else None,
                        pinned=ledger.pinned, refused=dict(ledger.refused), keep=keep)
 
 

@@ -144,7 +144,8 @@ class Manifest:
             when = datetime.fromisoformat(self.created_at)
         except ValueError:
             raise ManifestError(f"'created_at' {self.created_at!r} is not ISO 8601") from None
-        if when.utcoffset() is None or when.utcoffset().total_seconds() != 0:
+        offset = when.utcoffset()
+        if offset is None or offset.total_seconds() != 0:
             raise ManifestError(f"'created_at' {self.created_at!r} must be in UTC")
 
     def _validate_features_and_classes(self) -> None:
@@ -221,7 +222,7 @@ class Manifest:
                     _is_number(v) and 0.0 <= v <= 1.0 for v in row):
                 raise ManifestError(f"'reference' probability rows must hold "
                                     f"{len(self.classes)} numbers in [0, 1]")
-        if not _is_number(atol) or not 0 < atol < 1:
+        if atol is None or not _is_number(atol) or not 0 < atol < 1:
             raise ManifestError("'reference' atol must be a number in (0, 1)")
 
     def _validate_files(self) -> None:

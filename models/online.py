@@ -105,15 +105,16 @@ def hidden_activations(model: LoadedModel, X: np.ndarray) -> np.ndarray:
     inputs = torch.from_numpy(model.preprocessor.transform(X))
     hidden = model.module.net[:-1]
     with torch.inference_mode():
-        return hidden(inputs).numpy()
+        features: np.ndarray = hidden(inputs).numpy()
+    return features
 
 
 def recency_weights(n: int, half_life: float) -> np.ndarray:
     """Weights of ``n`` examples, oldest first, halving every ``half_life`` examples back in
     time; they sum to 1."""
     age = np.arange(n - 1, -1, -1, dtype=np.float64)
-    weights = np.power(0.5, age / max(half_life, 1e-9))
-    return weights / weights.sum()
+    weights: np.ndarray = np.power(0.5, age / max(half_life, 1e-9))
+    return weights / float(weights.sum())
 
 
 class OutputLayerLearner:
@@ -213,11 +214,11 @@ class OutputLayerLearner:
             losses = nn.functional.cross_entropy(H @ W.T + b, y, reduction="none")
             loss = (w * losses).sum() + 0.5 * self.l2 * (
                 (W - W0).square().sum() + (b - b0).square().sum())
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
             return loss
 
         with torch.enable_grad():
-            optimizer.step(closure)
+            optimizer.step(closure)  # type: ignore[no-untyped-call]
         W_new, b_new = W.detach(), b.detach()
         if not (torch.isfinite(W_new).all() and torch.isfinite(b_new).all()):
             raise ModelError("the output-layer fit diverged (non-finite weights)")

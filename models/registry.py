@@ -96,7 +96,7 @@ class Registry:
 
     def manifest_uri(self, name: str, version: str) -> str:
         """Full URI of ``manifest.json`` of ``name``/``version``."""
-        return self._fs.unstrip_protocol(f"{self._dir(name, version)}/{MANIFEST_FILE}")
+        return str(self._fs.unstrip_protocol(f"{self._dir(name, version)}/{MANIFEST_FILE}"))
 
     # ------------------------------------------------------------------------------- listing
     def versions(self, name: str) -> list[str]:
@@ -337,7 +337,7 @@ class Registry:
         own = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
         if protocol not in own and not (protocol == "file" and "local" in own):
             raise ArtifactError(f"{uri} is not on this registry's store ({self.uri})")
-        return self._fs._strip_protocol(uri).rstrip("/")
+        return str(self._fs._strip_protocol(uri)).rstrip("/")
 
     def _read(self, uri: str, what: str) -> bytes:
         path = self._path_of(uri)
@@ -345,7 +345,7 @@ class Registry:
         if not path.startswith(root):
             raise ArtifactError(f"{uri} is outside the registry {self.uri}")
         try:
-            return self._fs.cat_file(path)
+            return bytes(self._fs.cat_file(path))
         except FileNotFoundError:
             raise ArtifactError(f"{what} {uri} does not exist") from None
         except Exception as exc:
@@ -365,7 +365,8 @@ def _onnx_bytes(module: MLPClassifier) -> bytes | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # The TorchScript-based exporter works offline; the dynamo one needs onnxscript.
-            torch.onnx.export(module, (torch.zeros(1, module.n_features),), buffer,
+            torch.onnx.export(module, (torch.zeros(1, module.n_features),),
+                              buffer,  # type: ignore[arg-type]  # a file object works too
                               input_names=["x"], output_names=["logits"],
                               dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
                               dynamo=False)

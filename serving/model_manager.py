@@ -159,7 +159,8 @@ class ModelManager(Service):
         if self._consumer is None:
             raise ModelError("the update topic's reader has not started")
         tp = TopicPartition(settings.updates_topic, 0)
-        return (await self._consumer.end_offsets([tp]))[tp]
+        end: int = (await self._consumer.end_offsets([tp]))[tp]
+        return end
 
     async def wait_for_offset(self, offset: int, timeout: float) -> bool:
         """Wait until the update message at ``offset`` has been handled; False on timeout."""
@@ -246,7 +247,8 @@ class ModelManager(Service):
         elif note.kind == "malformed":
             what = {protocol.MODEL_REF: ("bad announcement", "model"),
                     protocol.PIN: ("bad pin", "model"),
-                    protocol.UP: ("bad update", "update")}[note.message_type]
+                    protocol.UP: ("bad update", "update")}.get(note.message_type or "",
+                                                               ("bad message", "model"))
             self._refuse(note.version or "?", f"{what[0]}: {note.reason} ({where})",
                          kind=what[1])
         elif note.kind == "stale":
@@ -392,4 +394,4 @@ def _incompatibility(current: LoadedModel | None, new: LoadedModel) -> str | Non
 
 
 model_manager = ModelManager()
-app.service(model_manager)
+app.service(model_manager)  # type: ignore[arg-type]  # Faust takes a Service instance too

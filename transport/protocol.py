@@ -86,7 +86,7 @@ TYPES = (MODEL_REF, UP, PIN)
 #: File name a MODEL-REF's manifest URI ends with.
 MANIFEST_FILE = "manifest.json"
 #: The only layer an update replaces today.
-OUTPUT_LAYER = "output"
+OUTPUT_LAYER: Literal["output"] = "output"
 
 _SEGMENT = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _SHA256 = r"^[0-9a-f]{64}$"
@@ -134,13 +134,14 @@ class ModelRef(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=
 
     def to_message(self) -> dict[str, Any]:
         """The contract's ``MODEL-REF`` message (a JSON-ready dict)."""
-        return msgspec.to_builtins(self)
+        message: dict[str, Any] = msgspec.to_builtins(self)
+        return message
 
     @classmethod
     def from_message(cls, message: Any) -> "ModelRef":
         """Validate a decoded ``MODEL-REF`` message; :class:`MessageError` names what is
         wrong."""
-        ref = _convert(message, cls, MODEL_REF, _REF_REASONS)
+        ref: ModelRef = _convert(message, cls, MODEL_REF, _REF_REASONS)
         uri = ref.manifest_uri
         if "://" not in uri or not uri.endswith("/" + MANIFEST_FILE):
             raise MessageError(f"MODEL-REF manifest {uri!r} is not a URI of a {MANIFEST_FILE}")
@@ -160,7 +161,7 @@ class Pin(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=PIN):
 
     def to_message(self) -> dict[str, Any]:
         """The ``PIN`` message (a JSON-ready dict); ``rollback_from`` only when set."""
-        message = msgspec.to_builtins(self)
+        message: dict[str, Any] = msgspec.to_builtins(self)
         if self.rollback_from is None:
             message.pop("rollback_from", None)
         return message
@@ -168,7 +169,8 @@ class Pin(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=PIN):
     @classmethod
     def from_message(cls, message: Any) -> "Pin":
         """Validate a decoded ``PIN`` message; :class:`MessageError` names what is wrong."""
-        return _convert(message, cls, PIN, _PIN_REASONS)
+        pin: Pin = _convert(message, cls, PIN, _PIN_REASONS)
+        return pin
 
 
 def pin_message(model: str, version: str | None, *, at: int | None = None,
@@ -402,7 +404,7 @@ def _convert(message: Any, cls: type, kind: str,
         text = str(exc)
         found = _AT_FIELD.search(text) or _MISSING_FIELD.search(text)
         key = found.group(1) if found else None
-        if key in reasons:
+        if key is not None and key in reasons:
             raise MessageError(reasons[key](message.get(key, _MISSING))) from None
         raise MessageError(f"{kind} is malformed: {text}"[:200]) from None
 
@@ -559,9 +561,9 @@ def refuse(ledger: Ledger, version: str, reason: str) -> Ledger:
 
 def fallback(ledger: Ledger) -> str | None:
     """The newest announced version that is not refused: what serves when nothing is pinned."""
-    for version in reversed(ledger.announced):
+    for version in reversed(list(ledger.announced)):
         if version not in ledger.refused:
-            return version
+            return str(version)
     return None
 
 
