@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from app import app
 from lake.ledger import Flush
-from transport.topics import scored_topic_name
+from transport.topics import scored_topic_name, topic_spec
 
 settings = app.settings
 
@@ -124,7 +124,8 @@ def snapshot() -> dict[str, Any]:
     }
 
 
-metrics_topic = app.topic(settings.metrics_topic, value_serializer="json", partitions=1)
+_METRICS = topic_spec(settings, settings.metrics_topic)
+metrics_topic = app.topic(_METRICS.name, value_serializer="json", partitions=_METRICS.partitions)
 
 
 async def broadcast_metrics() -> None:

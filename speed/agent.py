@@ -63,7 +63,7 @@ from serving.model_manager import model_manager
 from serving.tables import SUMMARY_CHANGELOG_CONFIG, count_scored
 from app import app
 from transport.summary import LabelledBatch, parse_summary
-from transport.topics import durability_config, scored_topic_name
+from transport.topics import scored_topic_name, scored_topic_spec
 from models.errors import ModelError
 from models.online import BaseNotHeld, ModelUpdate, refit, start_learning_process
 from models.loaded import LoadedModel
@@ -83,9 +83,10 @@ QUALITY_HALF_LIFE = 200
 #: update every few seconds, versions are many.
 QUALITY_MAX_VERSIONS = 500
 
-scored_topic = app.topic(SCORED_TOPIC, internal=True, partitions=1, key_type=bytes,
-                         value_type=bytes, key_serializer="raw", value_serializer="raw",
-                         config=durability_config(settings))
+_SCORED = scored_topic_spec(settings)
+scored_topic = app.topic(_SCORED.name, internal=True, partitions=_SCORED.partitions,
+                         key_type=bytes, value_type=bytes, key_serializer="raw",
+                         value_serializer="raw", config=_SCORED.config)
 
 quality_by_version = app.Table(
     "quality_by_version", key_type=str, partitions=1,

@@ -14,7 +14,8 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from app.settings import Settings
 
-__all__ = ["TopicSpec", "topic_specs", "durability_config", "scored_topic_name",
+__all__ = ["TopicSpec", "topic_specs", "topic_spec", "durability_config", "scored_topic_name",
+           "scored_topic_spec",
            "ensure_topics", "ensure_topics_sync"]
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,22 @@ def durability_config(settings: Settings) -> dict[str, str]:
 
 def scored_topic_name(settings: Settings) -> str:
     """The internal topic where serving summarises each micro-batch it scored for the speed
-    layer (:mod:`transport.summary`); Faust creates it, with one partition."""
+    layer (:mod:`transport.summary`); Faust creates it from :func:`scored_topic_spec`."""
     return f"{settings.app_id}-scored"
+
+
+def scored_topic_spec(settings: Settings) -> TopicSpec:
+    """The scored-summary topic: ONE partition, so one worker of the group (the speed layer's
+    learner) reads every summary and numbers the chain of updates."""
+    return TopicSpec(scored_topic_name(settings), 1, durability_config(settings))
+
+
+def topic_spec(settings: Settings, name: str) -> TopicSpec:
+    """The spec of Stratum's topic ``name`` (one of :func:`topic_specs`, or the scored one)."""
+    for spec in [*topic_specs(settings), scored_topic_spec(settings)]:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"{name!r} is not one of Stratum's topics")
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
