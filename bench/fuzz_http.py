@@ -4,7 +4,7 @@ Random methods (odd ones too), real routes with random ids (very long, percent-e
 non-UTF-8, unicode) and made-up paths, broken and huge headers, wrong Content-Length, wrong or
 missing bearer tokens, bodies up to several MB (random bytes, 100,000 ``[``, deep objects,
 huge arrays, invalid UTF-8, requests of the right shape with the wrong types), slow clients
-that send byte by byte and then finish or hang up (tests/http_fuzz.py makes the requests).
+that send byte by byte and then finish or hang up (devstack/http_fuzz.py makes the requests).
 
 Without ``--url`` it starts its own Kafka + S3 on free ports, publishes a small model and
 runs one worker (``faust -A app worker``, admin endpoints on) with a few predictions in its
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from app.settings import Settings  # noqa: E402
 from devstack.stack import LocalStack, free_port  # noqa: E402
-from tests.http_fuzz import FuzzReport, fuzz, make_requests  # noqa: E402
+from devstack.http_fuzz import FuzzReport, fuzz, make_requests  # noqa: E402
 from devstack.harness import (WorkerProcess, consume_until, deploy_small_model,  # noqa: E402
                            http, produce_records, scratch_dir)
 

@@ -3,7 +3,7 @@
 Starts its own Kafka + S3 on free ports and publishes the model of ``bench/serving.py``
 (30-500-1000-500-2 on the Higgs-schema features). Writes two backlogs of the same
 ``--events`` demo events (half labelled): ``clean``, and ``mixed``, the same events with one
-malformed record (tests/corpus.py) after every ``100 / --malformed-percent`` of them, cycling
+malformed record (devstack/corpus.py) after every ``100 / --malformed-percent`` of them, cycling
 through every malformed kind. The kinds close to the broker's size limit (about 950 KB each)
 go in once each (``--huge-every`` repeats them more often): at 1% they would be most of the
 bytes on the topic, which measures the network rather than the handling of bad input.
@@ -41,7 +41,7 @@ from confluent_kafka import Producer  # noqa: E402
 from devstack.stack import LocalStack  # noqa: E402
 from transport.topics import ensure_topics  # noqa: E402
 from demo.data import FEATURES, event_messages  # noqa: E402
-from tests.corpus import NEAR_MAX_BYTES, HostileRecord, malformed_records  # noqa: E402
+from devstack.corpus import NEAR_MAX_BYTES, HostileRecord, malformed_records  # noqa: E402
 from devstack.harness import scratch_dir  # noqa: E402
 
 

@@ -2,10 +2,10 @@
 a fuzz of every HTTP endpoint.
 
 One worker (``faust -A app worker``, everything on: archive, speed layer, admin endpoints)
-on the session's broker. Malformed records (tests/corpus.py) mixed into a feed of valid
+on the session's broker. Malformed records (devstack/corpus.py) mixed into a feed of valid
 events each reach the dead-letter topic once, with a reason and the original bytes; every
 valid event, unusual ones included, gets exactly one prediction with real probabilities; then
-hundreds of hostile HTTP requests (tests/http_fuzz.py) get no answer >= 500, and the worker
+hundreds of hostile HTTP requests (devstack/http_fuzz.py) get no answer >= 500, and the worker
 still serves.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import pytest
 
 from transport.schemas import dead_letter_message, decode_events
 from app.settings import Settings
-from tests.corpus import HostileRecord, hostile_records
-from tests.http_fuzz import FuzzRequest, fuzz, make_requests, send
+from devstack.corpus import HostileRecord, hostile_records
+from devstack.http_fuzz import FuzzRequest, fuzz, make_requests, send
 from devstack.harness import (WorkerProcess, consume_until, deploy_small_model, http,
                            produce_records, run)
 
