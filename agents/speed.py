@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import math
 import multiprocessing
 import time
 from collections import Counter
@@ -39,6 +38,7 @@ from agents.tables import SUMMARY_CHANGELOG_CONFIG, count_scored
 from app import app
 from app.topics import durability_config
 from models.errors import ModelError
+from models.metrics import log_loss
 from models.online import BaseNotHeld, ModelUpdate, refit, start_learning_process
 from models.serving import LoadedModel
 
@@ -59,9 +59,6 @@ QUALITY_HALF_LIFE = 200
 #: Most versions ``quality_by_version`` keeps (the least recently scored go first): with an
 #: update every few seconds, versions are many.
 QUALITY_MAX_VERSIONS = 500
-# Probabilities are clipped to this before the log, as scikit-learn's log_loss does.
-_EPS = 1e-15
-
 scored_topic = app.topic(SCORED_TOPIC, internal=True, partitions=1, key_type=bytes,
                          value_type=bytes, key_serializer="raw", value_serializer="raw",
                          config=durability_config(settings))
@@ -154,11 +151,11 @@ class LabelledBatch:
         """Whether the most probable class was the label, per event."""
         return self.probabilities.argmax(axis=1) == self.labels
 
-    @property
-    def log_loss(self) -> np.ndarray:
-        """``-log p(label)`` per event, ``p`` clipped to ``[1e-15, 1]``."""
-        p = self.probabilities[np.arange(len(self.labels)), self.labels].astype(np.float64)
-        return -np.log(np.clip(p, _EPS, 1.0))
+    def log_loss_sum(self, weights: np.ndarray | None = None) -> float:
+        """Sum of the events' log losses (weighted by ``weights``), as
+        :func:`models.metrics.log_loss` computes them: the batch layer's test log loss is the
+        mean of the same figure."""
+        return log_loss(self.labels, self.probabilities, sample_weight=weights, normalize=False)
 
 
 @dataclass(frozen=True)
@@ -216,27 +213,19 @@ def update_quality(row: dict[str, Any] | None, batch: LabelledBatch,
                                  "rolling_accuracy": None, "rolling_log_loss": None,
                                  "first_ms": now_ms}
     hits = batch.correct.astype(np.float64)
-    losses = batch.log_loss
-    n = row["n"]
-    r_acc, r_loss = row["rolling_accuracy"], row["rolling_log_loss"]
+    n, m = row["n"], len(hits)
     alpha = 1 - 0.5 ** (1 / QUALITY_HALF_LIFE)
-    # Until 1/alpha events were seen, the plain mean is the better estimate: step by step.
-    warm = min(len(hits), max(0, math.ceil(1 / alpha) - n))
-    for hit, loss in zip(hits[:warm].tolist(), losses[:warm].tolist()):
-        n += 1
-        a = max(alpha, 1 / n)
-        r_acc = hit if r_acc is None else r_acc + a * (hit - r_acc)
-        r_loss = loss if r_loss is None else r_loss + a * (loss - r_loss)
-    rest = len(hits) - warm
-    if rest:
-        # r <- r + alpha (x - r), rest times over: the closed form.
-        weights = alpha * (1 - alpha) ** np.arange(rest - 1, -1, -1, dtype=np.float64)
-        keep = (1 - alpha) ** rest
-        r_acc = keep * (r_acc or 0.0) + float(weights @ hits[warm:])
-        r_loss = keep * (r_loss or 0.0) + float(weights @ losses[warm:])
-        n += rest
+    # Each event moves a rolling figure r by r <- r + a (x - r), with a = 1/n while fewer than
+    # 1/alpha events were seen (the plain mean is the better estimate then) and alpha after:
+    # r_after = keep * r_before + sum_i w_i x_i, with w_i = a_i * prod_{j > i} (1 - a_j).
+    steps = np.maximum(alpha, 1.0 / np.arange(n + 1, n + m + 1, dtype=np.float64))
+    after = np.append(np.cumprod((1.0 - steps)[::-1])[::-1], 1.0)  # prod_{j >= i} (1 - a_j)
+    weights, keep = steps * after[1:], float(after[0])
+    r_acc = keep * (row["rolling_accuracy"] or 0.0) + float(weights @ hits)
+    r_loss = keep * (row["rolling_log_loss"] or 0.0) + batch.log_loss_sum(weights)
+    n += m
     correct = row["correct"] + int(hits.sum())
-    loss_sum = row["log_loss_sum"] + float(losses.sum())
+    loss_sum = row["log_loss_sum"] + batch.log_loss_sum()
     row.update({"n": n, "correct": correct, "log_loss_sum": loss_sum,
                 "accuracy": correct / n if n else None,
                 "log_loss": loss_sum / n if n else None,

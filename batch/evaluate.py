@@ -1,6 +1,8 @@
 """Held-out metrics and the evaluation policy that decides whether a candidate is published.
 
-Pure numpy, so the maths is unit-tested without Spark or torch.
+The figures come from scikit-learn through :mod:`models.metrics`, which the speed layer's live
+quality uses too (one log-loss clipping, :data:`models.metrics.LOG_LOSS_EPS`); no Spark or
+torch, so the policy is unit-tested alone.
 
 Examples
 --------
@@ -15,44 +17,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from models.metrics import log_loss, roc_auc
+
 __all__ = ["classification_metrics", "roc_auc", "majority_rate", "Decision", "evaluate_policy",
            "LOWER_IS_BETTER"]
-
-# Probabilities are clipped before the log so one confident mistake costs a lot, not infinity.
-_EPS = 1e-7
-
-
-def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U; ties count one half).
-
-    Parameters
-    ----------
-    y_true : numpy.ndarray
-        Binary labels (1 = positive).
-    scores : numpy.ndarray
-        Scores, higher = more positive.
-
-    Returns
-    -------
-    float
-        AUC in [0, 1]; NaN when only one class is present.
-    """
-    y = np.asarray(y_true).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # Average ranks over runs of equal scores.
-    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [len(s)]))
-    average = (starts + ends + 1) / 2.0  # 1-based mean rank of each run
-    ranks[order] = np.repeat(average, ends - starts)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
@@ -68,9 +36,9 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
     Returns
     -------
     dict
-        ``accuracy``, ``log_loss`` (mean negative log-likelihood, probabilities clipped to
-        ``[1e-7, 1]``), ``auc`` of the second class against the first when there are two
-        classes, and ``n`` (rows).
+        ``accuracy``, ``log_loss`` (:func:`models.metrics.log_loss`: mean negative
+        log-likelihood, probabilities clipped to ``[LOG_LOSS_EPS, 1]``), ``auc`` of the second
+        class against the first when there are two classes, and ``n`` (rows).
     """
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(proba, dtype=np.float64)
@@ -78,10 +46,9 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
         raise ValueError(f"need (n, n_classes) probabilities for {len(y)} labels, got {p.shape}")
     if len(y) == 0:
         raise ValueError("no rows to evaluate")
-    picked = np.clip(p[np.arange(len(y)), y], _EPS, 1.0)
     metrics = {
         "accuracy": float(np.mean(p.argmax(axis=1) == y)),
-        "log_loss": float(-np.mean(np.log(picked))),
+        "log_loss": log_loss(y, p),
     }
     if p.shape[1] == 2:
         metrics["auc"] = roc_auc(y == 1, p[:, 1])
