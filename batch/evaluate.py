@@ -12,6 +12,7 @@ Examples
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -77,12 +78,19 @@ LOWER_IS_BETTER = frozenset({"log_loss"})
 def evaluate_policy(metrics: Mapping[str, float], baseline_accuracy: float,
                     min_accuracy: float = 0.0, metric: str = "accuracy",
                     active_metrics: Mapping[str, float] | None = None,
-                    active_version: str | None = None, tolerance: float = 0.0) -> Decision:
+                    active_version: str | None = None, tolerance: float = 0.0,
+                    active_unavailable: str | None = None) -> Decision:
     """Decide whether a candidate is good enough to publish.
 
     The candidate must (1) beat the majority-class rate on the test split, (2) reach
-    ``min_accuracy`` on it and (3), when the active model's metrics on the same test rows are
-    given, not be worse than the active model on ``metric`` by more than ``tolerance``.
+    ``min_accuracy`` on it and (3), when there is an active model to compare with, not be worse
+    than the active model on ``metric`` by more than ``tolerance`` on the same test rows.
+
+    The comparison fails closed: an active model that exists but could not be scored
+    (``active_unavailable``), or a ``metric`` that either side lacks or that is not a finite
+    number, rejects the candidate with the reason. Only when there is no active model at all
+    (the first model: ``active_metrics`` and ``active_unavailable`` both None) is the comparison
+    skipped.
 
     Parameters
     ----------
@@ -95,11 +103,15 @@ def evaluate_policy(metrics: Mapping[str, float], baseline_accuracy: float,
     metric : str
         ``accuracy``, ``auc`` (higher is better) or ``log_loss`` (lower is better).
     active_metrics : mapping, optional
-        The active model's metrics on the same test rows; None skips the comparison.
+        The active model's metrics on the same test rows; None when there is none to compare
+        with.
     active_version : str, optional
         The active model's version, for the reason.
     tolerance : float
         How much worse than the active model still counts as not worse.
+    active_unavailable : str, optional
+        Why an active model that exists could not be scored on the test rows (it does not
+        load, its classes or features do not match the data, ...): the candidate is rejected.
 
     Returns
     -------
@@ -114,10 +126,18 @@ def evaluate_policy(metrics: Mapping[str, float], baseline_accuracy: float,
                                f"{min_accuracy:.4f} (BATCH_MIN_ACCURACY)")
     reason = (f"test accuracy {accuracy:.4f} beats the majority-class rate "
               f"{baseline_accuracy:.4f}")
-    if active_metrics is None or metric not in active_metrics or metric not in metrics:
-        return Decision(True, reason)
-    mine, theirs = float(metrics[metric]), float(active_metrics[metric])
     name = f"the active model {active_version}" if active_version else "the active model"
+    if active_unavailable is not None:
+        return Decision(False, f"cannot compare with {name}: {active_unavailable}")
+    if active_metrics is None:
+        return Decision(True, reason)
+    for side, figures in (("the candidate", metrics), (name, active_metrics)):
+        value = figures.get(metric)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return Decision(False, f"cannot compare with {name}: {side} has no "
+                                   f"{metric} on the test rows (BATCH_METRIC={metric}, "
+                                   f"got {value!r})")
+    mine, theirs = float(metrics[metric]), float(active_metrics[metric])
     if metric in LOWER_IS_BETTER:
         worse, sign = mine > theirs + tolerance, "<=" if mine <= theirs else ">"
     else:

@@ -453,6 +453,8 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
 
         state = UpdateState(active=None, pinned=None)
         active: LoadedModel | None = None
+        # Why an active model that exists cannot be compared with: the policy then rejects.
+        active_unavailable: str | None = None
         if config.compare_active or config.keep_versions > 0:
             with stages.stage("active model"):
                 state = read_update_state(settings, model_name, registry=registry)
@@ -463,9 +465,13 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                                else registry.ref(model_name, version))
                         active = registry.load_ref(ref)
                     except ModelError as exc:
+                        active_unavailable = f"it does not load: {exc}"
                         say(f"cannot load the active model {version} to compare with: {exc}")
             say(f"active model: {state.active_version or 'none'} (from the {state.source})"
                 + (f", pinned {state.pinned}" if state.pinned else ""))
+
+        # The version serving now, whether or not it could be loaded to compare with.
+        active_version = state.active_version if config.compare_active else None
 
         try:
             with stages.stage("fit preprocessing"):
@@ -523,12 +529,13 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                 active_metrics, comparison = _active_on_test(active, list(features), classes,
                                                              X_raw_test, y_test)
                 if active_metrics is None:
-                    say(f"not comparing with the active model {active.version}: {comparison}")
+                    active_unavailable = comparison
+                    say(f"cannot compare with the active model {active.version}: {comparison}")
             decision = evaluate_policy(
                 metrics, baseline, min_accuracy=config.min_accuracy, metric=config.metric,
                 active_metrics=active_metrics if config.compare_active else None,
-                active_version=active.version if active is not None else None,
-                tolerance=config.compare_tolerance)
+                active_version=active_version, tolerance=config.compare_tolerance,
+                active_unavailable=active_unavailable if config.compare_active else None)
         if len(reports) > 1:
             say(f"chose candidate {best + 1}/{len(reports)} (lowest validation loss)")
         say("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
@@ -553,7 +560,7 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                                     "val_accuracy": r.val_accuracy, "test": r.test,
                                     "seconds": r.seconds} for r in reports]},
             "distributed_processes": config.distributed,
-            "active_version": active.version if active is not None else None,
+            "active_version": active_version,
             "active_metrics": active_metrics, "policy": decision.reason,
             "torch": torch.__version__,
         }
@@ -571,7 +578,7 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                         data_uri=data_uri, features=list(features), classes=list(classes),
                         rows=rows, metrics=metrics, training=training, manifest=draft,
                         timings=stages.timings, candidates=reports,
-                        active_version=active.version if active is not None else None,
+                        active_version=active_version,
                         active_metrics=active_metrics, constant_features=constant,
                         arrays=arrays if config.keep_arrays else None)
         if not decision.accepted and not config.force:

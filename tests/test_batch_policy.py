@@ -82,6 +82,29 @@ def test_a_candidate_worse_than_the_active_model_is_not_published(
     assert relaxed.published
 
 
+def test_an_active_model_that_does_not_load_rejects_the_candidate(
+        spark: Any, settings_env: Callable[..., dict[str, str]], kafka_broker: Any) -> None:
+    """Fail closed: a candidate that cannot be compared with the serving model is not
+    published; it might be worse."""
+    settings = Settings.from_env(settings_env())
+    registry = Registry(settings.registry_uri, settings.storage_options)
+    active = publish_small_model(registry, "default", ["x", "y", "hint"], ["neg", "pos"])
+    run(announce(kafka_broker.bootstrap, settings.updates_topic, active.to_message()))
+    fs = s3fs.S3FileSystem(**settings.storage_options)
+    fs.pipe_file(active.manifest_uri.rsplit("/", 1)[0] + "/model.pt", b"not a state dict")
+    uri = write_dataset(settings, "xor", xor_table(1500, seed=3))
+    lines: list[str] = []
+    result = run_job(settings, JobConfig(data_uri=uri, announce=False,
+                                         **{**GOOD, "epochs": 2}),
+                     spark=spark, progress=lines.append)
+    assert not result.published and result.exit_code == EXIT_REJECTED
+    assert result.active_version == active.version
+    assert result.decision.reason.startswith(
+        f"cannot compare with the active model {active.version}: it does not load")
+    assert any(line.startswith("candidate rejected: cannot compare") for line in lines)
+    assert registry.versions("default") == [active.version]
+
+
 def test_generations_keep_the_newest_the_active_and_the_pinned_version(
         spark: Any, settings_env: Callable[..., dict[str, str]], kafka_broker: Any) -> None:
     settings = Settings.from_env(settings_env())
