@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __all__ = ["BatchError", "DataError", "StorageError", "AnnounceError", "TrainingError",
-           "LockError"]
+           "LockError", "LockLostError"]
 
 
 class BatchError(Exception):
@@ -26,4 +26,10 @@ class TrainingError(BatchError):
 
 
 class LockError(BatchError):
-    """Another run holds the registry lock of the model: this run did not start."""
+    """Another run holds the registry lock of the model: this run did not start (or, as
+    :class:`LockLostError`, it lost the lock while it ran)."""
+
+
+class LockLostError(LockError):
+    """The run's registry lock was taken over while it ran: it stopped before publishing,
+    announcing or pruning anything further."""

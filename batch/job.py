@@ -26,6 +26,7 @@ from models.errors import ModelError
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+    from batch.lock import RegistryLock
     from models.manifest import Manifest
     from models.registry import ModelRef
     from models.serving import LoadedModel
@@ -268,9 +269,13 @@ class _Stages:
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.timings: dict[str, float] = {}
+        #: Called before every stage starts (the run lock's "still held?" flag).
+        self.guard: Callable[[], None] | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self.guard is not None:
+            self.guard()
         self.progress(f"{name} ...")
         start = time.monotonic()
         try:
@@ -349,8 +354,10 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
     BatchError
         Bad data (:class:`~batch.errors.DataError`), unreachable storage
         (:class:`~batch.errors.StorageError`), Kafka (:class:`~batch.errors.AnnounceError`),
-        another run in progress (:class:`~batch.errors.LockError`). The exception carries the
-        stage timings so far as ``timings``.
+        another run in progress (:class:`~batch.errors.LockError`), the run lock lost while
+        this run went on (:class:`~batch.errors.LockLostError`, raised at the next stage or
+        check: before the manifest is written, before announcing, before pruning). The
+        exception carries the stage timings so far as ``timings``.
     """
     from batch.lock import RegistryLock
 
@@ -366,8 +373,7 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
                 # Written now, read back once the lake is listed: the settle time is not idle.
                 lock.acquire(confirm=False)
             try:
-                return _run_locked(settings, config, spark, say, stages, model_name,
-                                   confirm_lock=lock.confirm)
+                return _run_locked(settings, config, spark, say, stages, model_name, lock=lock)
             finally:
                 lock.release()
         return _run_locked(settings, config, spark, say, stages, model_name)
@@ -381,7 +387,7 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
 
 def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | None",
                 say: Progress, stages: _Stages, model_name: str,
-                confirm_lock: Callable[[], None] | None = None) -> JobResult:
+                lock: "RegistryLock | None" = None) -> JobResult:
     import torch
 
     from batch.active import UpdateState, read_update_state
@@ -420,9 +426,12 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                                     driver_host=settings.spark_driver_host,
                                     driver_bind=settings.spark_driver_bind)
 
-        if confirm_lock is not None:
+        if lock is not None:
             with stages.stage("lock check"):
-                confirm_lock()
+                lock.confirm()
+            # From here a lost lock stops the run at the next stage; before each step that
+            # changes the registry or the update topic the lock is read from the store again.
+            stages.guard = lock.raise_if_lost
 
         with stages.stage("read"):
             raw = read_parquet(spark, data_uri, storage, files=files)
@@ -587,15 +596,19 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
         if not decision.accepted:
             say("publishing anyway (--force); the manifest records \"forced\": true")
 
+        verify_lock = lock.check if lock is not None else None
         with stages.stage("publish"):
             try:
-                job.ref = registry.publish(result.module, draft, onnx=config.onnx)
+                job.ref = registry.publish(result.module, draft, onnx=config.onnx,
+                                           before_manifest=verify_lock)
             except ModelError as exc:
                 raise StorageError(f"cannot publish {model_name}: {exc}") from exc
         job.published, job.forced = True, not decision.accepted
         say(f"published {job.ref.name}/{job.ref.version} at {job.ref.manifest_uri}")
         if config.announce:
             with stages.stage("announce"):
+                if verify_lock is not None:
+                    verify_lock()
                 announce(settings, job.ref)
             say(f"announced MODEL-REF on {settings.updates_topic!r}")
         if config.keep_versions > 0:
@@ -603,6 +616,8 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                 # The new version becomes the active one once workers hear it; until then
                 # the one serving now must stay too, as must a pinned one.
                 protect = state.protected() | {job.ref.version}
+                if verify_lock is not None:
+                    verify_lock()
                 try:
                     job.pruned = registry.prune(model_name, config.keep_versions, protect)
                 except ModelError as exc:  # a leftover generation is no reason to fail
