@@ -2,8 +2,8 @@
 
 A plain library used by both the batch layer (training, publishing) and the serving layer
 (loading, scoring). It depends on numpy, torch, scikit-learn (metrics) and fsspec/s3fs only,
-never on Faust, Spark or ``app``. Submodules are imported lazily, so ``import models.preprocessing`` (needed inside Spark
-tasks) does not pay for importing torch.
+never on Faust, Spark or ``app``. Submodules are imported lazily, so
+``import models.preprocessing`` (needed inside Spark tasks) does not pay for importing torch.
 """
 from __future__ import annotations
 
