@@ -10,8 +10,9 @@ it (AWS S3 does) and, because some S3-API servers ignore that header, reads it b
 short settle time: of two runs that raced, only the one whose token is in the object goes on.
 The settle time need not be spent idle: :meth:`RegistryLock.acquire` with ``confirm=False``
 writes the lock and returns, the run does harmless work (listing the lake, starting Spark), and
-:meth:`RegistryLock.confirm` waits out what is left of the settle time and reads the lock back
-before the run reads any data. Every machine that can reach the registry honours the lock,
+:meth:`RegistryLock.confirm` waits out what is left of the settle time, reads the lock back
+before the run reads any data and renews it at once (the work in between may have used much of
+``ttl_s``; a lock confirmed only after ``ttl_s`` is refused). Every machine that can reach the registry honours the lock,
 which a local file lock could not give.
 
 Losing the lock. A run whose heartbeat stalled past ``ttl_s`` (a frozen process, a store
@@ -201,8 +202,18 @@ class RegistryLock:
             raise LockError(f"another batch run of {self.model!r} "
                             f"({(after or {}).get('owner', 'unknown')}) took the lock at the "
                             "same time; not starting")
+        if time.monotonic() - self._written_at >= self.ttl_s:
+            raise LockError(f"the run lock of {self.model!r} expired before this run confirmed "
+                            f"it ({self.ttl_s:g}s after writing it); not starting")
         self._held = True
         self._renewed_at = self._written_at
+        # The work between writing and confirming (starting Spark) may have used much of the
+        # TTL: renew now, then every ttl_s / 3.
+        try:
+            self.renew()
+        except StorageError as exc:
+            log.warning("could not renew the run lock %s: %s", self.uri, exc)
+        self.raise_if_lost()
         self._stop.clear()
         self._heartbeat = threading.Thread(target=self._renew_loop, name="registry-lock",
                                            daemon=True)
