@@ -174,7 +174,7 @@ def _record(settings: Any, record: dict[str, Any]) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from app.settings import Settings
-    from batch.errors import LockError
+    from batch.errors import LockError, LockLostError
     from batch.job import EXIT_FAILED, run_job
 
     settings = Settings.from_env()
@@ -184,7 +184,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         result = run_job(settings, config, progress=_say)
     except Exception as exc:
-        status = "skipped" if isinstance(exc, LockError) else "failed"
+        # Another run held the lock: this one did not start. A lock lost mid-run is a failure.
+        status = ("skipped" if isinstance(exc, LockError) and not isinstance(exc, LockLostError)
+                  else "failed")
         _record(settings, {
             "model": model, "status": status, "exit_code": EXIT_FAILED, "reason": error_reason(exc),
             "version": None, "timings": getattr(exc, "timings", {}), "started_at": started,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from lake.errors import DataError, LakeError, StorageError
 
 __all__ = ["BatchError", "LakeError", "DataError", "StorageError", "AnnounceError",
-           "TrainingError", "LockError"]
+           "TrainingError", "LockError", "LockLostError"]
 
 
 class BatchError(Exception):
@@ -24,4 +24,10 @@ class TrainingError(BatchError):
 
 
 class LockError(BatchError):
-    """Another run holds the registry lock of the model: this run did not start."""
+    """Another run holds the registry lock of the model: this run did not start (or, as
+    :class:`LockLostError`, it lost the lock while it ran)."""
+
+
+class LockLostError(LockError):
+    """The run's registry lock was taken over while it ran: it stopped before publishing,
+    announcing or pruning anything further."""

@@ -1,6 +1,8 @@
 """Held-out metrics and the evaluation policy that decides whether a candidate is published.
 
-Pure numpy, so the maths is unit-tested without Spark or torch.
+The figures come from scikit-learn through :mod:`models.metrics`, which the speed layer's live
+quality uses too (one log-loss clipping, :data:`models.metrics.LOG_LOSS_EPS`); no Spark or
+torch, so the policy is unit-tested alone.
 
 Examples
 --------
@@ -10,49 +12,16 @@ Examples
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
+from models.metrics import log_loss, roc_auc
+
 __all__ = ["classification_metrics", "roc_auc", "majority_rate", "Decision", "evaluate_policy",
            "LOWER_IS_BETTER"]
-
-# Probabilities are clipped before the log so one confident mistake costs a lot, not infinity.
-_EPS = 1e-7
-
-
-def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U; ties count one half).
-
-    Parameters
-    ----------
-    y_true : numpy.ndarray
-        Binary labels (1 = positive).
-    scores : numpy.ndarray
-        Scores, higher = more positive.
-
-    Returns
-    -------
-    float
-        AUC in [0, 1]; NaN when only one class is present.
-    """
-    y = np.asarray(y_true).astype(bool)
-    s = np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # Average ranks over runs of equal scores.
-    boundaries = np.flatnonzero(np.diff(sorted_s)) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [len(s)]))
-    average = (starts + ends + 1) / 2.0  # 1-based mean rank of each run
-    ranks[order] = np.repeat(average, ends - starts)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
@@ -68,9 +37,9 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
     Returns
     -------
     dict
-        ``accuracy``, ``log_loss`` (mean negative log-likelihood, probabilities clipped to
-        ``[1e-7, 1]``), ``auc`` of the second class against the first when there are two
-        classes, and ``n`` (rows).
+        ``accuracy``, ``log_loss`` (:func:`models.metrics.log_loss`: mean negative
+        log-likelihood, probabilities clipped to ``[LOG_LOSS_EPS, 1]``), ``auc`` of the second
+        class against the first when there are two classes, and ``n`` (rows).
     """
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(proba, dtype=np.float64)
@@ -78,10 +47,9 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
         raise ValueError(f"need (n, n_classes) probabilities for {len(y)} labels, got {p.shape}")
     if len(y) == 0:
         raise ValueError("no rows to evaluate")
-    picked = np.clip(p[np.arange(len(y)), y], _EPS, 1.0)
     metrics = {
         "accuracy": float(np.mean(p.argmax(axis=1) == y)),
-        "log_loss": float(-np.mean(np.log(picked))),
+        "log_loss": log_loss(y, p),
     }
     if p.shape[1] == 2:
         metrics["auc"] = roc_auc(y == 1, p[:, 1])
@@ -110,12 +78,19 @@ LOWER_IS_BETTER = frozenset({"log_loss"})
 def evaluate_policy(metrics: Mapping[str, float], baseline_accuracy: float,
                     min_accuracy: float = 0.0, metric: str = "accuracy",
                     active_metrics: Mapping[str, float] | None = None,
-                    active_version: str | None = None, tolerance: float = 0.0) -> Decision:
+                    active_version: str | None = None, tolerance: float = 0.0,
+                    active_unavailable: str | None = None) -> Decision:
     """Decide whether a candidate is good enough to publish.
 
     The candidate must (1) beat the majority-class rate on the test split, (2) reach
-    ``min_accuracy`` on it and (3), when the active model's metrics on the same test rows are
-    given, not be worse than the active model on ``metric`` by more than ``tolerance``.
+    ``min_accuracy`` on it and (3), when there is an active model to compare with, not be worse
+    than the active model on ``metric`` by more than ``tolerance`` on the same test rows.
+
+    The comparison fails closed: an active model that exists but could not be scored
+    (``active_unavailable``), or a ``metric`` that either side lacks or that is not a finite
+    number, rejects the candidate with the reason. Only when there is no active model at all
+    (the first model: ``active_metrics`` and ``active_unavailable`` both None) is the comparison
+    skipped.
 
     Parameters
     ----------
@@ -128,11 +103,15 @@ def evaluate_policy(metrics: Mapping[str, float], baseline_accuracy: float,
     metric : str
         ``accuracy``, ``auc`` (higher is better) or ``log_loss`` (lower is better).
     active_metrics : mapping, optional
-        The active model's metrics on the same test rows; None skips the comparison.
+        The active model's metrics on the same test rows; None when there is none to compare
+        with.
     active_version : str, optional
         The active model's version, for the reason.
     tolerance : float
         How much worse than the active model still counts as not worse.
+    active_unavailable : str, optional
+        Why an active model that exists could not be scored on the test rows (it does not
+        load, its classes or features do not match the data, ...): the candidate is rejected.
 
     Returns
     -------
@@ -147,10 +126,18 @@ def evaluate_policy(metrics: Mapping[str, float], baseline_accuracy: float,
                                f"{min_accuracy:.4f} (BATCH_MIN_ACCURACY)")
     reason = (f"test accuracy {accuracy:.4f} beats the majority-class rate "
               f"{baseline_accuracy:.4f}")
-    if active_metrics is None or metric not in active_metrics or metric not in metrics:
-        return Decision(True, reason)
-    mine, theirs = float(metrics[metric]), float(active_metrics[metric])
     name = f"the active model {active_version}" if active_version else "the active model"
+    if active_unavailable is not None:
+        return Decision(False, f"cannot compare with {name}: {active_unavailable}")
+    if active_metrics is None:
+        return Decision(True, reason)
+    for side, figures in (("the candidate", metrics), (name, active_metrics)):
+        value = figures.get(metric)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return Decision(False, f"cannot compare with {name}: {side} has no "
+                                   f"{metric} on the test rows (BATCH_METRIC={metric}, "
+                                   f"got {value!r})")
+    mine, theirs = float(metrics[metric]), float(active_metrics[metric])
     if metric in LOWER_IS_BETTER:
         worse, sign = mine > theirs + tolerance, "<=" if mine <= theirs else ">"
     else:

@@ -25,6 +25,7 @@ from models.errors import ModelError
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+    from batch.lock import RegistryLock
     from models.manifest import Manifest
     from models.registry import ModelRef
     from models.loaded import LoadedModel
@@ -261,9 +262,13 @@ class _Stages:
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.timings: dict[str, float] = {}
+        #: Called before every stage starts (the run lock's "still held?" flag).
+        self.guard: Callable[[], None] | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        if self.guard is not None:
+            self.guard()
         self.progress(f"{name} ...")
         start = time.monotonic()
         try:
@@ -342,8 +347,10 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
     BatchError or LakeError
         Bad data (:class:`~lake.errors.DataError`), unreachable storage
         (:class:`~lake.errors.StorageError`), Kafka (:class:`~batch.errors.AnnounceError`),
-        another run in progress (:class:`~batch.errors.LockError`). The exception carries the
-        stage timings so far as ``timings``.
+        another run in progress (:class:`~batch.errors.LockError`), the run lock lost while
+        this run went on (:class:`~batch.errors.LockLostError`, raised at the next stage or
+        check: before the manifest is written, before announcing, before pruning). The
+        exception carries the stage timings so far as ``timings``.
     """
     from batch.lock import RegistryLock
 
@@ -359,8 +366,7 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
                 # Written now, read back once the lake is listed: the settle time is not idle.
                 lock.acquire(confirm=False)
             try:
-                return _run_locked(settings, config, spark, say, stages, model_name,
-                                   confirm_lock=lock.confirm)
+                return _run_locked(settings, config, spark, say, stages, model_name, lock=lock)
             finally:
                 lock.release()
         return _run_locked(settings, config, spark, say, stages, model_name)
@@ -374,7 +380,7 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
 
 def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | None",
                 say: Progress, stages: _Stages, model_name: str,
-                confirm_lock: Callable[[], None] | None = None) -> JobResult:
+                lock: "RegistryLock | None" = None) -> JobResult:
     import torch
 
     from batch.active import UpdateState, read_update_state
@@ -413,9 +419,12 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                                     driver_host=settings.spark_driver_host,
                                     driver_bind=settings.spark_driver_bind)
 
-        if confirm_lock is not None:
+        if lock is not None:
             with stages.stage("lock check"):
-                confirm_lock()
+                lock.confirm()
+            # From here a lost lock stops the run at the next stage; before each step that
+            # changes the registry or the update topic the lock is read from the store again.
+            stages.guard = lock.raise_if_lost
 
         with stages.stage("read"):
             raw = read_parquet(spark, data_uri, storage, files=files)
@@ -446,6 +455,8 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
 
         state = UpdateState(active=None, pinned=None)
         active: LoadedModel | None = None
+        # Why an active model that exists cannot be compared with: the policy then rejects.
+        active_unavailable: str | None = None
         if config.compare_active or config.keep_versions > 0:
             with stages.stage("active model"):
                 # Verified as a worker verifies it: a version that fails is refused, and the
@@ -460,10 +471,14 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                 version = state.active_version
                 if version and config.compare_active:
                     active = verified.get(version)
-                    if active is None and state.active is not None:  # the registry's newest
+                    if active is None:  # the registry's newest: not verified on the topic
                         try:
-                            active = registry.load_ref(state.active)
+                            ref = (state.active
+                                   if state.active and state.active.version == version
+                                   else registry.ref(model_name, version))
+                            active = registry.load_ref(ref)
                         except ModelError as exc:
+                            active_unavailable = f"it does not load: {exc}"
                             say(f"cannot load the active model {version} to compare with: "
                                 f"{exc}")
                 verified.clear()
@@ -471,6 +486,9 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                 + (f", pinned {state.pinned}" if state.pinned else "")
                 + (f"; refused (artifact does not verify): {sorted(state.refused)}"
                    if state.refused else ""))
+
+        # The version serving now, whether or not it could be loaded to compare with.
+        active_version = state.active_version if config.compare_active else None
 
         try:
             with stages.stage("fit preprocessing"):
@@ -528,12 +546,13 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                 active_metrics, comparison = _active_on_test(active, list(features), classes,
                                                              X_raw_test, y_test)
                 if active_metrics is None:
-                    say(f"not comparing with the active model {active.version}: {comparison}")
+                    active_unavailable = comparison
+                    say(f"cannot compare with the active model {active.version}: {comparison}")
             decision = evaluate_policy(
                 metrics, baseline, min_accuracy=config.min_accuracy, metric=config.metric,
                 active_metrics=active_metrics if config.compare_active else None,
-                active_version=active.version if active is not None else None,
-                tolerance=config.compare_tolerance)
+                active_version=active_version, tolerance=config.compare_tolerance,
+                active_unavailable=active_unavailable if config.compare_active else None)
         if len(reports) > 1:
             say(f"chose candidate {best + 1}/{len(reports)} (lowest validation loss)")
         say("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
@@ -558,7 +577,7 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                                     "val_accuracy": r.val_accuracy, "test": r.test,
                                     "seconds": r.seconds} for r in reports]},
             "distributed_processes": config.distributed,
-            "active_version": active.version if active is not None else None,
+            "active_version": active_version,
             "active_metrics": active_metrics, "policy": decision.reason,
             "torch": torch.__version__,
         }
@@ -576,7 +595,7 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                         data_uri=data_uri, features=list(features), classes=list(classes),
                         rows=rows, metrics=metrics, training=training, manifest=draft,
                         timings=stages.timings, candidates=reports,
-                        active_version=active.version if active is not None else None,
+                        active_version=active_version,
                         active_metrics=active_metrics, constant_features=constant,
                         arrays=arrays if config.keep_arrays else None)
         if not decision.accepted and not config.force:
@@ -585,15 +604,19 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
         if not decision.accepted:
             say("publishing anyway (--force); the manifest records \"forced\": true")
 
+        verify_lock = lock.check if lock is not None else None
         with stages.stage("publish"):
             try:
-                job.ref = registry.publish(result.module, draft, onnx=config.onnx)
+                job.ref = registry.publish(result.module, draft, onnx=config.onnx,
+                                           before_manifest=verify_lock)
             except ModelError as exc:
                 raise StorageError(f"cannot publish {model_name}: {exc}") from exc
         job.published, job.forced = True, not decision.accepted
         say(f"published {job.ref.name}/{job.ref.version} at {job.ref.manifest_uri}")
         if config.announce:
             with stages.stage("announce"):
+                if verify_lock is not None:
+                    verify_lock()
                 announce(settings, job.ref)
             say(f"announced MODEL-REF on {settings.updates_topic!r}")
         if config.keep_versions > 0:
@@ -601,6 +624,8 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                 # The new version becomes the active one once workers hear it; until then
                 # the one serving now must stay too, as must a pinned one.
                 protect = state.protected() | {job.ref.version}
+                if verify_lock is not None:
+                    verify_lock()
                 try:
                     job.pruned = registry.prune(model_name, config.keep_versions, protect)
                 except ModelError as exc:  # a leftover generation is no reason to fail

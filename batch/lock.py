@@ -10,9 +10,37 @@ it (AWS S3 does) and, because some S3-API servers ignore that header, reads it b
 short settle time: of two runs that raced, only the one whose token is in the object goes on.
 The settle time need not be spent idle: :meth:`RegistryLock.acquire` with ``confirm=False``
 writes the lock and returns, the run does harmless work (listing the lake, starting Spark), and
-:meth:`RegistryLock.confirm` waits out what is left of the settle time and reads the lock back
-before the run reads any data. Every machine that can reach the registry honours the lock,
+:meth:`RegistryLock.confirm` waits out what is left of the settle time, reads the lock back
+before the run reads any data and renews it at once (the work in between may have used much of
+``ttl_s``; a lock confirmed only after ``ttl_s`` is refused). Every machine that can reach the registry honours the lock,
 which a local file lock could not give.
+
+Losing the lock. A run whose heartbeat stalled past ``ttl_s`` (a frozen process, a store
+unreachable for that long) may find its lock taken over by the next run. The lock is then
+*lost* (:attr:`RegistryLock.lost` is set) when
+
+* a heartbeat reads the object and finds another token, or its own last successful renewal is
+  ``ttl_s`` old (the lock may have expired: it is never renewed again), or its renewal write is
+  refused or read back with another token;
+* :meth:`RegistryLock.check`, which the job calls immediately before writing a version's
+  manifest, before announcing it and before pruning, finds any of that.
+
+A lost lock stops the run with :class:`~batch.errors.LockLostError` before it publishes,
+announces or prunes anything further. A renewal writes only over the object it has just read
+back as its own: ``If-Match`` with that object's ETag, so on AWS S3 a successor's write in
+between makes the renewal fail instead of overwriting it.
+
+What remains. The embedded S3 server (s3rver) ignores ``If-Match`` and ``If-None-Match`` on
+PutObject, and local disk has no conditional write at all; there a renewal that read the
+object as its own can still land just after a successor's takeover and overwrite it. The
+renewal reads the object back after writing, and each run checks before each publication
+step, so the two runs find out and one stops; but a step already past its check (a manifest
+being written, an announcement being sent) completes. The window is one store round trip, and
+opens only for a run that stalled about ``ttl_s`` (default an hour) without noticing it. Even
+with conditional writes, checks and writes are separate requests: a run frozen between its
+check and its write for longer than ``ttl_s`` writes after a successor took over. Only the
+store fencing every registry write with the lock's token would close that. Expiry is judged
+with each machine's clock: keep clocks within a small fraction of ``ttl_s``.
 """
 from __future__ import annotations
 
@@ -26,7 +54,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
-from batch.errors import LockError, StorageError
+from batch.errors import LockError, LockLostError, StorageError
 from models.storage import ensure_bucket, filesystem
 
 __all__ = ["RegistryLock", "lock_uri"]
@@ -77,8 +105,16 @@ class RegistryLock:
         self._fs, self._path = filesystem(self.uri, storage_options)
         self._held = False
         self._written_at: float | None = None
+        self._etag: str | None = None
+        # Monotonic time of the newest write of this run's lock known to have landed as its
+        # own: the lock is valid until ttl_s after it, by this machine's clock.
+        self._renewed_at: float | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        #: Set once the lock is known lost (taken over, or possibly expired); never cleared.
+        self.lost = threading.Event()
+        self._lost_reason = ""
+        self._renewing = threading.Lock()  # one renewal or check at a time
 
     def __repr__(self) -> str:
         return f"RegistryLock({self.uri!r}, owner={self.owner!r})"
@@ -166,7 +202,18 @@ class RegistryLock:
             raise LockError(f"another batch run of {self.model!r} "
                             f"({(after or {}).get('owner', 'unknown')}) took the lock at the "
                             "same time; not starting")
+        if time.monotonic() - self._written_at >= self.ttl_s:
+            raise LockError(f"the run lock of {self.model!r} expired before this run confirmed "
+                            f"it ({self.ttl_s:g}s after writing it); not starting")
         self._held = True
+        self._renewed_at = self._written_at
+        # The work between writing and confirming (starting Spark) may have used much of the
+        # TTL: renew now, then every ttl_s / 3.
+        try:
+            self.renew()
+        except StorageError as exc:
+            log.warning("could not renew the run lock %s: %s", self.uri, exc)
+        self.raise_if_lost()
         self._stop.clear()
         self._heartbeat = threading.Thread(target=self._renew_loop, name="registry-lock",
                                            daemon=True)
@@ -174,16 +221,116 @@ class RegistryLock:
         log.info("took the run lock %s", self.uri)
 
     def _renew_loop(self) -> None:
-        while not self._stop.wait(max(1.0, self.ttl_s / 3)):
+        while not self.lost.is_set() and not self._stop.wait(max(1.0, self.ttl_s / 3)):
             try:
-                current = self.holder()
-                if not current or current.get("token") != self.token:
-                    log.error("lost the run lock %s to %s", self.uri,
-                              (current or {}).get("owner"))
-                    return
-                self._fs.pipe_file(self._path, self._body())
-            except Exception as exc:  # the store may be down for a moment; the TTL covers it
-                log.warning("could not renew the run lock %s: %s", self.uri, _describe(exc))
+                self.renew()
+            except StorageError as exc:  # the store may be down for a moment; the TTL covers it
+                log.warning("could not renew the run lock %s: %s", self.uri, exc)
+
+    # ------------------------------------------------------------------------------ keeping
+    def renew(self) -> None:
+        """One heartbeat: push the expiry forward if the lock is still this run's.
+
+        Marks the lock :attr:`lost` (and writes nothing) when the object holds another token or
+        this run's last renewal is ``ttl_s`` old; the write is conditional on the object read
+        (``If-Match`` its ETag, on S3) and read back afterwards.
+
+        Raises
+        ------
+        StorageError
+            The store could not be read or written; the lock is not lost for that alone.
+        """
+        with self._renewing:
+            if not self._still_mine():
+                return
+            started = time.monotonic()
+            try:
+                self._write_renewal()
+            except LockError as exc:
+                self._lose(str(exc))
+                return
+            except Exception as exc:
+                raise StorageError(f"cannot write the run lock {self.uri}: "
+                                   f"{_describe(exc)}") from exc
+            if self._still_mine(after_write=True):
+                self._renewed_at = started
+
+    def check(self) -> None:
+        """Make sure the lock is still this run's now, reading it from the store.
+
+        Raises
+        ------
+        LockLostError
+            It was taken over, or it may have expired (see the module notes).
+        StorageError
+            The store could not be read: nothing may be published without knowing.
+        """
+        self.raise_if_lost()
+        with self._renewing:
+            self._still_mine()
+        self.raise_if_lost()
+
+    def raise_if_lost(self) -> None:
+        """Raise :class:`LockLostError` if the lock is already known lost (no store access)."""
+        if self.lost.is_set():
+            raise LockLostError(f"lost the run lock of {self.model!r}: {self._lost_reason}; "
+                                "stopping before publishing anything")
+
+    def _still_mine(self, after_write: bool = False) -> bool:
+        """Whether the lock object holds this run's token and the lock cannot have expired;
+        marks it lost otherwise. Call with ``_renewing`` held."""
+        if self.lost.is_set():
+            return False
+        if self._renewed_at is not None and time.monotonic() - self._renewed_at >= self.ttl_s:
+            self._lose(f"not renewed for {self.ttl_s:g}s, so it may have expired and been "
+                       "taken over")
+            return False
+        self._etag, current = self._read_versioned()
+        if not current or current.get("token") != self.token:
+            what = "after renewing it" if after_write else "while the run went on"
+            self._lose(f"the lock object names {(current or {}).get('owner', 'nobody')} "
+                       f"{what}")
+            return False
+        return True
+
+    def _lose(self, reason: str) -> None:
+        if not self.lost.is_set():
+            self._lost_reason = reason
+            self.lost.set()
+            log.error("lost the run lock %s: %s", self.uri, reason)
+
+    def _is_s3(self) -> bool:
+        protocol = self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0]
+        return protocol in ("s3", "s3a")
+
+    def _read_versioned(self) -> tuple[str | None, dict[str, Any] | None]:
+        """The lock object's ETag (on S3) and content. The ETag is read first: when the content
+        then read is this run's, the ETag is that object's (nobody else writes this token)."""
+        etag = None
+        if self._is_s3():
+            bucket, key, _ = self._fs.split_path(self._path)
+            try:
+                etag = self._fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"]
+            except FileNotFoundError:
+                return None, None
+            except Exception as exc:
+                raise StorageError(f"cannot read the run lock {self.uri}: "
+                                   f"{_describe(exc)}") from exc
+        return etag, self.holder()
+
+    def _write_renewal(self) -> None:
+        """Write a fresh expiry, on S3 only over the object last read (``If-Match``)."""
+        if not self._is_s3() or self._etag is None:
+            self._fs.pipe_file(self._path, self._body())
+            return
+        bucket, key, _ = self._fs.split_path(self._path)
+        try:
+            self._fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(),
+                             IfMatch=self._etag, ContentType="application/json")
+        except Exception as exc:
+            if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                raise LockError("another run wrote the lock object since it was read") from None
+            raise
 
     def release(self) -> None:
         """Give the lock back (only if this run still holds it)."""

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from batch.errors import DataError
 from models.preprocessing import MISSING_MARKER, Preprocessor
+from models.preprocessing import constant_features as _constant_features
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
@@ -400,13 +401,11 @@ def collect_raw(df: "DataFrame", features: Sequence[str], id_col: str, split: st
 
 def constant_features(features: Sequence[str], count: np.ndarray, total: np.ndarray,
                       sumsq: np.ndarray) -> list[str]:
-    """Features with fewer than two present training values or no spread among them.
+    """Features with fewer than two present training values or no spread among them:
+    :func:`models.preprocessing.constant_features`, the rule the preprocessing that training
+    and serving share applies to the same statistics.
 
     They carry no information; they stay in the model (standardised to 0, so serving can
     keep sending them) and the run reports them.
     """
-    count = np.asarray(count, np.float64)
-    mean = np.where(count > 0, np.asarray(total) / np.maximum(count, 1.0), 0.0)
-    var = np.asarray(sumsq) / np.maximum(count, 1.0) - mean ** 2
-    flat = (count < 2) | (var <= 1e-12 * np.maximum(mean ** 2, 1.0))
-    return [name for name, is_flat in zip(features, flat) if is_flat]
+    return _constant_features(features, count, total, sumsq)

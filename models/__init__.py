@@ -1,9 +1,9 @@
 """Everything a Stratum model is: network, shared preprocessing, manifest and registry I/O.
 
 A plain library used by both the batch layer (training, publishing) and the serving layer
-(loading, scoring). It depends on numpy, torch and fsspec/s3fs only, never on Faust, Spark or
-``app``. Submodules are imported lazily, so ``import models.preprocessing`` (needed inside Spark
-tasks) does not pay for importing torch.
+(loading, scoring). It depends on numpy, torch, scikit-learn (metrics) and fsspec/s3fs only,
+never on Faust, Spark or ``app``. Submodules are imported lazily, so
+``import models.preprocessing`` (needed inside Spark tasks) does not pay for importing torch.
 """
 from __future__ import annotations
 

@@ -36,13 +36,23 @@ __all__ = [
     "sufficient_statistics",
     "preprocessor_from_stats",
     "fit_preprocessor",
+    "CONSTANT_RELATIVE_STD",
+    "is_constant",
+    "constant_features",
 ]
 
 #: The value that marks an undefined feature in the raw data (besides NaN and +/-inf).
 MISSING_MARKER = -999.0
 
-# A standard deviation below this is treated as zero: scaling by it would blow up rounding noise.
+# A standard deviation at most this (plus the relative part below) is treated as zero.
 _MIN_STD = 1e-12
+#: A feature whose standard deviation is at most this fraction of its mean's magnitude (plus
+#: 1e-12) is constant: it gets ``std = 1`` and so is standardised to 0, and the batch run
+#: reports it. The statistics are sums of values and of their squares, so a constant column's
+#: computed spread is rounding noise of about ``sqrt(rows * 1e-16)`` of its magnitude (about
+#: 3e-6 for 200,000 rows summed in one Spark partition); dividing by that would amplify the
+#: noise a millionfold. One rule, :func:`is_constant`, for training, the report and serving.
+CONSTANT_RELATIVE_STD = 1e-5
 #: Largest standardised magnitude passed on to a network. A finite raw value can be as large as
 #: 1.8e308; standardised and cast to float32 it becomes infinite, and the network's output NaN
 #: (a prediction without probabilities, an update that poisons the weights). A million
@@ -67,6 +77,18 @@ def missing_mask(X: np.ndarray) -> np.ndarray:
     return ~np.isfinite(X) | (X == MISSING_MARKER)
 
 
+def is_constant(mean: Any, std: Any) -> np.ndarray:
+    """Per feature, whether a standard deviation ``std`` around ``mean`` counts as no spread.
+
+    The one rule of the project: :func:`preprocessor_from_stats` gives such features
+    ``std = 1``, :func:`constant_features` reports them, and :class:`Preprocessor` refuses
+    parameters that would scale one by ``1 / std`` (a manifest written before the rule).
+    """
+    mean_a = np.abs(np.asarray(mean, dtype=np.float64))
+    std_a = np.asarray(std, dtype=np.float64)
+    return std_a <= _MIN_STD + CONSTANT_RELATIVE_STD * mean_a
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """Imputation and standardisation of raw feature vectors, fitted on training data.
@@ -78,7 +100,8 @@ class Preprocessor:
     fill : list of float
         Value that replaces a missing entry, per feature.
     mean, std : list of float
-        Standardisation parameters per feature: ``(x - mean) / std``; ``std`` is never 0.
+        Standardisation parameters per feature: ``(x - mean) / std``; ``std`` is never 0, and
+        is 1 for a constant feature (:func:`is_constant`).
     """
 
     features: list[str]
@@ -105,6 +128,14 @@ class Preprocessor:
                 raise ModelError(f"preprocessor {name!r} must hold finite numbers")
         if any(s <= 0 for s in self.std):
             raise ModelError("preprocessor 'std' must be positive")
+        flat = [i for i, (m, s) in enumerate(zip(self.mean, self.std))
+                if s != 1.0 and is_constant(m, s)]
+        if flat:
+            i = flat[0]
+            raise ModelError(
+                f"preprocessor 'std' of {self.features[i]!r} is {self.std[i]:g} around a mean "
+                f"of {self.mean[i]:g}: no spread by the constant-feature rule (a constant "
+                "feature has std 1); scaling by it would amplify rounding noise")
         object.__setattr__(self, "features", list(self.features))
         for name in ("fill", "mean", "std"):
             object.__setattr__(self, name, [float(v) for v in getattr(self, name)])
@@ -212,8 +243,29 @@ def preprocessor_from_stats(features: Sequence[str], count: Sequence[float],
     -------
     Preprocessor
         ``fill = mean`` of the present values (0 when a feature is never present); ``std`` is the
-        population standard deviation of the present values, 1 when it is 0 or undefined.
+        population standard deviation of the present values, 1 for a constant feature (see
+        :func:`constant_features`).
     """
+    count_a, mean, std = _moments(features, count, total, sumsq)
+    std = np.where(_constant(count_a, mean, std), 1.0, std)
+    return Preprocessor(features=list(features), fill=mean.tolist(), mean=mean.tolist(),
+                        std=std.tolist())
+
+
+def constant_features(features: Sequence[str], count: Sequence[float], total: Sequence[float],
+                      sumsq: Sequence[float]) -> list[str]:
+    """The features that :func:`preprocessor_from_stats` treats as constant for the same
+    statistics: fewer than two present values, or no spread by :func:`is_constant`.
+
+    They carry no information; they stay in the model (standardised to 0, so serving can keep
+    sending them) and the batch run reports them.
+    """
+    count_a, mean, std = _moments(features, count, total, sumsq)
+    return [name for name, flat in zip(features, _constant(count_a, mean, std)) if flat]
+
+
+def _moments(features: Sequence[str], count: Sequence[float], total: Sequence[float],
+             sumsq: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     count_a = np.asarray(count, dtype=np.float64)
     total_a = np.asarray(total, dtype=np.float64)
     sumsq_a = np.asarray(sumsq, dtype=np.float64)
@@ -226,12 +278,11 @@ def preprocessor_from_stats(features: Sequence[str], count: Sequence[float],
     mean = np.where(count_a > 0, total_a / safe, 0.0)
     # E[x^2] - E[x]^2 can come out slightly negative from rounding: clamp before the sqrt.
     var = np.maximum(sumsq_a / safe - mean ** 2, 0.0)
-    std = np.sqrt(var)
-    # Relative threshold: a constant feature of value 1e6 leaves rounding noise of about 1e-4.
-    constant = (count_a < 2) | (std <= _MIN_STD + 1e-9 * np.abs(mean))
-    std = np.where(constant, 1.0, std)
-    return Preprocessor(features=list(features), fill=mean.tolist(), mean=mean.tolist(),
-                        std=std.tolist())
+    return count_a, mean, np.sqrt(var)
+
+
+def _constant(count: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    return (count < 2) | is_constant(mean, std)
 
 
 def fit_preprocessor(features: Sequence[str], X: np.ndarray) -> Preprocessor:

@@ -25,7 +25,7 @@ import re
 import secrets
 import warnings
 from datetime import datetime, timedelta, timezone
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import fsspec
 import torch
@@ -144,8 +144,8 @@ class Registry:
         return None
 
     # ---------------------------------------------------------------------------- publishing
-    def publish(self, module: MLPClassifier, manifest: Manifest, *, onnx: bool = True
-                ) -> ModelRef:
+    def publish(self, module: MLPClassifier, manifest: Manifest, *, onnx: bool = True,
+                before_manifest: Callable[[], None] | None = None) -> ModelRef:
         """Write a new immutable version: every file first, ``manifest.json`` last.
 
         Parameters
@@ -158,6 +158,9 @@ class Registry:
             Its reference rows must reproduce with ``module`` (checked before writing).
         onnx : bool
             Also write ``model.onnx``; an export failure is logged, not fatal.
+        before_manifest : callable, optional
+            Called once every other file is written, right before ``manifest.json``; whatever
+            it raises stops the publication (the files written are removed) and propagates.
 
         Returns
         -------
@@ -204,9 +207,19 @@ class Registry:
             self._fs.makedirs(directory, exist_ok=True)
             for fname, data in files.items():
                 self._fs.pipe_file(f"{directory}/{fname}", data)
-            self._fs.pipe_file(manifest_path, manifest_bytes)
         except ArtifactError:
             raise
+        except Exception as exc:
+            raise ArtifactError(f"cannot write {self._fs.unstrip_protocol(directory)}: "
+                                f"{_describe(exc)}") from exc
+        if before_manifest is not None:
+            try:
+                before_manifest()
+            except BaseException:
+                self._remove_files(directory, list(files))
+                raise
+        try:
+            self._fs.pipe_file(manifest_path, manifest_bytes)
         except Exception as exc:
             raise ArtifactError(f"cannot write {self._fs.unstrip_protocol(directory)}: "
                                 f"{_describe(exc)}") from exc
@@ -303,6 +316,14 @@ class Registry:
         except Exception as exc:
             raise ArtifactError(f"cannot delete {name}/{version}: {_describe(exc)}") from exc
         log.info("deleted %s/%s", name, version)
+
+    def _remove_files(self, directory: str, names: list[str]) -> None:
+        """Best-effort removal of a publication's files that never got their manifest."""
+        for fname in names:
+            try:
+                self._fs.rm_file(f"{directory}/{fname}")
+            except Exception as exc:  # a version without a manifest does not exist anyway
+                log.warning("could not remove %s/%s: %s", directory, fname, _describe(exc))
 
     def prune(self, name: str, keep: int, protect: "set[str] | frozenset[str]" = frozenset()
               ) -> list[str]:

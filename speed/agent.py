@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -65,12 +64,13 @@ from app import app
 from transport.summary import LabelledBatch, parse_summary
 from transport.topics import scored_topic_name, scored_topic_spec
 from models.errors import ModelError
+from models.metrics import log_loss
 from models.online import BaseNotHeld, ModelUpdate, refit, start_learning_process
 from models.loaded import LoadedModel
 
 settings = app.settings
 
-__all__ = ["SCORED_TOPIC", "scored_topic", "quality_by_version", "update_quality",
+__all__ = ["SCORED_TOPIC", "scored_topic", "quality_by_version", "update_quality", "log_loss_sum",
            "record_quality", "summarize_scored", "SpeedLayer", "speed_layer"]
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,12 @@ quality_by_version = app.Table(
          f"and rolling figures (half-life {QUALITY_HALF_LIFE} events).")
 
 
+def log_loss_sum(batch: LabelledBatch, weights: np.ndarray | None = None) -> float:
+    """Sum of ``batch``'s log losses (weighted by ``weights``), as :func:`models.metrics.log_loss`
+    computes them: the batch layer's test log loss is the mean of the same figure."""
+    return log_loss(batch.labels, batch.probabilities, sample_weight=weights, normalize=False)
+
+
 def update_quality(row: dict[str, Any] | None, batch: LabelledBatch,
                    now_ms: int) -> dict[str, Any]:
     """A version's ``quality_by_version`` row after ``batch`` (all predicted by it).
@@ -107,27 +113,19 @@ def update_quality(row: dict[str, Any] | None, batch: LabelledBatch,
                                  "rolling_accuracy": None, "rolling_log_loss": None,
                                  "first_ms": now_ms}
     hits = batch.correct.astype(np.float64)
-    losses = batch.log_loss
-    n = row["n"]
-    r_acc, r_loss = row["rolling_accuracy"], row["rolling_log_loss"]
+    n, m = row["n"], len(hits)
     alpha = 1 - 0.5 ** (1 / QUALITY_HALF_LIFE)
-    # Until 1/alpha events were seen, the plain mean is the better estimate: step by step.
-    warm = min(len(hits), max(0, math.ceil(1 / alpha) - n))
-    for hit, loss in zip(hits[:warm].tolist(), losses[:warm].tolist()):
-        n += 1
-        a = max(alpha, 1 / n)
-        r_acc = hit if r_acc is None else r_acc + a * (hit - r_acc)
-        r_loss = loss if r_loss is None else r_loss + a * (loss - r_loss)
-    rest = len(hits) - warm
-    if rest:
-        # r <- r + alpha (x - r), rest times over: the closed form.
-        weights = alpha * (1 - alpha) ** np.arange(rest - 1, -1, -1, dtype=np.float64)
-        keep = (1 - alpha) ** rest
-        r_acc = keep * (r_acc or 0.0) + float(weights @ hits[warm:])
-        r_loss = keep * (r_loss or 0.0) + float(weights @ losses[warm:])
-        n += rest
+    # Each event moves a rolling figure r by r <- r + a (x - r), with a = 1/n while fewer than
+    # 1/alpha events were seen (the plain mean is the better estimate then) and alpha after:
+    # r_after = keep * r_before + sum_i w_i x_i, with w_i = a_i * prod_{j > i} (1 - a_j).
+    steps = np.maximum(alpha, 1.0 / np.arange(n + 1, n + m + 1, dtype=np.float64))
+    after = np.append(np.cumprod((1.0 - steps)[::-1])[::-1], 1.0)  # prod_{j >= i} (1 - a_j)
+    weights, keep = steps * after[1:], float(after[0])
+    r_acc = keep * (row["rolling_accuracy"] or 0.0) + float(weights @ hits)
+    r_loss = keep * (row["rolling_log_loss"] or 0.0) + log_loss_sum(batch, weights)
+    n += m
     correct = row["correct"] + int(hits.sum())
-    loss_sum = row["log_loss_sum"] + float(losses.sum())
+    loss_sum = row["log_loss_sum"] + log_loss_sum(batch)
     row.update({"n": n, "correct": correct, "log_loss_sum": loss_sum,
                 "accuracy": correct / n if n else None,
                 "log_loss": loss_sum / n if n else None,

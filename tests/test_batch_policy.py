@@ -82,6 +82,29 @@ def test_a_candidate_worse_than_the_active_model_is_not_published(
     assert relaxed.published
 
 
+def test_an_active_model_that_does_not_load_rejects_the_candidate(
+        spark: Any, settings_env: Callable[..., dict[str, str]], kafka_broker: Any) -> None:
+    """Fail closed: a candidate that cannot be compared with the serving model is not
+    published; it might be worse."""
+    settings = Settings.from_env(settings_env())
+    registry = Registry(settings.registry_uri, settings.storage_options)
+    active = publish_small_model(registry, "default", ["x", "y", "hint"], ["neg", "pos"])
+    run(announce(kafka_broker.bootstrap, settings.updates_topic, active.to_message()))
+    fs = s3fs.S3FileSystem(**settings.storage_options)
+    fs.pipe_file(active.manifest_uri.rsplit("/", 1)[0] + "/model.pt", b"not a state dict")
+    uri = write_dataset(settings, "xor", xor_table(1500, seed=3))
+    lines: list[str] = []
+    result = run_job(settings, JobConfig(data_uri=uri, announce=False,
+                                         **{**GOOD, "epochs": 2}),
+                     spark=spark, progress=lines.append)
+    assert not result.published and result.exit_code == EXIT_REJECTED
+    assert result.active_version == active.version
+    assert result.decision.reason.startswith(
+        f"cannot compare with the active model {active.version}: it does not load")
+    assert any(line.startswith("candidate rejected: cannot compare") for line in lines)
+    assert registry.versions("default") == [active.version]
+
+
 def test_generations_keep_the_newest_the_active_and_the_pinned_version(
         spark: Any, settings_env: Callable[..., dict[str, str]], kafka_broker: Any) -> None:
     settings = Settings.from_env(settings_env())
@@ -248,3 +271,68 @@ def test_a_lock_overwritten_between_writing_and_confirming_is_refused(s3_server:
     first.release()  # not held: the other run's lock stays
     assert json.loads(fs.cat_file(f"{bucket}/registry/_locks/default.json"))[
         "token"] == second.token
+
+
+def test_a_run_whose_lock_is_taken_over_stops_before_publishing(
+        spark: Any, settings_env: Callable[..., dict[str, str]]) -> None:
+    """A run that stalled past its lock's expiry may find the lock taken over by the next run:
+    it must stop before it writes a manifest, announces or prunes, and leave the successor's
+    lock alone."""
+    from batch.errors import LockError, LockLostError
+    from batch.lock import RegistryLock, lock_uri
+
+    settings = Settings.from_env(settings_env())
+    registry = Registry(settings.registry_uri, settings.storage_options)
+    uri = write_dataset(settings, "xor", xor_table(1500, seed=4))
+    fs = s3fs.S3FileSystem(**settings.storage_options)
+    lock_object = lock_uri(settings.registry_uri, "default")
+    successor = RegistryLock(settings.registry_uri, settings.storage_options, "default")
+
+    def progress(line: str) -> None:
+        if line == "train ...":  # the successor takes the lock over while this run trains
+            fs.pipe_file(lock_object, successor._body())
+
+    with pytest.raises(LockLostError, match="lost the run lock of 'default'") as raised:
+        run_job(settings, JobConfig(data_uri=uri, **{**GOOD, "epochs": 2}), spark=spark,
+                progress=progress)
+    assert isinstance(raised.value, LockError)
+    assert "train" in raised.value.timings and "announce" not in raised.value.timings
+    assert registry.versions("default") == []
+    fs.invalidate_cache()
+    assert not fs.exists(f"{settings.registry_uri}/default")  # no weights left behind either
+    assert json.loads(fs.cat_file(lock_object))["token"] == successor.token
+
+
+def test_the_heartbeat_notices_a_lost_lock_and_never_writes_over_the_successor(
+        s3_server: Any) -> None:
+    from batch.errors import LockLostError
+    from batch.lock import RegistryLock
+
+    bucket = s3_server.make_bucket()
+    registry = f"s3://{bucket}/registry"
+    fs = s3fs.S3FileSystem(**s3_server.storage_options)
+    lock_object = f"{bucket}/registry/_locks/default.json"
+    lock = RegistryLock(registry, s3_server.storage_options, "default", ttl_s=3, settle_s=0.1)
+    lock.acquire()
+    try:
+        successor = RegistryLock(registry, s3_server.storage_options, "default")
+        fs.pipe_file(lock_object, successor._body())
+        taken_over = fs.cat_file(lock_object)
+        assert lock.lost.wait(timeout=30)  # the heartbeat runs every second
+        with pytest.raises(LockLostError, match="names .* while the run went on"):
+            lock.check()
+    finally:
+        lock.release()
+    assert fs.cat_file(lock_object) == taken_over
+
+
+def test_the_test_s3_server_ignores_conditional_writes(s3_server: Any) -> None:
+    """What batch.lock's notes rely on: s3rver stores a PutObject whose If-Match or
+    If-None-Match fails (AWS S3 answers 412), so on it a lock renewal cannot be a
+    compare-and-swap and the read-backs are what tell a lost lock."""
+    client = s3_server.client()
+    bucket = s3_server.make_bucket()
+    first = client.put_object(Bucket=bucket, Key="k", Body=b"first")["ETag"]
+    client.put_object(Bucket=bucket, Key="k", Body=b"second", IfNoneMatch="*")
+    client.put_object(Bucket=bucket, Key="k", Body=b"third", IfMatch=first)
+    assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"third"

@@ -103,6 +103,29 @@ def test_policy_publishes_only_what_beats_the_majority_class() -> None:
     assert not rejected.accepted and "does not beat" in rejected.reason
 
 
+@pytest.mark.parametrize("candidate, active, reason", [
+    ({"accuracy": 0.84}, {"accuracy": 0.8, "auc": 0.9}, "the candidate has no auc"),
+    ({"accuracy": 0.84, "auc": float("nan")}, {"accuracy": 0.8, "auc": 0.9},
+     "the candidate has no auc"),
+    ({"accuracy": 0.84, "auc": 0.9}, {"accuracy": 0.8}, "the active model v1 has no auc"),
+], ids=["candidate-lacks-it", "candidate-nan", "active-lacks-it"])
+def test_policy_rejects_when_the_compared_metric_is_missing(candidate: dict, active: dict,
+                                                            reason: str) -> None:
+    decision = evaluate_policy(candidate, 0.5, metric="auc", active_metrics=active,
+                               active_version="v1")
+    assert not decision.accepted
+    assert decision.reason.startswith("cannot compare with the active model v1: " + reason)
+
+
+def test_policy_rejects_when_the_active_model_cannot_be_scored_and_not_without_one() -> None:
+    decision = evaluate_policy({"accuracy": 0.84}, 0.5, active_version="v1",
+                               active_unavailable="it does not load: sha256 mismatch")
+    assert not decision.accepted
+    assert decision.reason == ("cannot compare with the active model v1: it does not load: "
+                               "sha256 mismatch")
+    assert evaluate_policy({"accuracy": 0.84}, 0.5).accepted  # the first model
+
+
 @pytest.mark.parametrize("classes,labels", [(["b", "s"], ["s", "b", "s", "b"]),
                                              ([3, 7, 42], [42, 3, 7, 7])],
                          ids=["string-classes", "integer-classes"])

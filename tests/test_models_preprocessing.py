@@ -108,3 +108,43 @@ def test_the_largest_finite_values_stay_finite_and_keep_their_sign() -> None:
     assert out[0].tolist() == [MAX_STANDARDISED, -MAX_STANDARDISED, MAX_STANDARDISED]
     # Ordinary values are not touched.
     np.testing.assert_allclose(out[1], [-1.0, -1.0, -2.0 / 3.0], rtol=1e-6)
+
+
+def _sequential_statistics(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Count, sum and sum of squares added one row after another, as a Spark task sums."""
+    return (np.full(X.shape[1], float(len(X))), np.cumsum(X, axis=0)[-1],
+            np.cumsum(X * X, axis=0)[-1])
+
+
+def test_the_batch_report_and_the_serving_transform_agree_on_constant_features() -> None:
+    """A feature the batch run reports as constant ("standardised to 0") is one that serving,
+    from the manifest's parameters, turns into 0; any other keeps its spread."""
+    from batch.prepare import constant_features
+
+    rng = np.random.default_rng(4)
+    n = 200_000
+    X = np.column_stack([
+        np.full(n, 0.1),                           # constant: its sums carry rounding noise
+        0.5 + rng.choice([-1e-8, 1e-8], n),        # near-constant: a spread of 2e-8 on 0.5
+        rng.normal(3.0, 2.0, n),                   # a feature
+    ])
+    features = ["const", "near", "x"]
+    stats = _sequential_statistics(X)
+    reported = constant_features(features, *stats)
+    manifest = json.loads(json.dumps(preprocessor_from_stats(features, *stats).to_dict()))
+    serving = Preprocessor.from_dict(manifest)
+    out = serving.transform(X[:1000])
+    assert reported == ["const", "near"]
+    for i, name in enumerate(features):
+        if name in reported:
+            assert serving.std[i] == 1.0
+            assert np.abs(out[:, i]).max() < 1e-6, name
+        else:
+            assert 0.9 < out[:, i].std() < 1.1
+
+
+def test_parameters_that_scale_a_constant_feature_up_are_refused() -> None:
+    data = fit_preprocessor(FEATURES, np.eye(3)).to_dict()
+    data["mean"], data["std"] = [0.5, 0.0, 0.0], [1e-8, 1.0, 1.0]
+    with pytest.raises(ModelError, match="'a' is 1e-08 around a mean of 0.5: no spread"):
+        Preprocessor.from_dict(data)

@@ -87,7 +87,7 @@ def test_a_summary_counts_the_classes_and_carries_the_labelled_events() -> None:
                                                    [0.5, -999.0, np.nan, 4.0]])
     np.testing.assert_allclose(batch.probabilities, [[0.8, 0.2], [0.4, 0.6]])
     assert batch.correct.tolist() == [False, True]
-    np.testing.assert_allclose(batch.log_loss, [-math.log(0.2), -math.log(0.6)], rtol=1e-6)
+    assert speed.log_loss_sum(batch) == pytest.approx(-math.log(0.2) - math.log(0.6), rel=1e-6)
     unlabelled, _ = scored_batch([{"id": "b", "features": [1, 2, 3, 4]}])
     [only] = forward(unlabelled, probabilities[:1])
     assert scored_summary.parse_summary(only) == scored_summary.ScoredSummary("v1+2", 1, {"neg": 1}, None)
@@ -331,7 +331,7 @@ class Learner:
         X = rng.normal(size=(n, self.base.n_features))
         y = (X[:, 0] > 0).astype(np.int64)
         P = np.tile(np.array([[0.5, 0.5]], dtype=np.float32), (n, 1))
-        self.layer.collect([speed.LabelledBatch(self.base.version, self.base.base_version, y,
+        self.layer.collect([scored_summary.LabelledBatch(self.base.version, self.base.base_version, y,
                                                 X, P)], self.base)
 
 
@@ -620,3 +620,24 @@ async def test_the_summaries_keep_the_newest_versions(test_app: Any,
                 "version": f"v+{k}", "base_version": "v", "scored": k + 1, "classes": {},
                 "labels": [], "n_features": 4, "features": "", "probabilities": ""}).encode())
     assert dict(tables.scored_by_version.data.items()) == {"v+3": 4, "v+4": 5, "v+5": 6}
+
+
+def test_live_and_batch_log_loss_agree_for_the_same_predictions() -> None:
+    """The live figure in quality_by_version and the batch test metric come from one function
+    with one clipping: a confident mistake (probability 0 for the label) costs the same."""
+    from batch.evaluate import classification_metrics
+    from models.metrics import LOG_LOSS_EPS
+
+    rng = np.random.default_rng(3)
+    p_pos = rng.random(300).astype(np.float32)
+    probabilities = np.column_stack([1 - p_pos, p_pos]).astype(np.float32)
+    labels = rng.integers(0, 2, 300)
+    probabilities[:3] = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]  # sure, and wrong
+    labels[:3] = [1, 0, 1]
+    batch = scored_summary.LabelledBatch("v", "v", labels.astype(np.int64), np.zeros((300, 4)),
+                                probabilities)
+    live = speed.update_quality(None, batch, now_ms=1)["log_loss"]
+    offline = classification_metrics(labels, probabilities)["log_loss"]
+    assert live == pytest.approx(offline, rel=1e-12)
+    picked = probabilities[np.arange(300), labels].astype(np.float64)
+    assert live == pytest.approx(-np.mean(np.log(np.maximum(picked, LOG_LOSS_EPS))), rel=1e-5)

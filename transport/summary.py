@@ -21,8 +21,6 @@ __all__ = ["LABELLED_PER_MESSAGE", "summary_messages", "parse_summary", "ScoredS
 
 #: Most labelled events forwarded in one message (about 170 KB of JSON with 30 features).
 LABELLED_PER_MESSAGE = 512
-# Probabilities are clipped to this before the log, as scikit-learn's log_loss does.
-_EPS = 1e-15
 
 
 def summary_messages(model: Any, predicted: Sequence[Any], ids: Sequence[str],
@@ -102,13 +100,6 @@ class LabelledBatch:
         """Whether the most probable class was the label, per event."""
         correct: np.ndarray = self.probabilities.argmax(axis=1) == self.labels
         return correct
-
-    @property
-    def log_loss(self) -> np.ndarray:
-        """``-log p(label)`` per event, ``p`` clipped to ``[1e-15, 1]``."""
-        p = self.probabilities[np.arange(len(self.labels)), self.labels].astype(np.float64)
-        loss: np.ndarray = -np.log(np.clip(p, _EPS, 1.0))
-        return loss
 
 
 @dataclass(frozen=True)
