@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stratum-installed
 
-.PHONY: install run test unit bench clean
+.PHONY: install run test unit typecheck bench clean
 
 install: $(STAMP)
 
@@ -23,7 +23,11 @@ run: install
 	$(PY) -m devstack.run_local
 
 test: install
+	$(PY) -m mypy
 	$(PY) -m pytest -ra
+
+typecheck: install
+	$(PY) -m mypy
 
 unit: install
 	$(PY) -m pytest -ra -m 'not integration'

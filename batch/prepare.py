@@ -173,6 +173,7 @@ def clean(df: "DataFrame", features: Sequence[str], id_col: str, label_col: str,
     columns.append(label.alias(label_col))
     has_ts = ts_col is not None and ts_col in kinds and ts_col not in features
     if has_ts:
+        assert ts_col is not None
         columns.append(_col(ts_col))
     out = df.select(*columns).where(_col(id_col).isNotNull() & _col(label_col).isNotNull())
     newest = ts_col if has_ts else None
@@ -289,6 +290,7 @@ def feature_statistics(df: "DataFrame", features: Sequence[str]
         value = _col(name)
         aggregates += [F.count(value), F.sum(value), F.sum(value * value)]
     row = df.agg(*aggregates).first()
+    assert row is not None  # an aggregate without grouping has exactly one row
     values = np.array([0.0 if v is None else float(v) for v in row], dtype=np.float64)
     return values[0::3], values[1::3], values[2::3]
 
@@ -320,7 +322,7 @@ def _preprocess_batches(batches: Iterator[pa.RecordBatch], features: list[str],
 
 def _id_order(ids: pa.ChunkedArray) -> np.ndarray:
     """Positions that sort ``ids`` (strings, code point order), computed in Arrow."""
-    return pc.sort_indices(ids).to_numpy()
+    return np.asarray(pc.sort_indices(ids).to_numpy())
 
 
 def collect_preprocessed(df: "DataFrame", features: Sequence[str], preprocessor: Preprocessor,
@@ -396,7 +398,8 @@ def collect_raw(df: "DataFrame", features: Sequence[str], id_col: str, split: st
     order = _id_order(table.column("__id"))
     X = np.column_stack([table.column(i + 1).to_numpy(zero_copy_only=False).astype(np.float64)
                          for i in range(len(features))])
-    return X[order]
+    ordered: np.ndarray = X[order]
+    return ordered
 
 
 def constant_features(features: Sequence[str], count: np.ndarray, total: np.ndarray,

@@ -32,7 +32,8 @@ def clip_probabilities(proba: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(proba, dtype=np.float64), LOG_LOSS_EPS, 1.0)
     if p.ndim != 2:
         raise ValueError(f"need (n, n_classes) probabilities, got shape {p.shape}")
-    return p / p.sum(axis=1, keepdims=True)
+    normalised: np.ndarray = p / p.sum(axis=1, keepdims=True)
+    return normalised
 
 
 def log_loss(y_true: np.ndarray, proba: np.ndarray, *, sample_weight: np.ndarray | None = None,

@@ -74,7 +74,8 @@ def missing_mask(X: np.ndarray) -> np.ndarray:
         ``bool`` array of the same shape, True where the value is missing.
     """
     X = np.asarray(X, dtype=np.float64)
-    return ~np.isfinite(X) | (X == MISSING_MARKER)
+    missing: np.ndarray = ~np.isfinite(X) | (X == MISSING_MARKER)
+    return missing
 
 
 def is_constant(mean: Any, std: Any) -> np.ndarray:
@@ -228,8 +229,9 @@ def sufficient_statistics(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
             np.square(values).sum(axis=0))
 
 
-def preprocessor_from_stats(features: Sequence[str], count: Sequence[float],
-                            total: Sequence[float], sumsq: Sequence[float]) -> Preprocessor:
+def preprocessor_from_stats(features: Sequence[str], count: Sequence[float] | np.ndarray,
+                            total: Sequence[float] | np.ndarray,
+                            sumsq: Sequence[float] | np.ndarray) -> Preprocessor:
     """Fit a :class:`Preprocessor` from per-feature sufficient statistics of present values.
 
     Parameters
@@ -252,8 +254,9 @@ def preprocessor_from_stats(features: Sequence[str], count: Sequence[float],
                         std=std.tolist())
 
 
-def constant_features(features: Sequence[str], count: Sequence[float], total: Sequence[float],
-                      sumsq: Sequence[float]) -> list[str]:
+def constant_features(features: Sequence[str], count: Sequence[float] | np.ndarray,
+                      total: Sequence[float] | np.ndarray,
+                      sumsq: Sequence[float] | np.ndarray) -> list[str]:
     """The features that :func:`preprocessor_from_stats` treats as constant for the same
     statistics: fewer than two present values, or no spread by :func:`is_constant`.
 
@@ -264,8 +267,9 @@ def constant_features(features: Sequence[str], count: Sequence[float], total: Se
     return [name for name, flat in zip(features, _constant(count_a, mean, std)) if flat]
 
 
-def _moments(features: Sequence[str], count: Sequence[float], total: Sequence[float],
-             sumsq: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _moments(features: Sequence[str], count: Sequence[float] | np.ndarray,
+             total: Sequence[float] | np.ndarray, sumsq: Sequence[float] | np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     count_a = np.asarray(count, dtype=np.float64)
     total_a = np.asarray(total, dtype=np.float64)
     sumsq_a = np.asarray(sumsq, dtype=np.float64)
@@ -282,7 +286,8 @@ def _moments(features: Sequence[str], count: Sequence[float], total: Sequence[fl
 
 
 def _constant(count: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    return (count < 2) | is_constant(mean, std)
+    constant: np.ndarray = (count < 2) | is_constant(mean, std)
+    return constant
 
 
 def fit_preprocessor(features: Sequence[str], X: np.ndarray) -> Preprocessor:
