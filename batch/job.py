@@ -1,9 +1,10 @@
-"""The batch job: read -> clean -> split -> fit preprocessing -> train -> evaluate -> publish ->
-announce.
+"""The batch job: read -> clean and split -> active model -> preprocess -> train -> evaluate ->
+publish (announce, prune).
 
-:func:`run_job` only wires the steps of :mod:`lake.reader`, :mod:`batch.prepare`,
+:func:`run_job` takes the run lock and runs those steps, each a method of one run that takes
+what the steps before it produced: they wire :mod:`lake.reader`, :mod:`batch.prepare`,
 :mod:`batch.train`, :mod:`batch.evaluate`, :mod:`models.registry` and :mod:`batch.announce`,
-timing each one. :func:`bootstrap` makes sure a fresh installation has a model to serve.
+timing each one.
 """
 from __future__ import annotations
 
@@ -19,11 +20,16 @@ from app.settings import Settings
 from batch import prepare
 from batch.errors import DataError, StorageError
 from batch.evaluate import Decision, classification_metrics, evaluate_policy, majority_rate
-from batch.train import TrainConfig
+from batch.train import Arrays, TrainConfig, TrainResult
 from models.errors import ModelError
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from pyspark.sql import SparkSession
+
+    from batch.active import UpdateState
+    from models.preprocessing import Preprocessor
 
     from batch.lock import RegistryLock
     from models.manifest import Manifest
@@ -378,155 +384,247 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
         stages.timings["total"] = round(time.monotonic() - job_start, 3)
 
 
-def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | None",
-                say: Progress, stages: _Stages, model_name: str,
-                lock: "RegistryLock | None" = None) -> JobResult:
-    import torch
+@dataclass
+class _Data:
+    """The cleaned, split dataset, cached in Spark until the arrays are collected."""
 
-    from batch.active import UpdateState, read_update_state
-    from batch.announce import announce
-    from batch.candidates import Arrays, train_candidates
-    from lake.reader import list_parquet_files, read_parquet, window_start, within_window
-    from batch.search import describe
-    from models.manifest import Manifest
-    from models.preprocessing import preprocessor_from_stats
-    from models.registry import Registry
-    from models.loaded import LoadedModel
+    frame: Any
+    features: list[str]
+    classes: list[Any]
+    #: Rows per class per split.
+    counts: dict[str, dict[Any, int]]
+    #: Rows read, usable, and per split.
+    rows: dict[str, int]
 
-    data_uri = config.data_uri or settings.lake_uri
-    storage = settings.storage_options
-    registry = Registry(settings.registry_uri, storage)
-    own_session = spark is None
-    configs = config.train_configs()
-    try:
+
+@dataclass
+class _Active:
+    """The model serving now, as the update topic says, and whether it can be compared with."""
+
+    state: "UpdateState"
+    #: The serving version loaded for the comparison, or None.
+    model: "LoadedModel | None" = None
+    #: Why a serving version that exists cannot be compared with (the policy then rejects).
+    unavailable: str | None = None
+
+    @property
+    def version(self) -> str | None:
+        return self.state.active_version
+
+
+@dataclass
+class _Prepared:
+    """What training and evaluation take from the dataset: preprocessed arrays per split."""
+
+    preprocessor: "Preprocessor"
+    constant: list[str]
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]]
+    reference_inputs: np.ndarray
+    #: The test split's raw features, for scoring the active model on the same rows.
+    X_raw_test: np.ndarray | None
+
+
+@dataclass
+class _Evaluation:
+    """The candidates' figures, the chosen one and the policy's decision."""
+
+    reports: list[CandidateReport]
+    best: int
+    result: TrainResult
+    metrics: dict[str, Any]
+    decision: Decision
+    active_metrics: dict[str, float] | None
+
+
+class _Run:
+    """One batch run, step by step: each step is a method that takes what the steps before
+    it produced and returns what the next ones need."""
+
+    def __init__(self, settings: Settings, config: JobConfig, spark: "SparkSession | None",
+                 say: Progress, stages: _Stages, model_name: str,
+                 lock: "RegistryLock | None") -> None:
+        from models.registry import Registry
+
+        self.settings, self.config, self.say, self.stages = settings, config, say, stages
+        self.model_name, self.lock = model_name, lock
+        self.data_uri = config.data_uri or settings.lake_uri
+        self.storage = settings.storage_options
+        self.registry = Registry(settings.registry_uri, self.storage)
+        self.spark = spark
+        self.own_session = spark is None
+        self.configs = config.train_configs()
+
+    def list_files(self) -> tuple[list[str], "datetime | None"]:
+        """The dataset's files (within the window); listing fails fast, before Spark starts,
+        when the store is down or empty."""
+        from lake.reader import list_parquet_files, window_start, within_window
+
+        config = self.config
         since = window_start(config.window_days)
-        # Listing first fails fast (before Spark starts) when the store is down or empty.
-        with stages.stage("list"):
-            all_files = list_parquet_files(data_uri, storage)
+        with self.stages.stage("list"):
+            all_files = list_parquet_files(self.data_uri, self.storage)
             files = within_window(all_files, since)
             if not files:
-                raise DataError(f"no Parquet files under {data_uri}"
+                raise DataError(f"no Parquet files under {self.data_uri}"
                                 + (f" in the last {config.window_days} days" if since else ""))
-        say(f"{len(files)} Parquet files under {data_uri}"
-            + (f" (last {config.window_days} days: {len(all_files) - len(files)} older files "
-               "skipped)" if since else ""))
+        self.say(f"{len(files)} Parquet files under {self.data_uri}"
+                 + (f" (last {config.window_days} days: {len(all_files) - len(files)} older "
+                    "files skipped)" if since else ""))
+        return files, since
 
-        with stages.stage("spark session"):
-            if spark is None:
+    def start(self) -> "SparkSession":
+        """The Spark session (created unless given), then the run lock confirmed: from here a
+        lost lock stops the run at the next stage."""
+        with self.stages.stage("spark session"):
+            if self.spark is None:
                 from batch.spark import get_session
-                spark = get_session(master=settings.spark_master,
-                                    driver_memory=settings.spark_driver_memory,
-                                    driver_host=settings.spark_driver_host,
-                                    driver_bind=settings.spark_driver_bind)
 
-        if lock is not None:
-            with stages.stage("lock check"):
-                lock.confirm()
-            # From here a lost lock stops the run at the next stage; before each step that
-            # changes the registry or the update topic the lock is read from the store again.
-            stages.guard = lock.raise_if_lost
+                settings = self.settings
+                self.spark = get_session(master=settings.spark_master,
+                                         driver_memory=settings.spark_driver_memory,
+                                         driver_host=settings.spark_driver_host,
+                                         driver_bind=settings.spark_driver_bind)
+        if self.lock is not None:
+            with self.stages.stage("lock check"):
+                self.lock.confirm()
+            # Before each step that changes the registry or the update topic the lock is also
+            # read from the store again.
+            self.stages.guard = self.lock.raise_if_lost
+        return self.spark
 
-        with stages.stage("read"):
-            raw = read_parquet(spark, data_uri, storage, files=files)
+    def read(self, spark: "SparkSession", files: list[str], since: "datetime | None"
+             ) -> tuple[Any, list[str], int]:
+        """The dataset as a cached DataFrame, its feature columns and its row count."""
+        from lake.reader import read_parquet
+
+        config = self.config
+        with self.stages.stage("read"):
+            raw = read_parquet(spark, self.data_uri, self.storage, files=files)
             features = prepare.feature_columns(raw.dtypes, config.id_col, config.label_col,
                                                config.exclude_cols)
             if since is not None and "ts" in raw.columns and "ts" not in features:
                 raw = prepare.filter_since(raw, "ts", int(since.timestamp() * 1000))
             # Cached so that the store is read once; every later step starts from here.
             raw = raw.persist()
-            rows_read = raw.count()
-        say(f"read {rows_read} rows with {len(features)} features from {data_uri}")
+            rows_read = int(raw.count())
+        self.say(f"read {rows_read} rows with {len(features)} features from {self.data_uri}")
+        return raw, features, rows_read
 
-        with stages.stage("clean and split"):
+    def clean_and_split(self, raw: Any, features: list[str], rows_read: int) -> _Data:
+        """Labelled rows with one row per id, split into train, validation and test."""
+        config = self.config
+        with self.stages.stage("clean and split"):
             cleaned = prepare.clean(raw, features, config.id_col, config.label_col)
-            data = prepare.add_split(cleaned, config.id_col, config.seed, config.test_fraction,
-                                     config.val_fraction).persist()
+            frame = prepare.add_split(cleaned, config.id_col, config.seed, config.test_fraction,
+                                      config.val_fraction).persist()
             try:
-                counts = prepare.split_class_counts(data, config.label_col)
+                counts = prepare.split_class_counts(frame, config.label_col)
             finally:
                 raw.unpersist()
             classes = prepare.check_splits(counts, config.label_col)
-        rows = {"read": int(rows_read)}
+        rows = {"read": rows_read}
         rows.update({split: sum(c.values()) for split, c in counts.items()})
         rows["usable"] = rows[prepare.TRAIN] + rows[prepare.VALIDATION] + rows[prepare.TEST]
-        say(f"{rows['usable']} usable rows (train {rows['train']}, val {rows['val']}, "
-            f"test {rows['test']}; {rows['read'] - rows['usable']} dropped: unlabelled or "
-            f"duplicate ids); classes {classes}")
+        self.say(f"{rows['usable']} usable rows (train {rows['train']}, val {rows['val']}, "
+                 f"test {rows['test']}; {rows['read'] - rows['usable']} dropped: unlabelled or "
+                 f"duplicate ids); classes {classes}")
+        return _Data(frame, features, list(classes), counts, rows)
 
-        state = UpdateState(active=None, pinned=None)
-        active: LoadedModel | None = None
-        # Why an active model that exists cannot be compared with: the policy then rejects.
-        active_unavailable: str | None = None
-        if config.compare_active or config.keep_versions > 0:
-            with stages.stage("active model"):
-                # Verified as a worker verifies it: a version that fails is refused, and the
-                # active one is the newest (or pinned) version that loads.
-                verified: dict[str, LoadedModel] = {}
+    def active_model(self) -> _Active:
+        """What serves now, by the update topic's fold, verified as a worker verifies it (a
+        version that fails is refused), and loaded when the policy compares with it."""
+        from batch.active import UpdateState, read_update_state
 
-                def verify(ref: Any) -> None:
-                    verified[ref.version] = registry.load_ref(ref)
+        config, registry, say = self.config, self.registry, self.say
+        if not (config.compare_active or config.keep_versions > 0):
+            return _Active(UpdateState(active=None, pinned=None))
+        with self.stages.stage("active model"):
+            verified: dict[str, LoadedModel] = {}
 
-                state = read_update_state(settings, model_name, registry=registry,
-                                          verify=verify)
-                version = state.active_version
-                if version and config.compare_active:
-                    active = verified.get(version)
-                    if active is None:  # the registry's newest: not verified on the topic
-                        try:
-                            ref = (state.active
-                                   if state.active and state.active.version == version
-                                   else registry.ref(model_name, version))
-                            active = registry.load_ref(ref)
-                        except ModelError as exc:
-                            active_unavailable = f"it does not load: {exc}"
-                            say(f"cannot load the active model {version} to compare with: "
-                                f"{exc}")
-                verified.clear()
-            say(f"active model: {state.active_version or 'none'} (from the {state.source})"
-                + (f", pinned {state.pinned}" if state.pinned else "")
-                + (f"; refused (artifact does not verify): {sorted(state.refused)}"
-                   if state.refused else ""))
+            def verify(ref: Any) -> None:
+                verified[ref.version] = registry.load_ref(ref)
 
-        # The version serving now, whether or not it could be loaded to compare with.
-        active_version = state.active_version if config.compare_active else None
+            active = _Active(read_update_state(self.settings, self.model_name,
+                                               registry=registry, verify=verify))
+            state, version = active.state, active.version
+            if version and config.compare_active:
+                active.model = verified.get(version)
+                if active.model is None:  # the registry's newest: not verified on the topic
+                    try:
+                        ref = (state.active if state.active and state.active.version == version
+                               else registry.ref(self.model_name, version))
+                        active.model = registry.load_ref(ref)
+                    except ModelError as exc:
+                        active.unavailable = f"it does not load: {exc}"
+                        say(f"cannot load the active model {version} to compare with: {exc}")
+        say(f"active model: {state.active_version or 'none'} (from the {state.source})"
+            + (f", pinned {state.pinned}" if state.pinned else "")
+            + (f"; refused (artifact does not verify): {sorted(state.refused)}"
+               if state.refused else ""))
+        return active
 
+    def preprocess(self, data: _Data, active: _Active) -> _Prepared:
+        """Preprocessing fitted on the training split, and every split collected through it."""
+        from models.preprocessing import preprocessor_from_stats
+
+        config, features = self.config, data.features
         try:
-            with stages.stage("fit preprocessing"):
-                train_rows = data.where(data[prepare.SPLIT_COL] == prepare.TRAIN)
+            with self.stages.stage("fit preprocessing"):
+                train_rows = data.frame.where(data.frame[prepare.SPLIT_COL] == prepare.TRAIN)
                 stats = prepare.feature_statistics(train_rows, features)
                 preprocessor = preprocessor_from_stats(features, *stats)
                 constant = prepare.constant_features(features, *stats)
             if constant:
-                say(f"{len(constant)} constant feature(s) carry no information (kept, "
-                    f"standardised to 0): {constant[:10]}")
-            with stages.stage("collect"):
-                arrays = prepare.collect_preprocessed(data, features, preprocessor, classes,
-                                                      config.id_col, config.label_col)
-                reference_inputs = prepare.reference_rows(data, features, _REFERENCE_ROWS)
-                X_raw_test = (prepare.collect_raw(data, features, config.id_col)
-                              if active is not None else None)
+                self.say(f"{len(constant)} constant feature(s) carry no information (kept, "
+                         f"standardised to 0): {constant[:10]}")
+            with self.stages.stage("collect"):
+                arrays = prepare.collect_preprocessed(data.frame, features, preprocessor,
+                                                      data.classes, config.id_col,
+                                                      config.label_col)
+                reference_inputs = prepare.reference_rows(data.frame, features,
+                                                          _REFERENCE_ROWS)
+                X_raw_test = (prepare.collect_raw(data.frame, features, config.id_col)
+                              if active.model is not None else None)
         finally:
-            data.unpersist()
+            data.frame.unpersist()
+        return _Prepared(preprocessor, constant, arrays, reference_inputs, X_raw_test)
 
-        X_train, y_train = arrays[prepare.TRAIN]
-        X_val, y_val = arrays[prepare.VALIDATION]
-        X_test, y_test = arrays[prepare.TEST]
-        say(f"{len(configs)} candidate{'s' if len(configs) > 1 else ''} "
-            f"({config.search if len(configs) > 1 else 'as configured'}): "
-            + "; ".join(describe(_params(c)) for c in configs))
-        with stages.stage("train"):
+    def train(self, spark: "SparkSession", prepared: _Prepared, n_classes: int
+              ) -> list[TrainResult]:
+        """Every candidate of the search, trained on the training split."""
+        import torch
+
+        from batch.candidates import train_candidates
+        from batch.search import describe
+
+        config, configs = self.config, self.configs
+        X_train, y_train = prepared.arrays[prepare.TRAIN]
+        X_val, y_val = prepared.arrays[prepare.VALIDATION]
+        self.say(f"{len(configs)} candidate{'s' if len(configs) > 1 else ''} "
+                 f"({config.search if len(configs) > 1 else 'as configured'}): "
+                 + "; ".join(describe(_params(c)) for c in configs))
+        with self.stages.stage("train"):
             torch.set_num_threads(config.threads)
-            staging = config.staging_uri or f"{settings.registry_uri.rstrip('/')}/_staging"
-            results = train_candidates(
-                Arrays(X_train, y_train, X_val, y_val, len(classes)), configs,
+            staging = (config.staging_uri
+                       or f"{self.settings.registry_uri.rstrip('/')}/_staging")
+            return train_candidates(
+                Arrays(X_train, y_train, X_val, y_val, n_classes), configs,
                 threads=config.threads, parallelism=config.parallelism,
                 distributed=config.distributed, spark=spark,
                 staging_uri=staging if config.distributed else None,
-                storage_options=storage, progress=say)
+                storage_options=self.storage, progress=self.say)
 
-        with stages.stage("evaluate"):
+    def evaluate(self, data: _Data, prepared: _Prepared, results: list[TrainResult],
+                 active: _Active) -> _Evaluation:
+        """The candidates' validation and test figures, the choice (on validation only), the
+        active model on the same test rows, and the policy's decision."""
+        config = self.config
+        X_val, y_val = prepared.arrays[prepare.VALIDATION]
+        X_test, y_test = prepared.arrays[prepare.TEST]
+        unavailable = active.unavailable
+        with self.stages.stage("evaluate"):
             reports = []
-            for i, (train_config, trained) in enumerate(zip(configs, results)):
+            for i, (train_config, trained) in enumerate(zip(self.configs, results)):
                 val_loss, val_accuracy = _validation_figures(trained.module, X_val, y_val)
                 test = classification_metrics(y_test, _predict_proba(trained.module, X_test))
                 reports.append(CandidateReport(
@@ -538,37 +636,58 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                 reports[i].val_loss if reports[i].val_loss is not None
                 else reports[i].test["log_loss"], i))
             reports[best].chosen = True
-            result, metrics = results[best], dict(reports[best].test)
-            baseline = majority_rate(counts[prepare.TEST])
+            metrics: dict[str, Any] = dict(reports[best].test)
+            baseline = majority_rate(data.counts[prepare.TEST])
             metrics["baseline_accuracy"] = baseline
-            active_metrics, comparison = None, "no active model"
-            if active is not None and X_raw_test is not None:
-                active_metrics, comparison = _active_on_test(active, list(features), classes,
-                                                             X_raw_test, y_test)
+            active_metrics: dict[str, float] | None = None
+            if active.model is not None and prepared.X_raw_test is not None:
+                active_metrics, comparison = _active_on_test(
+                    active.model, list(data.features), data.classes, prepared.X_raw_test,
+                    y_test)
                 if active_metrics is None:
-                    active_unavailable = comparison
-                    say(f"cannot compare with the active model {active.version}: {comparison}")
+                    unavailable = comparison
+                    self.say(f"cannot compare with the active model {active.model.version}: "
+                             f"{comparison}")
             decision = evaluate_policy(
                 metrics, baseline, min_accuracy=config.min_accuracy, metric=config.metric,
                 active_metrics=active_metrics if config.compare_active else None,
-                active_version=active_version, tolerance=config.compare_tolerance,
-                active_unavailable=active_unavailable if config.compare_active else None)
+                active_version=self._active_version(active),
+                tolerance=config.compare_tolerance,
+                active_unavailable=unavailable if config.compare_active else None)
         if len(reports) > 1:
-            say(f"chose candidate {best + 1}/{len(reports)} (lowest validation loss)")
-        say("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                            if isinstance(v, float)) + f"; {decision.reason}")
+            self.say(f"chose candidate {best + 1}/{len(reports)} (lowest validation loss)")
+        self.say("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                 if isinstance(v, float))
+                 + f"; {decision.reason}")
+        return _Evaluation(reports, best, results[best], metrics, decision, active_metrics)
 
+    def _active_version(self, active: _Active) -> str | None:
+        """The version serving now, whether or not it could be loaded to compare with."""
+        return active.version if self.config.compare_active else None
+
+    def result(self, data: _Data, prepared: _Prepared, active: _Active,
+               evaluation: _Evaluation) -> JobResult:
+        """The manifest of the chosen candidate (reference outputs from the serving code path
+        itself) and the run's result, not published yet."""
+        import torch
+
+        from models.loaded import LoadedModel
+        from models.manifest import Manifest
+
+        config, best, result = self.config, evaluation.best, evaluation.result
+        decision, reports = evaluation.decision, evaluation.reports
+        active_version = self._active_version(active)
         training = {
-            "data": data_uri, "id_col": config.id_col, "label_col": config.label_col,
-            "rows": rows, "window_days": config.window_days,
+            "data": self.data_uri, "id_col": config.id_col, "label_col": config.label_col,
+            "rows": data.rows, "window_days": config.window_days,
             "class_counts": {split: {str(c): n for c, n in sorted(cc.items())}
-                             for split, cc in counts.items()},
-            "constant_features": constant,
+                             for split, cc in data.counts.items()},
+            "constant_features": prepared.constant,
             "seed": config.seed, "test_fraction": config.test_fraction,
-            "val_fraction": config.val_fraction, "epochs": configs[best].epochs,
+            "val_fraction": config.val_fraction, "epochs": self.configs[best].epochs,
             "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
             "stopped": result.stopped, "batch_size": result.batch_size,
-            "lr": configs[best].lr, "optimizer": "adam", "loss": "cross_entropy",
+            "lr": self.configs[best].lr, "optimizer": "adam", "loss": "cross_entropy",
             "train_seconds": round(result.seconds, 3),
             "history": [{k: round(v, 6) for k, v in h.items()} for h in result.history],
             "search": {"method": config.search, "candidates": len(reports),
@@ -578,66 +697,95 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
                                     "seconds": r.seconds} for r in reports]},
             "distributed_processes": config.distributed,
             "active_version": active_version,
-            "active_metrics": active_metrics, "policy": decision.reason,
+            "active_metrics": evaluation.active_metrics, "policy": decision.reason,
             "torch": torch.__version__,
         }
         draft = Manifest(
-            name=model_name, features=list(features), classes=list(classes),
-            preprocessing=preprocessor.to_dict(), architecture=result.module.architecture(),
-            metrics=metrics, training=training, forced=not decision.accepted)
-        # Reference probabilities come from the serving code path itself.
+            name=self.model_name, features=list(data.features), classes=list(data.classes),
+            preprocessing=prepared.preprocessor.to_dict(),
+            architecture=result.module.architecture(), metrics=evaluation.metrics,
+            training=training, forced=not decision.accepted)
         candidate = LoadedModel(draft, result.module)
-        draft.reference = {"inputs": reference_inputs.tolist(),
-                           "probabilities": candidate.predict_proba(reference_inputs).tolist(),
-                           "atol": _REFERENCE_ATOL}
+        draft.reference = {
+            "inputs": prepared.reference_inputs.tolist(),
+            "probabilities": candidate.predict_proba(prepared.reference_inputs).tolist(),
+            "atol": _REFERENCE_ATOL}
+        return JobResult(
+            published=False, decision=decision, forced=False, model_name=self.model_name,
+            data_uri=self.data_uri, features=list(data.features), classes=list(data.classes),
+            rows=data.rows, metrics=evaluation.metrics, training=training, manifest=draft,
+            timings=self.stages.timings, candidates=reports, active_version=active_version,
+            active_metrics=evaluation.active_metrics, constant_features=prepared.constant,
+            arrays=prepared.arrays if config.keep_arrays else None)
 
-        job = JobResult(published=False, decision=decision, forced=False, model_name=model_name,
-                        data_uri=data_uri, features=list(features), classes=list(classes),
-                        rows=rows, metrics=metrics, training=training, manifest=draft,
-                        timings=stages.timings, candidates=reports,
-                        active_version=active_version,
-                        active_metrics=active_metrics, constant_features=constant,
-                        arrays=arrays if config.keep_arrays else None)
-        if not decision.accepted and not config.force:
-            say(f"candidate rejected: {decision.reason}")
-            return job
-        if not decision.accepted:
-            say("publishing anyway (--force); the manifest records \"forced\": true")
+    def publish(self, job: JobResult, module: Any, active: _Active) -> None:
+        """Every file, then the manifest; the announcement on the update topic; old
+        generations pruned. The run lock is read again before each of the three."""
+        from batch.announce import announce
 
-        verify_lock = lock.check if lock is not None else None
-        with stages.stage("publish"):
+        config, registry, say = self.config, self.registry, self.say
+        assert job.manifest is not None
+        verify_lock = self.lock.check if self.lock is not None else None
+        with self.stages.stage("publish"):
             try:
-                job.ref = registry.publish(result.module, draft, onnx=config.onnx,
+                job.ref = registry.publish(module, job.manifest, onnx=config.onnx,
                                            before_manifest=verify_lock)
             except ModelError as exc:
-                raise StorageError(f"cannot publish {model_name}: {exc}") from exc
-        job.published, job.forced = True, not decision.accepted
+                raise StorageError(f"cannot publish {self.model_name}: {exc}") from exc
+        job.published, job.forced = True, not job.decision.accepted
         say(f"published {job.ref.name}/{job.ref.version} at {job.ref.manifest_uri}")
         if config.announce:
-            with stages.stage("announce"):
+            with self.stages.stage("announce"):
                 if verify_lock is not None:
                     verify_lock()
-                announce(settings, job.ref)
-            say(f"announced MODEL-REF on {settings.updates_topic!r}")
+                announce(self.settings, job.ref)
+            say(f"announced MODEL-REF on {self.settings.updates_topic!r}")
         if config.keep_versions > 0:
-            with stages.stage("prune"):
+            with self.stages.stage("prune"):
                 # The new version becomes the active one once workers hear it; until then
                 # the one serving now must stay too, as must a pinned one.
-                protect = state.protected() | {job.ref.version}
+                protect = active.state.protected() | {job.ref.version}
                 if verify_lock is not None:
                     verify_lock()
                 try:
-                    job.pruned = registry.prune(model_name, config.keep_versions, protect)
+                    job.pruned = registry.prune(self.model_name, config.keep_versions, protect)
                 except ModelError as exc:  # a leftover generation is no reason to fail
                     say(f"could not prune old versions: {exc}")
             if job.pruned:
                 say(f"removed {len(job.pruned)} old version(s), keeping "
                     f"{config.keep_versions} and {sorted(protect - {job.ref.version})}: "
                     f"{job.pruned}")
+
+    def stop(self) -> None:
+        """Stop the Spark session if this run created it."""
+        if self.own_session and self.spark is not None:
+            self.spark.stop()
+
+
+def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | None",
+                say: Progress, stages: _Stages, model_name: str,
+                lock: "RegistryLock | None" = None) -> JobResult:
+    """read -> clean and split -> active model -> preprocess -> train -> evaluate -> publish."""
+    run = _Run(settings, config, spark, say, stages, model_name, lock)
+    try:
+        files, since = run.list_files()
+        session = run.start()
+        raw, features, rows_read = run.read(session, files, since)
+        data = run.clean_and_split(raw, features, rows_read)
+        active = run.active_model()
+        prepared = run.preprocess(data, active)
+        results = run.train(session, prepared, len(data.classes))
+        evaluation = run.evaluate(data, prepared, results, active)
+        job = run.result(data, prepared, active, evaluation)
+        if not evaluation.decision.accepted and not config.force:
+            say(f"candidate rejected: {evaluation.decision.reason}")
+            return job
+        if not evaluation.decision.accepted:
+            say("publishing anyway (--force); the manifest records \"forced\": true")
+        run.publish(job, evaluation.result.module, active)
         return job
     finally:
-        if own_session and spark is not None:
-            spark.stop()
+        run.stop()
 
 
 def _params(config: TrainConfig) -> dict[str, Any]:
