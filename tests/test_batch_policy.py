@@ -82,16 +82,14 @@ def test_a_candidate_worse_than_the_active_model_is_not_published(
     assert relaxed.published
 
 
-def test_an_active_model_that_does_not_load_rejects_the_candidate(
+def test_an_active_model_that_cannot_be_scored_rejects_the_candidate(
         spark: Any, settings_env: Callable[..., dict[str, str]], kafka_broker: Any) -> None:
     """Fail closed: a candidate that cannot be compared with the serving model is not
-    published; it might be worse."""
+    published; it might be worse. Here the serving model predicts other classes."""
     settings = Settings.from_env(settings_env())
     registry = Registry(settings.registry_uri, settings.storage_options)
-    active = publish_small_model(registry, "default", ["x", "y", "hint"], ["neg", "pos"])
+    active = publish_small_model(registry, "default", ["x", "y", "hint"], ["no", "yes"])
     run(announce(kafka_broker.bootstrap, settings.updates_topic, active.to_message()))
-    fs = s3fs.S3FileSystem(**settings.storage_options)
-    fs.pipe_file(active.manifest_uri.rsplit("/", 1)[0] + "/model.pt", b"not a state dict")
     uri = write_dataset(settings, "xor", xor_table(1500, seed=3))
     lines: list[str] = []
     result = run_job(settings, JobConfig(data_uri=uri, announce=False,
@@ -100,9 +98,32 @@ def test_an_active_model_that_does_not_load_rejects_the_candidate(
     assert not result.published and result.exit_code == EXIT_REJECTED
     assert result.active_version == active.version
     assert result.decision.reason.startswith(
-        f"cannot compare with the active model {active.version}: it does not load")
+        f"cannot compare with the active model {active.version}: the active model's classes")
     assert any(line.startswith("candidate rejected: cannot compare") for line in lines)
     assert registry.versions("default") == [active.version]
+
+
+def test_an_announced_version_whose_artifact_is_bad_is_not_the_active_model(
+        spark: Any, settings_env: Callable[..., dict[str, str]], kafka_broker: Any) -> None:
+    """A version that does not verify serves nowhere (workers refuse it and fall back), so the
+    candidate is compared with the version they fall back to: here the one before it."""
+    settings = Settings.from_env(settings_env())
+    registry = Registry(settings.registry_uri, settings.storage_options)
+    older = publish_small_model(registry, "default", ["x", "y", "hint"], ["neg", "pos"])
+    newer = publish_small_model(registry, "default", ["x", "y", "hint"], ["neg", "pos"], seed=1)
+    for ref in (older, newer):
+        run(announce(kafka_broker.bootstrap, settings.updates_topic, ref.to_message()))
+    fs = s3fs.S3FileSystem(**settings.storage_options)
+    fs.pipe_file(newer.manifest_uri.rsplit("/", 1)[0] + "/model.pt", b"not a state dict")
+    uri = write_dataset(settings, "xor", xor_table(1500, seed=3))
+    lines: list[str] = []
+    result = run_job(settings, JobConfig(data_uri=uri, announce=False,
+                                         **{**GOOD, "epochs": 2}),
+                     spark=spark, progress=lines.append)
+    assert result.active_version == older.version
+    assert result.active_metrics is not None  # compared with the fallback on the test rows
+    assert any(f"refused (artifact does not verify): ['{newer.version}']" in line
+               for line in lines)
 
 
 def test_generations_keep_the_newest_the_active_and_the_pinned_version(
