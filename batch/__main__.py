@@ -238,11 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def error_reason(exc: BaseException) -> str:
-    from app.settings import SettingsError
-    from batch.errors import BatchError, LakeError
-    from models.errors import ModelError
+    from app.errors import StratumError
 
-    if isinstance(exc, (BatchError, LakeError, ModelError, SettingsError, ValueError)):
+    # Stratum's own errors (an update-topic MessageError included) and bad settings
+    # (SettingsError is a ValueError) carry a complete one-line reason.
+    if isinstance(exc, (StratumError, ValueError)):
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     module = type(exc).__module__ or ""
     if module.startswith(("pyspark", "py4j")):

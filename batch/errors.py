@@ -5,13 +5,14 @@ by the reader and by the job's own steps.
 """
 from __future__ import annotations
 
+from app.errors import StratumError
 from lake.errors import DataError, LakeError, StorageError
 
 __all__ = ["BatchError", "LakeError", "DataError", "StorageError", "AnnounceError",
            "TrainingError", "LockError", "LockLostError"]
 
 
-class BatchError(Exception):
+class BatchError(StratumError):
     """Base class of batch-layer failures; ``str(err)`` is a complete one-line reason."""
 
 

@@ -1,10 +1,12 @@
 """The exceptions reading the lake raises; ``str(err)`` is a complete one-line reason."""
 from __future__ import annotations
 
+from app.errors import StratumError
+
 __all__ = ["LakeError", "DataError", "StorageError"]
 
 
-class LakeError(Exception):
+class LakeError(StratumError):
     """Base class of the lake's failures."""
 
 
