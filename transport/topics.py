@@ -51,8 +51,8 @@ def scored_topic_spec(settings: Settings) -> TopicSpec:
 
 
 def topic_spec(settings: Settings, name: str) -> TopicSpec:
-    """The spec of Stratum's topic ``name`` (one of :func:`topic_specs`, or the scored one)."""
-    for spec in [*topic_specs(settings), scored_topic_spec(settings)]:
+    """The spec of Stratum's topic ``name`` (one of :func:`topic_specs`)."""
+    for spec in topic_specs(settings):
         if spec.name == name:
             return spec
     raise KeyError(f"{name!r} is not one of Stratum's topics")
@@ -70,6 +70,10 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         # starts reads the whole history and lands on the newest announced version.
         TopicSpec(settings.updates_topic, 1, {"retention.ms": "-1", "retention.bytes": "-1"}),
         TopicSpec(settings.metrics_topic, 1),
+        # Created here too, before any consumer subscribes: a group that is assigned
+        # partitions while it is missing leaves the speed layer without a learner until the
+        # next rebalance.
+        scored_topic_spec(settings),
     ]
 
 
