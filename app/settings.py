@@ -7,8 +7,8 @@ The fields are declared by layer (:class:`KafkaSettings`, :class:`StorageSetting
 :class:`ServingSettings`, :class:`SpeedSettings`, :class:`ArchiveSettings`,
 :class:`BatchSettings`, :class:`SparkSettings`), each with the checks of its own values;
 :class:`Settings` inherits them all, so the code reads ``settings.kafka_broker`` whatever the
-layer. Each field's ``validation_alias`` is its environment variable, its ``description`` its
-meaning.
+layer. A field's environment variable is its name in upper case (or its ``validation_alias``),
+and its docstring says what it means.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import functools
 import os
 import re
 import types
-from typing import Any, ClassVar, Mapping, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Mapping, Union, get_args, get_origin
 from urllib.parse import urlparse
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AliasGenerator, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -48,11 +48,6 @@ class SettingsError(ValueError):
     """A setting has a value Stratum cannot use; the message names the variable."""
 
 
-def _setting(default: Any, env: str, help: str, *, secret: bool = False) -> Any:
-    """Declare a field read from environment variable ``env``, meaning ``help``."""
-    return Field(default, validation_alias=env, description=help, repr=not secret)
-
-
 def _check(ok: bool, expected: str) -> None:
     """A field check: pydantic reports the failure with the variable and the value given."""
     if not ok:
@@ -73,8 +68,12 @@ class _Section(BaseSettings):
     them all, and one of the same name would hide another."""
 
     # The defaults are valid as declared: only given values are checked.
-    model_config = SettingsConfigDict(frozen=True, extra="ignore", validate_by_name=True,
-                                      validate_by_alias=True, validate_default=False)
+    # A field's environment variable is its name in upper case unless it gives another
+    # (``validation_alias``); its docstring is its ``description``.
+    model_config = SettingsConfigDict(
+        frozen=True, extra="ignore", validate_by_name=True, validate_by_alias=True,
+        validate_default=False, alias_generator=AliasGenerator(validation_alias=str.upper),
+        use_attribute_docstrings=True)
 
     @classmethod
     def settings_customise_sources(
@@ -109,36 +108,32 @@ class _Section(BaseSettings):
 class KafkaSettings(_Section):
     """Kafka and topics."""
 
-    kafka_broker: str = _setting(
-        "kafka://127.0.0.1:9092", "KAFKA_BROKER",
-        "Kafka bootstrap servers, `kafka://host:port[;host:port]`.")
-    app_id: str = _setting(
-        "stratum", "STRATUM_APP_ID",
-        "Faust application id: consumer group and changelog prefix.")
-    events_topic: str = _setting("events", "EVENTS_TOPIC", "Input topic.")
-    predictions_topic: str = _setting(
-        "predictions", "PREDICTIONS_TOPIC", "Output topic of predictions.")
-    dlq_topic: str = _setting(
-        "events-dlq", "DLQ_TOPIC", "Dead-letter topic for input that cannot be served.")
-    updates_topic: str = _setting(
-        "model-updates", "UPDATES_TOPIC", "Model update topic (MODEL-REF and UP messages).")
-    metrics_topic: str = _setting(
-        "metrics", "METRICS_TOPIC", "Topic where runtime metrics are broadcast.")
-    kafka_prefix: str = _setting(
-        "", "KAFKA_PREFIX", "Put before every topic name and STRATUM_APP_ID (so before every "
-        "consumer group and changelog), so that several deployments share one cluster.")
-    topic_partitions: int = _setting(
-        4, "TOPIC_PARTITIONS", "Partitions of the events and predictions topics when created.")
-    topic_replication_factor: int = _setting(
-        1, "TOPIC_REPLICATION_FACTOR",
-        "Replicas of every topic and changelog Stratum creates (3 on a production cluster).")
-    topic_min_insync_replicas: int = _setting(
-        0, "TOPIC_MIN_INSYNC_REPLICAS",
-        "min.insync.replicas of the topics Stratum creates; 0 keeps the broker's default.")
-    worker_session_timeout_s: float = _setting(
-        60.0, "WORKER_SESSION_TIMEOUT_S",
-        "How long the group waits for a silent worker (crashed, frozen, cut off) before its "
-        "partitions go to the others; a shorter one fails over sooner.")
+    kafka_broker: str = "kafka://127.0.0.1:9092"
+    """Kafka bootstrap servers, `kafka://host:port[;host:port]`."""
+    app_id: str = Field("stratum", validation_alias="STRATUM_APP_ID")
+    """Faust application id: consumer group and changelog prefix."""
+    events_topic: str = "events"
+    """Input topic."""
+    predictions_topic: str = "predictions"
+    """Output topic of predictions."""
+    dlq_topic: str = "events-dlq"
+    """Dead-letter topic for input that cannot be served."""
+    updates_topic: str = "model-updates"
+    """Model update topic (MODEL-REF and UP messages)."""
+    metrics_topic: str = "metrics"
+    """Topic where runtime metrics are broadcast."""
+    kafka_prefix: str = ""
+    """Put before every topic name and STRATUM_APP_ID (so before every consumer group and
+    changelog), so that several deployments share one cluster."""
+    topic_partitions: Annotated[int, Field(ge=1)] = 4
+    """Partitions of the events and predictions topics when created."""
+    topic_replication_factor: Annotated[int, Field(ge=1)] = 1
+    """Replicas of every topic and changelog Stratum creates (3 on a production cluster)."""
+    topic_min_insync_replicas: int = 0
+    """min.insync.replicas of the topics Stratum creates; 0 keeps the broker's default."""
+    worker_session_timeout_s: Annotated[float, Field(ge=10, le=1800)] = 60.0
+    """How long the group waits for a silent worker (crashed, frozen, cut off) before its
+    partitions go to the others; a shorter one fails over sooner."""
 
     @model_validator(mode="before")
     @classmethod
@@ -184,19 +179,6 @@ class KafkaSettings(_Section):
                "expected 1-200 letters, digits, '.', '_' or '-'")
         return value
 
-    @field_validator("topic_partitions", "topic_replication_factor")
-    @classmethod
-    def _kafka_counts(cls, value: int) -> int:
-        _check(value >= 1, "expected a positive integer")
-        return value
-
-    @field_validator("worker_session_timeout_s")
-    @classmethod
-    def _session_timeout(cls, value: float) -> float:
-        # Faust heartbeats every 3 s; the broker allows 6 s to 30 min by default.
-        _check(10 <= value <= 1800, "expected seconds from 10 to 1800")
-        return value
-
     @model_validator(mode="after")
     def _min_insync_replicas(self) -> "KafkaSettings":
         if not 0 <= self.topic_min_insync_replicas <= self.topic_replication_factor:
@@ -217,21 +199,18 @@ class KafkaSettings(_Section):
 class StorageSettings(_Section):
     """S3, lake and registry."""
 
-    s3_endpoint_url: str | None = _setting(
-        EMBEDDED_S3_ENDPOINT, "S3_ENDPOINT_URL",
-        "S3-API endpoint; set it empty to use real AWS S3.")
-    aws_access_key_id: str | None = _setting(
-        None, "AWS_ACCESS_KEY_ID", "S3 access key; unset: the standard AWS credential chain "
-        "(S3RVER at the embedded server's default endpoint).")
-    aws_secret_access_key: str | None = _setting(
-        None, "AWS_SECRET_ACCESS_KEY", "S3 secret key; unset: the standard AWS credential "
-        "chain (S3RVER at the embedded server's default endpoint).", secret=True)
-    lake_uri: str = _setting(
-        "s3://stratum/lake/events", "LAKE_URI",
-        "Where archived input lives as Parquet (dt=/hour= partitions).")
-    registry_uri: str = _setting(
-        "s3://stratum/models", "REGISTRY_URI",
-        "Model registry root: <model>/<version>/manifest.json + weights.")
+    s3_endpoint_url: str | None = EMBEDDED_S3_ENDPOINT
+    """S3-API endpoint; set it empty to use real AWS S3."""
+    aws_access_key_id: str | None = None
+    """S3 access key; unset: the standard AWS credential chain (S3RVER at the embedded server's
+    default endpoint)."""
+    aws_secret_access_key: str | None = Field(None, repr=False)
+    """S3 secret key; unset: the standard AWS credential chain (S3RVER at the embedded server's
+    default endpoint)."""
+    lake_uri: str = "s3://stratum/lake/events"
+    """Where archived input lives as Parquet (dt=/hour= partitions)."""
+    registry_uri: str = "s3://stratum/models"
+    """Model registry root: <model>/<version>/manifest.json + weights."""
 
     @field_validator("s3_endpoint_url")
     @classmethod
@@ -271,40 +250,34 @@ class StorageSettings(_Section):
 class ServingSettings(_Section):
     """Serving and web."""
 
-    model_name: str = _setting(
-        "default", "MODEL_NAME", "Which registry model this worker serves.")
-    web_bind: str = _setting("127.0.0.1", "WEB_BIND", "Address the worker's web server binds.")
-    web_port: int = _setting(6066, "WEB_PORT", "Port of the worker's web server.")
-    web_advertised_url: str | None = _setting(
-        None, "WEB_ADVERTISED_URL",
-        "URL the other workers reach this one at (default http://WEB_BIND:WEB_PORT, and "
-        "http://127.0.0.1:WEB_PORT when bound to every address).")
-    admin_token: str | None = _setting(
-        None, "ADMIN_TOKEN", "Bearer token for admin endpoints; unset disables them.",
-        secret=True)
-    data_dir: str = _setting(
-        ".stratum", "STRATUM_DATA_DIR", "Local directory for worker state (table caches).")
-    serving_batch_size: int = _setting(
-        512, "SERVING_BATCH_SIZE", "Largest micro-batch the serving path scores at once.")
-    serving_batch_ms: int = _setting(
-        20, "SERVING_BATCH_MS", "Longest a micro-batch waits to fill, in milliseconds.")
-    torch_threads: int = _setting(1, "TORCH_THREADS", "Threads torch may use for scoring.")
-    latest_retention_s: int = _setting(
-        900, "LATEST_RETENTION_S",
-        "How long the latest-prediction table keeps a row (store and changelog).")
-    metrics_interval_s: float = _setting(
-        10.0, "METRICS_INTERVAL_S", "Seconds between broadcasts on the metrics topic.")
+    model_name: str = "default"
+    """Which registry model this worker serves."""
+    web_bind: str = "127.0.0.1"
+    """Address the worker's web server binds."""
+    web_port: Annotated[int, Field(ge=1, le=65535)] = 6066
+    """Port of the worker's web server."""
+    web_advertised_url: str | None = None
+    """URL the other workers reach this one at (default http://WEB_BIND:WEB_PORT, and
+    http://127.0.0.1:WEB_PORT when bound to every address)."""
+    admin_token: Annotated[str, Field(min_length=8)] | None = Field(None, repr=False)
+    """Bearer token for admin endpoints; unset disables them."""
+    data_dir: str = Field(".stratum", validation_alias="STRATUM_DATA_DIR")
+    """Local directory for worker state (table caches)."""
+    serving_batch_size: Annotated[int, Field(ge=1)] = 512
+    """Largest micro-batch the serving path scores at once."""
+    serving_batch_ms: Annotated[int, Field(ge=0)] = 20
+    """Longest a micro-batch waits to fill, in milliseconds."""
+    torch_threads: Annotated[int, Field(ge=1)] = 1
+    """Threads torch may use for scoring."""
+    latest_retention_s: Annotated[int, Field(ge=5)] = 900
+    """How long the latest-prediction table keeps a row (store and changelog)."""
+    metrics_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    """Seconds between broadcasts on the metrics topic."""
 
     @field_validator("model_name")
     @classmethod
     def _model_name(cls, value: str) -> str:
         _check(bool(value) and "/" not in value, "expected a name without '/'")
-        return value
-
-    @field_validator("web_port")
-    @classmethod
-    def _port(cls, value: int) -> int:
-        _check(1 <= value <= 65535, "expected 1-65535")
         return value
 
     @field_validator("web_advertised_url")
@@ -314,36 +287,6 @@ class ServingSettings(_Section):
             parsed = urlparse(value)
             _check(parsed.scheme in ("http", "https") and bool(parsed.hostname),
                    "expected http(s)://host:port")
-        return value
-
-    @field_validator("admin_token")
-    @classmethod
-    def _token(cls, value: str | None) -> str | None:
-        _check(value is None or len(value) >= 8, "expected at least 8 characters")
-        return value
-
-    @field_validator("serving_batch_size", "torch_threads")
-    @classmethod
-    def _serving_counts(cls, value: int) -> int:
-        _check(value >= 1, "expected a positive integer")
-        return value
-
-    @field_validator("serving_batch_ms")
-    @classmethod
-    def _wait(cls, value: int) -> int:
-        _check(value >= 0, "expected milliseconds >= 0")
-        return value
-
-    @field_validator("latest_retention_s")
-    @classmethod
-    def _retention(cls, value: int) -> int:
-        _check(value >= 5, "expected seconds >= 5")
-        return value
-
-    @field_validator("metrics_interval_s")
-    @classmethod
-    def _interval(cls, value: float) -> float:
-        _check(value > 0, "expected seconds > 0")
         return value
 
     @property
@@ -358,58 +301,27 @@ class ServingSettings(_Section):
 class SpeedSettings(_Section):
     """Speed layer (speed/agent.py): incremental output-layer updates between rebuilds."""
 
-    speed_layer: bool = _setting(
-        True, "SPEED_LAYER", "On: learn from labelled events and publish UP updates.")
-    speed_window_s: float = _setting(
-        5.0, "SPEED_WINDOW_S", "Seconds between two speed-layer updates (when enough is new).")
-    speed_buffer: int = _setting(
-        3000, "SPEED_BUFFER", "Most recent labelled examples the speed layer learns from.")
-    speed_half_life: float = _setting(
-        500.0, "SPEED_HALF_LIFE", "Recency half-life of an example's weight, in examples.")
-    speed_min_examples: int = _setting(
-        100, "SPEED_MIN_EXAMPLES", "New labelled examples needed before the next update.")
-
-    @field_validator("speed_window_s")
-    @classmethod
-    def _window(cls, value: float) -> float:
-        _check(value > 0, "expected seconds > 0")
-        return value
-
-    @field_validator("speed_buffer", "speed_min_examples")
-    @classmethod
-    def _speed_counts(cls, value: int) -> int:
-        _check(value >= 1, "expected a positive integer")
-        return value
-
-    @field_validator("speed_half_life")
-    @classmethod
-    def _half_life(cls, value: float) -> float:
-        _check(value > 0, "expected a number of examples > 0")
-        return value
+    speed_layer: bool = True
+    """On: learn from labelled events and publish UP updates."""
+    speed_window_s: Annotated[float, Field(gt=0)] = 5.0
+    """Seconds between two speed-layer updates (when enough is new)."""
+    speed_buffer: Annotated[int, Field(ge=1)] = 3000
+    """Most recent labelled examples the speed layer learns from."""
+    speed_half_life: Annotated[float, Field(gt=0)] = 500.0
+    """Recency half-life of an example's weight, in examples."""
+    speed_min_examples: Annotated[int, Field(ge=1)] = 100
+    """New labelled examples needed before the next update."""
 
 
 class ArchiveSettings(_Section):
     """Archive of the input stream to the lake (lake/archive.py)."""
 
-    archive: bool = _setting(
-        True, "ARCHIVE", "On: workers archive valid input events to LAKE_URI as Parquet.")
-    archive_flush_s: float = _setting(
-        60.0, "ARCHIVE_FLUSH_S",
-        "Longest an archived event waits in memory before its file is written.")
-    archive_max_rows: int = _setting(
-        100000, "ARCHIVE_MAX_ROWS", "Most events of one input partition per archive file.")
-
-    @field_validator("archive_flush_s")
-    @classmethod
-    def _flush(cls, value: float) -> float:
-        _check(value > 0, "expected seconds > 0")
-        return value
-
-    @field_validator("archive_max_rows")
-    @classmethod
-    def _rows(cls, value: int) -> int:
-        _check(value >= 1, "expected a positive integer")
-        return value
+    archive: bool = True
+    """On: workers archive valid input events to LAKE_URI as Parquet."""
+    archive_flush_s: Annotated[float, Field(gt=0)] = 60.0
+    """Longest an archived event waits in memory before its file is written."""
+    archive_max_rows: Annotated[int, Field(ge=1)] = 100000
+    """Most events of one input partition per archive file."""
 
 
 class BatchSettings(_Section):
@@ -417,80 +329,58 @@ class BatchSettings(_Section):
     by '|' (e.g. "64,32|128") or a range "low:high", searched over by candidates; they are
     parsed when the job starts (batch/job.py)."""
 
-    batch_cron: str = _setting(
-        "0 2 * * *", "BATCH_CRON",
-        "When `python -m batch schedule` rebuilds the model (cron syntax).")
-    batch_id_col: str = _setting("id", "BATCH_ID_COL", "Id column of the batch input.")
-    batch_label_col: str = _setting(
-        "label", "BATCH_LABEL_COL", "Label column of the batch input.")
-    batch_epochs: str = _setting(
-        "3", "BATCH_EPOCHS", "Maximum training epochs (or alternatives/range to search).")
-    batch_hidden: str = _setting(
-        "500,1000,500", "BATCH_HIDDEN",
-        "Hidden layer sizes, e.g. 500,1000,500 (alternatives with '|').")
-    batch_dropout: str = _setting(
-        "0.4", "BATCH_DROPOUT", "Dropout (or alternatives/range to search).")
-    batch_batch_size: str = _setting(
-        "512", "BATCH_BATCH_SIZE", "Mini-batch rows (or alternatives/range to search).")
-    batch_lr: str = _setting(
-        "0.001", "BATCH_LR",
-        "Adam learning rate (or alternatives/range, searched log-uniformly).")
-    batch_seed: int = _setting(
-        0, "BATCH_SEED", "Seed of the split, the search, initialisation and shuffling.")
-    batch_max_train_seconds: float = _setting(
-        0.0, "BATCH_MAX_TRAIN_SECONDS", "Training time budget per candidate; 0 = none.")
-    batch_threads: int = _setting(
-        2, "BATCH_THREADS", "torch threads the batch job may use in all.")
-    batch_candidates: int = _setting(
-        1, "BATCH_CANDIDATES", "Hyper-parameter candidates to train and compare.")
-    batch_search: str = _setting(
-        "random", "BATCH_SEARCH", "Hyper-parameter search: random or grid.")
-    batch_parallelism: int = _setting(
-        0, "BATCH_PARALLELISM",
-        "Candidates trained at once; 0 = as many as the threads allow.")
-    batch_test_fraction: float = _setting(
-        0.2, "BATCH_TEST_FRACTION", "Share of the rows held out for the test metrics.")
-    batch_val_fraction: float = _setting(
-        0.1, "BATCH_VAL_FRACTION", "Share of the rows for early stopping and candidate choice.")
-    batch_patience: int = _setting(
-        2, "BATCH_PATIENCE",
-        "Epochs without a better validation loss before stopping; 0 = never.")
-    batch_window_days: int = _setting(
-        0, "BATCH_WINDOW_DAYS", "Train on the last N days of the lake only; 0 = all history.")
-    batch_metric: str = _setting(
-        "accuracy", "BATCH_METRIC",
-        "Test metric a candidate is compared on: accuracy, auc or log_loss.")
-    batch_min_accuracy: float = _setting(
-        0.0, "BATCH_MIN_ACCURACY",
-        "Least test accuracy to publish (the majority rate always applies).")
-    batch_compare_active: bool = _setting(
-        True, "BATCH_COMPARE_ACTIVE",
-        "On: publish only if not worse than the active model; off: no comparison.")
-    batch_compare_tolerance: float = _setting(
-        0.0, "BATCH_COMPARE_TOLERANCE",
-        "How much worse than the active model still counts as not worse.")
-    batch_keep_versions: int = _setting(
-        5, "BATCH_KEEP_VERSIONS", "Model generations kept in the registry; 0 = keep all.")
-    batch_lock_ttl_s: int = _setting(
-        3600, "BATCH_LOCK_TTL_S", "Expiry of the registry lock of a run (renewed while it runs).")
-    batch_distributed: int = _setting(
-        0, "BATCH_DISTRIBUTED",
-        "Train with TorchDistributor on this many Spark tasks; 0 = driver.")
-    batch_demo_rows: int = _setting(
-        100000, "BATCH_DEMO_ROWS", "Rows of demo data the bootstrap writes into an empty lake.")
-
-    #: The least value of each integer batch setting.
-    _LEAST: ClassVar[dict[str, int]] = {
-        "batch_seed": 0, "batch_threads": 1, "batch_candidates": 1, "batch_parallelism": 0,
-        "batch_patience": 0, "batch_window_days": 0, "batch_keep_versions": 0,
-        "batch_lock_ttl_s": 30, "batch_distributed": 0, "batch_demo_rows": 1}
-
-    @field_validator(*_LEAST)
-    @classmethod
-    def _least(cls, value: int, info: ValidationInfo) -> int:
-        least = cls._LEAST[str(info.field_name)]
-        _check(value >= least, f"expected an integer >= {least}")
-        return value
+    batch_cron: str = "0 2 * * *"
+    """When `python -m batch schedule` rebuilds the model (cron syntax)."""
+    batch_id_col: str = "id"
+    """Id column of the batch input."""
+    batch_label_col: str = "label"
+    """Label column of the batch input."""
+    batch_epochs: str = "3"
+    """Maximum training epochs (or alternatives/range to search)."""
+    batch_hidden: str = "500,1000,500"
+    """Hidden layer sizes, e.g. 500,1000,500 (alternatives with '|')."""
+    batch_dropout: str = "0.4"
+    """Dropout (or alternatives/range to search)."""
+    batch_batch_size: str = "512"
+    """Mini-batch rows (or alternatives/range to search)."""
+    batch_lr: str = "0.001"
+    """Adam learning rate (or alternatives/range, searched log-uniformly)."""
+    batch_seed: Annotated[int, Field(ge=0)] = 0
+    """Seed of the split, the search, initialisation and shuffling."""
+    batch_max_train_seconds: Annotated[float, Field(ge=0)] = 0.0
+    """Training time budget per candidate; 0 = none."""
+    batch_threads: Annotated[int, Field(ge=1)] = 2
+    """torch threads the batch job may use in all."""
+    batch_candidates: Annotated[int, Field(ge=1)] = 1
+    """Hyper-parameter candidates to train and compare."""
+    batch_search: Literal["random", "grid"] = "random"
+    """Hyper-parameter search: random or grid."""
+    batch_parallelism: Annotated[int, Field(ge=0)] = 0
+    """Candidates trained at once; 0 = as many as the threads allow."""
+    batch_test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    """Share of the rows held out for the test metrics."""
+    batch_val_fraction: float = 0.1
+    """Share of the rows for early stopping and candidate choice."""
+    batch_patience: Annotated[int, Field(ge=0)] = 2
+    """Epochs without a better validation loss before stopping; 0 = never."""
+    batch_window_days: Annotated[int, Field(ge=0)] = 0
+    """Train on the last N days of the lake only; 0 = all history."""
+    batch_metric: Literal["accuracy", "auc", "log_loss"] = "accuracy"
+    """Test metric a candidate is compared on: accuracy, auc or log_loss."""
+    batch_min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Least test accuracy to publish (the majority rate always applies)."""
+    batch_compare_active: bool = True
+    """On: publish only if not worse than the active model; off: no comparison."""
+    batch_compare_tolerance: Annotated[float, Field(ge=0)] = 0.0
+    """How much worse than the active model still counts as not worse."""
+    batch_keep_versions: Annotated[int, Field(ge=0)] = 5
+    """Model generations kept in the registry; 0 = keep all."""
+    batch_lock_ttl_s: Annotated[int, Field(ge=30)] = 3600
+    """Expiry of the registry lock of a run (renewed while it runs)."""
+    batch_distributed: Annotated[int, Field(ge=0)] = 0
+    """Train with TorchDistributor on this many Spark tasks; 0 = driver."""
+    batch_demo_rows: Annotated[int, Field(ge=1)] = 100000
+    """Rows of demo data the bootstrap writes into an empty lake."""
 
     @field_validator("batch_cron")
     @classmethod
@@ -506,42 +396,6 @@ class BatchSettings(_Section):
         _check(bool(value.strip()), "expected a column name")
         return value
 
-    @field_validator("batch_max_train_seconds")
-    @classmethod
-    def _budget(cls, value: float) -> float:
-        _check(value >= 0, "expected seconds >= 0 (0 = no budget)")
-        return value
-
-    @field_validator("batch_search")
-    @classmethod
-    def _search(cls, value: str) -> str:
-        _check(value in ("random", "grid"), "expected random or grid")
-        return value
-
-    @field_validator("batch_test_fraction")
-    @classmethod
-    def _test_fraction(cls, value: float) -> float:
-        _check(0 < value < 1, "expected a fraction in (0, 1)")
-        return value
-
-    @field_validator("batch_metric")
-    @classmethod
-    def _metric(cls, value: str) -> str:
-        _check(value in ("accuracy", "auc", "log_loss"), "expected accuracy, auc or log_loss")
-        return value
-
-    @field_validator("batch_min_accuracy")
-    @classmethod
-    def _min_accuracy(cls, value: float) -> float:
-        _check(0 <= value <= 1, "expected a number in [0, 1]")
-        return value
-
-    @field_validator("batch_compare_tolerance")
-    @classmethod
-    def _tolerance(cls, value: float) -> float:
-        _check(value >= 0, "expected a number >= 0")
-        return value
-
     @model_validator(mode="after")
     def _val_fraction(self) -> "BatchSettings":
         if not 0 <= self.batch_val_fraction < 1 - self.batch_test_fraction:
@@ -554,16 +408,16 @@ class BatchSettings(_Section):
 class SparkSettings(_Section):
     """Spark session of the batch job."""
 
-    spark_master: str = _setting(
-        "local[2]", "SPARK_MASTER", "Spark master URL of the batch job.")
-    spark_driver_memory: str = _setting(
-        "1g", "SPARK_DRIVER_MEMORY", "Driver heap of the batch job's Spark session.")
-    spark_driver_host: str | None = _setting(
-        None, "SPARK_DRIVER_HOST", "Address Spark executors reach the batch job's driver at "
-        "(default SPARK_LOCAL_IP, else 127.0.0.1); on a cluster, this host's routable address.")
-    spark_driver_bind: str | None = _setting(
-        None, "SPARK_DRIVER_BIND", "Address the batch job's driver listens on (default "
-        "SPARK_DRIVER_HOST; 0.0.0.0 for every interface).")
+    spark_master: str = "local[2]"
+    """Spark master URL of the batch job."""
+    spark_driver_memory: str = "1g"
+    """Driver heap of the batch job's Spark session."""
+    spark_driver_host: str | None = None
+    """Address Spark executors reach the batch job's driver at (default SPARK_LOCAL_IP, else
+    127.0.0.1); on a cluster, this host's routable address."""
+    spark_driver_bind: str | None = None
+    """Address the batch job's driver listens on (default SPARK_DRIVER_HOST; 0.0.0.0 for every
+    interface)."""
 
 
 #: The groups of settings, in the order of docs/contract.md.
@@ -613,7 +467,8 @@ class Settings(SparkSettings, BatchSettings, ArchiveSettings, SpeedSettings, Ser
         """One line per setting: variable, default and meaning (for README and --help)."""
         lines = []
         for name, info in cls.model_fields.items():
-            lines.append(f"{env_name(name):<24} {info.default!s:<28} {info.description}")
+            meaning = " ".join((info.description or "").split())
+            lines.append(f"{env_name(name):<24} {info.default!s:<28} {meaning}")
         return "\n".join(lines)
 
 
@@ -656,6 +511,19 @@ def _error(env: str, value: Any, expected: str) -> SettingsError:
     return SettingsError(f"bad setting {env}={value!r}: {expected}")
 
 
+#: pydantic's error types for a number out of its field's bounds.
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _bounds(info: FieldInfo) -> str:
+    """A field's numeric bounds in words: ``a number >= 1 and <= 65535``."""
+    kind = "an integer" if _admits(info.annotation, int) else "a number"
+    words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    limits = [f"{words[key]} {getattr(item, key)}" for item in info.metadata
+              for key in words if getattr(item, key, None) is not None]
+    return f"{kind} {' and '.join(limits)}"
+
+
 def _settings_error(cls: type[BaseSettings], exc: ValidationError) -> SettingsError:
     """The :class:`SettingsError` of a failed validation: every bad variable with its value
     (secrets hidden) and what was expected."""
@@ -676,6 +544,12 @@ def _settings_error(cls: type[BaseSettings], exc: ValidationError) -> SettingsEr
             expected = "expected an integer"
         elif error["type"] in ("float_parsing", "float_type", "finite_number"):
             expected = "expected a number"
+        elif error["type"] in _BOUNDS and info is not None:
+            expected = f"expected {_bounds(info)}"
+        elif error["type"] == "literal_error":
+            expected = f"expected {error.get('ctx', {}).get('expected')}"
+        elif error["type"] == "string_too_short":
+            expected = f"expected at least {error.get('ctx', {}).get('min_length')} characters"
         else:
             expected = f"expected {error['msg'][0].lower()}{error['msg'][1:]}"
         messages.append(f"bad setting {env}={value!r}: {expected}")

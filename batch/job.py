@@ -672,7 +672,7 @@ class _Run:
         import torch
 
         from models.loaded import LoadedModel
-        from models.manifest import Manifest
+        from models.manifest import Manifest, Reference
 
         config, best, result = self.config, evaluation.best, evaluation.result
         decision, reports = evaluation.decision, evaluation.reports
@@ -700,16 +700,16 @@ class _Run:
             "active_metrics": evaluation.active_metrics, "policy": decision.reason,
             "torch": torch.__version__,
         }
-        draft = Manifest(
+        draft = Manifest.draft(
             name=self.model_name, features=list(data.features), classes=list(data.classes),
             preprocessing=prepared.preprocessor.to_dict(),
             architecture=result.module.architecture(), metrics=evaluation.metrics,
             training=training, forced=not decision.accepted)
         candidate = LoadedModel(draft, result.module)
-        draft.reference = {
-            "inputs": prepared.reference_inputs.tolist(),
-            "probabilities": candidate.predict_proba(prepared.reference_inputs).tolist(),
-            "atol": _REFERENCE_ATOL}
+        draft.reference = Reference(
+            inputs=prepared.reference_inputs.tolist(),
+            probabilities=candidate.predict_proba(prepared.reference_inputs).tolist(),
+            atol=_REFERENCE_ATOL)
         return JobResult(
             published=False, decision=decision, forced=False, model_name=self.model_name,
             data_uri=self.data_uri, features=list(data.features), classes=list(data.classes),

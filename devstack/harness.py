@@ -24,7 +24,7 @@ from app.settings import Settings
 from devstack.stack import die_with_parent_preexec
 from transport.topics import ensure_topics
 from models.classifier import MLPClassifier
-from models.manifest import Manifest
+from models.manifest import Manifest, Reference
 from models.preprocessing import fit_preprocessor
 from models.registry import ModelRef, Registry
 from models.loaded import LoadedModel
@@ -59,7 +59,7 @@ def publish_small_model(registry: Registry, name: str, features: list[str],
     torch.manual_seed(seed)
     X = rng.normal(size=(256, len(features)))
     module = MLPClassifier(len(features), len(classes), hidden=hidden, dropout=0.0).eval()
-    draft = Manifest(name=name, features=features, classes=classes,
+    draft = Manifest.draft(name=name, features=features, classes=classes,
                      preprocessing=fit_preprocessor(features, X).to_dict(),
                      architecture=module.architecture(),
                      metrics={"accuracy": 0.5, "log_loss": 0.69, "auc": 0.5},
@@ -68,8 +68,8 @@ def publish_small_model(registry: Registry, name: str, features: list[str],
                                 "atol": 0.5})
     reference = X[:8]
     expected = LoadedModel(draft, module).predict_proba(reference)
-    draft.reference = {"inputs": reference.tolist(), "probabilities": expected.tolist(),
-                       "atol": 1e-5}
+    draft.reference = Reference(inputs=reference.tolist(), probabilities=expected.tolist(),
+                                atol=1e-5)
     return registry.publish(module, draft, onnx=False)
 
 
@@ -109,12 +109,16 @@ async def produce(bootstrap: str, topic: str, values: list[bytes | None]) -> lis
 
 
 async def consume_until(bootstrap: str, topic: str, done: Callable[[list[Any]], bool],
-                        timeout: float = 60.0) -> list[Any]:
-    """Read ``topic`` from the start, JSON-decoding values, until ``done(values)`` holds.
+                        timeout: float = 60.0, group: str | None = None,
+                        commit: bool = False,
+                        decode: Callable[[bytes], Any] = json.loads) -> list[Any]:
+    """Read ``topic`` (from ``group``'s committed offsets, else the start), decoding values,
+    until ``done(values)`` holds.
 
-    Then drain whatever else is already on the topic, so callers can assert exact counts.
+    Then drain whatever else is already on the topic, so callers can assert exact counts, and
+    commit the group's offsets when ``commit``.
     """
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group,
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     values: list[Any] = []
@@ -125,12 +129,14 @@ async def consume_until(bootstrap: str, topic: str, done: Callable[[list[Any]], 
                 raise TimeoutError(f"{topic}: condition not met after {timeout}s "
                                    f"({len(values)} messages)")
             batches = await consumer.getmany(timeout_ms=500)
-            values.extend(json.loads(r.value) for rs in batches.values() for r in rs)
+            values.extend(decode(r.value) for rs in batches.values() for r in rs)
         parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         ends = await consumer.end_offsets(parts)
         while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
             batches = await consumer.getmany(timeout_ms=500)
-            values.extend(json.loads(r.value) for rs in batches.values() for r in rs)
+            values.extend(decode(r.value) for rs in batches.values() for r in rs)
+        if commit:
+            await consumer.commit()
     finally:
         await consumer.stop()
     return values

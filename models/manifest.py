@@ -18,28 +18,31 @@ means the version is complete. It is plain JSON (no NaN: missing reference input
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import re
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping
 
+import msgspec
 import numpy as np
+from msgspec import Meta, Struct
 
 from models.errors import ManifestError, ModelError
 from models.preprocessing import Preprocessor
 from transport.protocol import MANIFEST_FILE
 
-__all__ = ["Manifest", "FORMAT_VERSION", "MANIFEST_FILE", "check_path_segment", "utc_now_iso"]
+__all__ = ["Manifest", "MLPArchitecture", "Reference", "FORMAT_VERSION", "MANIFEST_FILE",
+           "check_path_segment", "utc_now_iso"]
 
 #: The manifest layout this code writes and the only one it reads.
 FORMAT_VERSION = 1
 
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SEGMENT = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _REQUIRED_METRICS = ("accuracy", "log_loss")
+
+#: One path segment of a registry URI: names, versions and file names end up in S3 keys.
+Segment = Annotated[str, Meta(pattern=_SEGMENT, description="letters, digits, '.', '_', '-'")]
+Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$", description="lowercase sha256 hex")]
+Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 
 
 def check_path_segment(what: str, value: Any) -> str:
@@ -47,10 +50,14 @@ def check_path_segment(what: str, value: Any) -> str:
 
     Names, versions and file names end up in S3 keys: no ``/``, no ``..``, no surprises.
     """
-    if not isinstance(value, str) or not _SEGMENT_RE.match(value) or ".." in value:
+    try:
+        msgspec.convert(value, Segment)
+    except msgspec.ValidationError:
         raise ManifestError(f"{what} {value!r} is not a valid name "
-                            "(letters, digits, '.', '_', '-'; no '/' or '..')")
-    return value
+                            "(letters, digits, '.', '_', '-'; no '/' or '..')") from None
+    if ".." in value:
+        raise ManifestError(f"{what} {value!r} is not a valid name (no '..')")
+    return str(value)
 
 
 def utc_now_iso() -> str:
@@ -58,13 +65,35 @@ def utc_now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@dataclass
-class Manifest:
+class MLPArchitecture(Struct, tag_field="type", tag="mlp"):
+    """The built-in network: :meth:`models.classifier.MLPClassifier.architecture`."""
+
+    n_features: Annotated[int, Meta(ge=1)]
+    n_classes: Annotated[int, Meta(ge=2)]
+    hidden: list[Annotated[int, Meta(ge=1)]]
+    dropout: Annotated[float, Meta(ge=0.0, lt=1.0)]
+
+
+class Reference(Struct):
+    """Rows a loader feeds the weights, and the outputs they must reproduce within ``atol``.
+
+    ``inputs`` are raw rows (``None`` = missing; NaN is written as ``null``)."""
+
+    inputs: Annotated[list[list[float | None]], Meta(min_length=1)]
+    probabilities: list[list[Probability]]
+    atol: Annotated[float, Meta(gt=0.0, lt=1.0)]
+
+
+class Manifest(Struct, kw_only=True):
     """Everything the serving layer needs to know about one model version.
 
-    The batch layer builds a draft (``version``, ``files`` and ``created_at`` empty) and
-    :meth:`models.registry.Registry.publish` fills those in; :meth:`validate` checks the
-    complete manifest.
+    The schema is the type annotations below, checked by msgspec when a manifest is read
+    (:meth:`from_json`, :meth:`from_dict`) or :meth:`validate`\ d; the few rules that relate
+    two fields are :meth:`_check_relations`. Unknown keys are ignored, so a newer writer can
+    add fields without breaking readers.
+
+    The batch layer builds a :meth:`draft` (``version``, ``files`` and ``created_at`` empty)
+    and :meth:`models.registry.Registry.publish` fills those in and validates the result.
 
     Attributes
     ----------
@@ -76,15 +105,14 @@ class Manifest:
         Class labels in output order (column order of the probabilities).
     preprocessing : dict
         :meth:`models.preprocessing.Preprocessor.to_dict` output.
-    architecture : dict
-        :meth:`models.classifier.MLPClassifier.architecture` output.
+    architecture : MLPArchitecture
+        How to rebuild the network the weights belong to.
     metrics : dict
         Held-out test split metrics: ``accuracy``, ``log_loss``, ``auc`` (two classes), ...
     training : dict
         Free-form facts about the run: rows, epochs, seconds, data URI, ...
-    reference : dict
-        ``inputs`` (raw rows, ``None`` = missing), ``probabilities`` (expected outputs) and
-        ``atol``: a loader checks the weights reproduce them.
+    reference : Reference
+        Rows whose outputs a loader checks the weights reproduce.
     version : str
         Version id, unique and sortable by time.
     files : dict
@@ -99,47 +127,97 @@ class Manifest:
         Manifest layout version.
     """
 
-    name: str
-    features: list[str]
-    classes: list[Any]
-    preprocessing: dict[str, Any]
-    architecture: dict[str, Any]
-    metrics: dict[str, float]
-    training: dict[str, Any] = field(default_factory=dict)
-    reference: dict[str, Any] = field(default_factory=dict)
-    version: str = ""
-    files: dict[str, str] = field(default_factory=dict)
-    created_at: str = ""
-    parent_version: str | None = None
+    format_version: int
+    name: Segment
+    version: Segment
+    created_at: str
+    parent_version: Segment | None = None
     forced: bool = False
-    format_version: int = FORMAT_VERSION
+    features: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
+    classes: Annotated[list[str | int], Meta(min_length=2)]
+    preprocessing: dict[str, Any]
+    architecture: MLPArchitecture
+    metrics: dict[str, float]
+    training: dict[str, Any] = {}
+    reference: Reference
+    files: Annotated[dict[Segment, Sha256], Meta(min_length=1)]
+
+    @classmethod
+    def draft(cls, *, name: str, features: list[str], classes: list[Any],
+              preprocessing: dict[str, Any], architecture: Mapping[str, Any],
+              metrics: dict[str, float], training: dict[str, Any] | None = None,
+              reference: Mapping[str, Any] | None = None, forced: bool = False) -> "Manifest":
+        """A manifest before publication: no version, files or time yet, and not validated.
+
+        ``architecture`` and ``reference`` are given as the JSON objects they are written as;
+        the reference defaults to none (set it before publishing)."""
+        try:
+            arch = msgspec.convert(dict(architecture), MLPArchitecture)
+            ref = (Reference(inputs=[], probabilities=[], atol=1e-4) if reference is None
+                   else msgspec.convert(dict(reference), Reference))
+        except msgspec.ValidationError as exc:
+            raise ManifestError(str(exc)) from None
+        return cls(format_version=FORMAT_VERSION, name=name, version="", created_at="",
+                   features=features, classes=classes, preprocessing=preprocessing,
+                   architecture=arch, metrics=metrics, training=dict(training or {}),
+                   reference=ref, files={}, forced=forced)
 
     # ----------------------------------------------------------------------------- validation
     def validate(self) -> "Manifest":
         """Check the whole manifest against the schema; return it, or raise ManifestError."""
+        return type(self).from_dict(msgspec.to_builtins(self))
+
+    def _check_relations(self) -> "Manifest":
+        """The rules a type annotation cannot say: they relate fields to each other."""
         if self.format_version != FORMAT_VERSION:
             raise ManifestError(f"unsupported format_version {self.format_version!r} "
                                 f"(this code reads {FORMAT_VERSION})")
-        check_path_segment("model name", self.name)
-        check_path_segment("version", self.version)
-        self._validate_created_at()
-        if self.parent_version is not None:
-            check_path_segment("parent_version", self.parent_version)
-        if not isinstance(self.forced, bool):
-            raise ManifestError("'forced' must be true or false")
-        self._validate_features_and_classes()
-        self._validate_preprocessing()
-        self._validate_architecture()
-        self._validate_metrics()
-        if not isinstance(self.training, dict):
-            raise ManifestError("'training' must be an object")
-        self._validate_reference()
-        self._validate_files()
+        for what, value in (("model name", self.name), ("version", self.version),
+                            ("parent_version", self.parent_version), *(
+                                ("file name", f) for f in self.files)):
+            if value is not None:
+                check_path_segment(what, value)
+        self._check_created_at()
+        if len(set(self.features)) != len(self.features):
+            raise ManifestError("'features' has duplicate names")
+        if len({type(c) for c in self.classes}) != 1:
+            raise ManifestError("'classes' must be all strings or all integers")
+        if len(set(self.classes)) != len(self.classes):
+            raise ManifestError("'classes' has duplicate labels")
+        try:
+            prep = Preprocessor.from_dict(self.preprocessing)
+        except ModelError as exc:
+            raise ManifestError(f"'preprocessing': {exc}") from None
+        if prep.features != self.features:
+            raise ManifestError("'preprocessing' features differ from 'features'")
+        arch = self.architecture
+        if arch.n_features != len(self.features):
+            raise ManifestError(f"'architecture' n_features {arch.n_features} != "
+                                f"{len(self.features)} features")
+        if arch.n_classes != len(self.classes):
+            raise ManifestError(f"'architecture' n_classes {arch.n_classes} != "
+                                f"{len(self.classes)} classes")
+        required = list(_REQUIRED_METRICS) + (["auc"] if len(self.classes) == 2 else [])
+        for key in required:
+            if key not in self.metrics:
+                raise ManifestError(f"'metrics' lacks {key!r}")
+        for key, figure in self.metrics.items():
+            if not math.isfinite(figure):
+                raise ManifestError(f"metric {key!r} must be a finite number, got {figure!r}")
+        ref = self.reference
+        if len(ref.probabilities) != len(ref.inputs):
+            raise ManifestError("'reference' needs one probabilities row per input row")
+        if any(len(row) != len(self.features) for row in ref.inputs):
+            raise ManifestError(f"'reference' input rows must hold {len(self.features)} "
+                                "numbers or nulls")
+        if any(len(row) != len(self.classes) for row in ref.probabilities):
+            raise ManifestError(f"'reference' probability rows must hold "
+                                f"{len(self.classes)} numbers in [0, 1]")
+        if MANIFEST_FILE in self.files:
+            raise ManifestError(f"'files' must not list {MANIFEST_FILE}")
         return self
 
-    def _validate_created_at(self) -> None:
-        if not isinstance(self.created_at, str):
-            raise ManifestError("'created_at' must be an ISO 8601 string")
+    def _check_created_at(self) -> None:
         try:
             when = datetime.fromisoformat(self.created_at)
         except ValueError:
@@ -148,147 +226,51 @@ class Manifest:
         if offset is None or offset.total_seconds() != 0:
             raise ManifestError(f"'created_at' {self.created_at!r} must be in UTC")
 
-    def _validate_features_and_classes(self) -> None:
-        if not isinstance(self.features, list) or not self.features:
-            raise ManifestError("'features' must be a non-empty list of names")
-        if not all(isinstance(f, str) and f for f in self.features):
-            raise ManifestError("'features' must hold non-empty strings")
-        if len(set(self.features)) != len(self.features):
-            raise ManifestError("'features' has duplicate names")
-        if not isinstance(self.classes, list) or len(self.classes) < 2:
-            raise ManifestError("'classes' must list at least two class labels")
-        all_str = all(isinstance(c, str) for c in self.classes)
-        all_int = all(isinstance(c, int) and not isinstance(c, bool) for c in self.classes)
-        if not (all_str or all_int):
-            raise ManifestError("'classes' must be all strings or all integers")
-        if len(set(self.classes)) != len(self.classes):
-            raise ManifestError("'classes' has duplicate labels")
-
-    def _validate_preprocessing(self) -> None:
-        try:
-            prep = Preprocessor.from_dict(self.preprocessing)
-        except ModelError as exc:
-            raise ManifestError(f"'preprocessing': {exc}") from None
-        if prep.features != self.features:
-            raise ManifestError("'preprocessing' features differ from 'features'")
-
-    def _validate_architecture(self) -> None:
-        arch = self.architecture
-        if not isinstance(arch, dict):
-            raise ManifestError("'architecture' must be an object")
-        if arch.get("type") != "mlp":
-            raise ManifestError(f"'architecture' type {arch.get('type')!r} is not supported")
-        if arch.get("n_features") != len(self.features):
-            raise ManifestError(f"'architecture' n_features {arch.get('n_features')!r} != "
-                                f"{len(self.features)} features")
-        if arch.get("n_classes") != len(self.classes):
-            raise ManifestError(f"'architecture' n_classes {arch.get('n_classes')!r} != "
-                                f"{len(self.classes)} classes")
-        hidden = arch.get("hidden")
-        if not isinstance(hidden, list) or not all(
-                isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
-            raise ManifestError("'architecture' hidden must be a list of positive integers")
-        dropout = arch.get("dropout")
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ManifestError("'architecture' dropout must be a number in [0, 1)")
-
-    def _validate_metrics(self) -> None:
-        if not isinstance(self.metrics, dict):
-            raise ManifestError("'metrics' must be an object")
-        required = list(_REQUIRED_METRICS) + (["auc"] if len(self.classes) == 2 else [])
-        for key in required:
-            if key not in self.metrics:
-                raise ManifestError(f"'metrics' lacks {key!r}")
-        for key, value in self.metrics.items():
-            if not _is_number(value) or not math.isfinite(value):
-                raise ManifestError(f"metric {key!r} must be a finite number, got {value!r}")
-
-    def _validate_reference(self) -> None:
-        ref = self.reference
-        if not isinstance(ref, dict):
-            raise ManifestError("'reference' must be an object")
-        inputs, probs, atol = ref.get("inputs"), ref.get("probabilities"), ref.get("atol")
-        if not isinstance(inputs, list) or not inputs:
-            raise ManifestError("'reference' inputs must be a non-empty list of rows")
-        if not isinstance(probs, list) or len(probs) != len(inputs):
-            raise ManifestError("'reference' needs one probabilities row per input row")
-        for row in inputs:
-            if not isinstance(row, list) or len(row) != len(self.features) or not all(
-                    v is None or _is_number(v) for v in row):
-                raise ManifestError(f"'reference' input rows must hold {len(self.features)} "
-                                    "numbers or nulls")
-        for row in probs:
-            if not isinstance(row, list) or len(row) != len(self.classes) or not all(
-                    _is_number(v) and 0.0 <= v <= 1.0 for v in row):
-                raise ManifestError(f"'reference' probability rows must hold "
-                                    f"{len(self.classes)} numbers in [0, 1]")
-        if atol is None or not _is_number(atol) or not 0 < atol < 1:
-            raise ManifestError("'reference' atol must be a number in (0, 1)")
-
-    def _validate_files(self) -> None:
-        if not isinstance(self.files, dict) or not self.files:
-            raise ManifestError("'files' must map at least one file name to its sha256")
-        for name, digest in self.files.items():
-            check_path_segment("file name", name)
-            if name == MANIFEST_FILE:
-                raise ManifestError(f"'files' must not list {MANIFEST_FILE}")
-            if not isinstance(digest, str) or not _SHA256_RE.match(digest):
-                raise ManifestError(f"'files' entry {name!r} is not a lowercase sha256 hex")
-
     # --------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (reference NaNs become ``None``)."""
-        data = dataclasses.asdict(self)
-        data["reference"] = dict(self.reference)
-        if "inputs" in self.reference:
-            data["reference"]["inputs"] = [
-                [None if v is None or not math.isfinite(v) else float(v) for v in row]
-                for row in self.reference["inputs"]]
+        data: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(self))
         return data
 
     def to_json(self) -> bytes:
-        """Canonical UTF-8 JSON bytes, exactly what the registry stores and hashes."""
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False).encode("utf-8") + b"\n"
+        """Canonical UTF-8 JSON bytes, exactly what the registry stores and hashes.
+
+        A NaN (a missing reference input) is written as ``null``."""
+        return msgspec.json.format(msgspec.json.encode(self), indent=2) + b"\n"
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
+    def from_dict(cls, data: Any) -> "Manifest":
         """Build and :meth:`validate` a manifest from a parsed JSON object."""
-        if not isinstance(data, Mapping):
-            raise ManifestError("manifest must be a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING}
-        # A complete manifest must carry every field, not only those without defaults.
-        required |= {"version", "files", "created_at", "reference", "format_version"}
-        absent = sorted(required - set(data))
-        if absent:
-            raise ManifestError(f"manifest lacks {', '.join(repr(a) for a in absent)}")
-        # Unknown keys are ignored so a newer writer can add fields without breaking readers.
-        manifest = cls(**{k: v for k, v in data.items() if k in names})
-        return manifest.validate()
+        try:
+            manifest = msgspec.convert(data, cls)
+        except msgspec.ValidationError as exc:
+            raise ManifestError(str(exc)) from None
+        return manifest._check_relations()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "Manifest":
         """Parse and validate ``manifest.json`` bytes."""
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            manifest = msgspec.json.decode(raw, type=cls)
+        except msgspec.ValidationError as exc:
+            raise ManifestError(str(exc)) from None
+        except msgspec.DecodeError as exc:
             raise ManifestError(f"manifest is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return manifest._check_relations()
 
     # ------------------------------------------------------------------------------- helpers
     def preprocessor(self) -> Preprocessor:
         """The :class:`~models.preprocessing.Preprocessor` these parameters describe."""
         return Preprocessor.from_dict(self.preprocessing)
 
+    def architecture_dict(self) -> dict[str, Any]:
+        """The architecture as the JSON object it is written as."""
+        data: dict[str, Any] = msgspec.to_builtins(self.architecture)
+        return data
+
     def reference_arrays(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Reference ``(inputs float64 with NaN, probabilities float64, atol)``."""
         inputs = np.array([[np.nan if v is None else v for v in row]
-                           for row in self.reference["inputs"]], dtype=np.float64)
-        probs = np.array(self.reference["probabilities"], dtype=np.float64)
-        return inputs, probs, float(self.reference["atol"])
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+                           for row in self.reference.inputs], dtype=np.float64)
+        probs = np.array(self.reference.probabilities, dtype=np.float64)
+        return inputs, probs, float(self.reference.atol)

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
+import msgspec
 import numpy as np
 
 from models.errors import ModelError
@@ -186,24 +187,32 @@ class Preprocessor:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Preprocessor":
+    def from_dict(cls, data: Any) -> "Preprocessor":
         """Rebuild from :meth:`to_dict` output; raise :class:`ModelError` on bad input."""
-        if not isinstance(data, Mapping):
-            raise ModelError("preprocessing parameters must be a JSON object")
-        missing = [k for k in ("features", "fill", "mean", "std") if k not in data]
-        if missing:
-            raise ModelError(f"preprocessing parameters lack {', '.join(missing)}")
-        marker = data.get("missing", {}).get("marker", MISSING_MARKER)
-        if marker != MISSING_MARKER:
+        try:
+            params = msgspec.convert(data, _Parameters)
+        except msgspec.ValidationError as exc:
+            raise ModelError(f"preprocessing parameters: {exc}") from None
+        if params.missing.marker != MISSING_MARKER:
             # Serving would silently treat the wrong value as missing: refuse instead.
-            raise ModelError(f"unsupported missing marker {marker!r}")
-        for key in ("features", "fill", "mean", "std"):
-            if not isinstance(data[key], list):
-                raise ModelError(f"preprocessing {key!r} must be a list")
-        if not all(isinstance(f, str) for f in data["features"]):
-            raise ModelError("preprocessing 'features' must be strings")
-        return cls(features=data["features"], fill=data["fill"], mean=data["mean"],
-                   std=data["std"])
+            raise ModelError(f"unsupported missing marker {params.missing.marker!r}")
+        return cls(features=params.features, fill=params.fill, mean=params.mean,
+                   std=params.std)
+
+
+class _Missing(msgspec.Struct):
+    marker: float = MISSING_MARKER
+
+
+class _Parameters(msgspec.Struct):
+    """The schema of :meth:`Preprocessor.to_dict` output (its relations are checked by
+    :class:`Preprocessor` itself)."""
+
+    features: list[str]
+    fill: list[float]
+    mean: list[float]
+    std: list[float]
+    missing: _Missing = msgspec.field(default_factory=_Missing)
 
 
 def sufficient_statistics(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,7 +17,6 @@ reference whose manifest is another version than it names:
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Mapping
 
 import fsspec
+import msgspec
 import torch
 
 from models.classifier import MLPClassifier
@@ -184,7 +184,7 @@ class Registry:
             exported = _onnx_bytes(module)
             if exported is not None:
                 files[ONNX_FILE] = exported
-        final = dataclasses.replace(
+        final = msgspec.structs.replace(
             manifest, version=version, parent_version=parent, created_at=utc_now_iso(),
             files={fname: sha256_hex(data) for fname, data in files.items()})
         try:
@@ -404,7 +404,7 @@ def _loaded(manifest: Manifest, weights: bytes, where: str, manifest_uri: str | 
     except Exception as exc:
         raise ArtifactError(f"cannot read weights of {where}: {_describe(exc)}") from None
     try:
-        module = MLPClassifier.from_architecture(manifest.architecture)
+        module = MLPClassifier.from_architecture(manifest.architecture_dict())
         module.load_state_dict(state, strict=True)
         return LoadedModel(manifest, module, manifest_uri=manifest_uri, sha256=sha256)
     except (ModelError, RuntimeError, TypeError, AttributeError) as exc:

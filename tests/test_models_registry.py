@@ -13,7 +13,7 @@ import torch
 
 from models.classifier import MLPClassifier
 from models.errors import ArtifactError, MessageError, ModelError
-from models.manifest import Manifest
+from models.manifest import Manifest, Reference
 from models.preprocessing import MISSING_MARKER, fit_preprocessor
 from models.registry import ModelRef, Registry, new_version
 from models.loaded import LoadedModel
@@ -33,16 +33,15 @@ def make_candidate(classes: list[Any] | None = None, seed: int = 0
     metrics = {"accuracy": 0.75, "log_loss": 0.5}
     if len(classes) == 2:
         metrics["auc"] = 0.8
-    draft = Manifest(name="default", features=FEATURES, classes=classes,
-                     preprocessing=fit_preprocessor(FEATURES, X).to_dict(),
-                     architecture=module.architecture(), metrics=metrics,
-                     training={"rows": 200})
+    draft = Manifest.draft(name="default", features=FEATURES, classes=classes,
+                           preprocessing=fit_preprocessor(FEATURES, X).to_dict(),
+                           architecture=module.architecture(), metrics=metrics,
+                           training={"rows": 200})
     reference = X[:6].copy()
     reference[0, 0] = np.nan
-    draft.reference = {"inputs": reference.tolist(),
-                       "probabilities": LoadedModel(draft, module).predict_proba(
-                           reference).tolist(),
-                       "atol": 1e-5}
+    draft.reference = Reference(
+        inputs=reference.tolist(),
+        probabilities=LoadedModel(draft, module).predict_proba(reference).tolist(), atol=1e-5)
     return module, draft
 
 
@@ -147,7 +146,7 @@ def test_an_invalid_manifest_is_refused_with_the_reason(registry: Registry) -> N
     manifest = json.loads(path.read_text())
     del manifest["classes"]
     path.write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="invalid manifest .* lacks 'classes'"):
+    with pytest.raises(ArtifactError, match="invalid manifest .*: Object missing required field `classes`"):
         registry.load(ref.manifest_uri)
 
 
@@ -164,7 +163,7 @@ def test_a_manifest_outside_the_registry_is_refused(registry: Registry, tmp_path
 def test_publish_refuses_a_candidate_that_does_not_match_its_reference(registry: Registry
                                                                         ) -> None:
     module, draft = make_candidate()
-    draft.reference["probabilities"] = [[0.5, 0.5]] * len(draft.reference["inputs"])
+    draft.reference.probabilities = [[0.5, 0.5]] * len(draft.reference.inputs)
     with pytest.raises(ArtifactError, match="reference"):
         registry.publish(module, draft)
     assert registry.versions("default") == []

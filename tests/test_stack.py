@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
+from devstack.harness import consume_until
 from devstack.stack import DEFAULT_CACHE_DIR, LocalStack, PortInUseError, StackError
 
 if TYPE_CHECKING:
@@ -37,25 +38,10 @@ async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
 
 async def consume(bootstrap: str, topic: str, n: int, group: str | None = None,
                   commit: bool = False, timeout: float = 30.0) -> list[bytes]:
-    """Read ``n`` messages (from the group's committed offset, else the start); then check
-    nothing more arrives within a short wait, so callers can assert exact contents."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    values: list[bytes] = []
-    try:
-        deadline = time.monotonic() + timeout
-        while len(values) < n:
-            assert time.monotonic() < deadline, f"{len(values)} of {n} messages from {topic}"
-            batches = await consumer.getmany(timeout_ms=500)
-            values += [record.value for records in batches.values() for record in records]
-        extra = await consumer.getmany(timeout_ms=300)
-        values += [record.value for records in extra.values() for record in records]
-        if commit:
-            await consumer.commit()
-            assert await consumer.committed(TopicPartition(topic, 0)) == len(values)
-    finally:
-        await consumer.stop()
+    """Read at least ``n`` raw messages (from the group's committed offset, else the start)
+    and everything else already on the topic, so callers can assert exact contents."""
+    values: list[bytes] = await consume_until(bootstrap, topic, lambda got: len(got) >= n,
+                                              timeout, group=group, commit=commit, decode=bytes)
     return values
 
 
