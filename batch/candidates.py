@@ -143,7 +143,7 @@ def _train_in_processes(arrays: Arrays, configs: Sequence[TrainConfig], processe
                         threads: int, tagged: list[Progress]) -> list[TrainResult]:
     import torch
 
-    from models.classifier import MLPClassifier
+    from models.network import MLP
 
     # spawn, not fork: the driver holds a JVM gateway and torch thread pools that a forked
     # child must not inherit.
@@ -176,7 +176,7 @@ def _train_in_processes(arrays: Arrays, configs: Sequence[TrainConfig], processe
         relay_thread.join(timeout=5)
     results = []
     for config, (weights, fields) in zip(configs, outputs):
-        module = MLPClassifier(arrays.X_train.shape[1], arrays.n_classes, hidden=config.hidden,
+        module = MLP(arrays.X_train.shape[1], arrays.n_classes, hidden=config.hidden,
                                dropout=config.dropout)
         module.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu",
                                           weights_only=True))

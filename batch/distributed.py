@@ -166,7 +166,7 @@ def train_distributed(spark: "SparkSession", arrays: Arrays, config: TrainConfig
     from pyspark.ml.torch.distributor import TorchDistributor
 
     from batch.spark import driver_addresses, is_loopback, share_local_credentials
-    from models.classifier import MLPClassifier
+    from models.network import MLP
 
     say = progress or log.info
     cleanup_dir = None
@@ -197,7 +197,7 @@ def train_distributed(spark: "SparkSession", arrays: Arrays, config: TrainConfig
     if output is None:
         raise TrainingError("distributed training returned no model from rank 0")
     weights, fields = output
-    module = MLPClassifier(arrays.X_train.shape[1], arrays.n_classes, hidden=config.hidden,
+    module = MLP(arrays.X_train.shape[1], arrays.n_classes, hidden=config.hidden,
                            dropout=config.dropout)
     module.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu",
                                       weights_only=True))

@@ -708,7 +708,7 @@ class _Run:
         candidate = LoadedModel(draft, result.module)
         draft.reference = Reference(
             inputs=prepared.reference_inputs.tolist(),
-            probabilities=candidate.predict_proba(prepared.reference_inputs).tolist(),
+            outputs=candidate.outputs(prepared.reference_inputs).tolist(),
             atol=_REFERENCE_ATOL)
         return JobResult(
             published=False, decision=decision, forced=False, model_name=self.model_name,

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.classifier import DEFAULT_DROPOUT, DEFAULT_HIDDEN, MLPClassifier
+from models.network import DEFAULT_DROPOUT, DEFAULT_HIDDEN, MLP
 
 __all__ = ["Arrays", "TrainConfig", "TrainResult", "train_classifier", "parse_hidden"]
 
@@ -84,7 +84,7 @@ class TrainConfig:
 class TrainResult:
     """A trained network and how the training went."""
 
-    module: MLPClassifier
+    module: MLP
     batch_size: int
     epochs_run: float
     best_epoch: int
@@ -134,7 +134,7 @@ def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
                      X_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
                      progress: Callable[[str], None] | None = None,
                      distributed: bool = False) -> TrainResult:
-    """Train an :class:`~models.classifier.MLPClassifier` on preprocessed rows.
+    """Train an :class:`~models.network.MLP` on preprocessed rows.
 
     Parameters
     ----------
@@ -177,7 +177,7 @@ def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
     if has_val:
         Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32))
         yv = torch.from_numpy(np.asarray(y_val, dtype=np.int64))
-    module = MLPClassifier(X.shape[1], n_classes, hidden=config.hidden, dropout=config.dropout)
+    module = MLP(X.shape[1], n_classes, hidden=config.hidden, dropout=config.dropout)
     rank, world = 0, 1
     network: torch.nn.Module = module
     if distributed:

@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from app.settings import Settings
 from devstack.stack import die_with_parent_preexec
 from transport.topics import ensure_topics
-from models.classifier import MLPClassifier
+from models.network import MLP
 from models.manifest import Manifest, Reference
 from models.preprocessing import fit_preprocessor
 from models.registry import ModelRef, Registry
@@ -58,17 +58,17 @@ def publish_small_model(registry: Registry, name: str, features: list[str],
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     X = rng.normal(size=(256, len(features)))
-    module = MLPClassifier(len(features), len(classes), hidden=hidden, dropout=0.0).eval()
+    module = MLP(len(features), len(classes), hidden=hidden, dropout=0.0).eval()
     draft = Manifest.draft(name=name, features=features, classes=classes,
                      preprocessing=fit_preprocessor(features, X).to_dict(),
                      architecture=module.architecture(),
                      metrics={"accuracy": 0.5, "log_loss": 0.69, "auc": 0.5},
                      reference={"inputs": [[1.0] * len(features)],
-                                "probabilities": [[1.0 / len(classes)] * len(classes)],
+                                "outputs": [[1.0 / len(classes)] * len(classes)],
                                 "atol": 0.5})
     reference = X[:8]
     expected = LoadedModel(draft, module).predict_proba(reference)
-    draft.reference = Reference(inputs=reference.tolist(), probabilities=expected.tolist(),
+    draft.reference = Reference(inputs=reference.tolist(), outputs=expected.tolist(),
                                 atol=1e-5)
     return registry.publish(module, draft, onnx=False)
 

@@ -12,19 +12,19 @@ from typing import Any
 
 __all__ = [
     "ModelError", "ManifestError", "ArtifactError", "MessageError",
-    "MLPClassifier", "Preprocessor", "fit_preprocessor", "preprocessor_from_stats",
+    "MLP", "Preprocessor", "fit_preprocessor", "preprocessor_from_stats",
     "Manifest", "Registry", "ModelRef", "LoadedModel",
 ]
 
 _WHERE = {
     "ModelError": "errors", "ManifestError": "errors", "ArtifactError": "errors",
     "MessageError": "errors",
-    "MLPClassifier": "classifier",
+    "MLP": "network",
     "Preprocessor": "preprocessing", "fit_preprocessor": "preprocessing",
     "preprocessor_from_stats": "preprocessing",
     "Manifest": "manifest",
     "Registry": "registry", "ModelRef": "registry",
-    "LoadedModel": "serving",
+    "LoadedModel": "loaded",
 }
 
 

@@ -7,9 +7,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.classifier import MLPClassifier
+from torch import nn
+
 from models.errors import ArtifactError, ModelError
-from models.manifest import Manifest
+from models.manifest import CLASSIFICATION, Manifest
+from models.network import output_layer
 
 __all__ = ["LoadedModel"]
 
@@ -27,8 +29,8 @@ class LoadedModel:
     ----------
     manifest : Manifest
         The version's (validated) manifest.
-    module : MLPClassifier
-        The network with its weights loaded.
+    module : torch.nn.Module
+        The network with its weights loaded (:class:`models.network.MLP` or a factory's).
     manifest_uri, sha256 : str, optional
         Where the manifest was read from and the sha256 of its bytes.
 
@@ -42,13 +44,15 @@ class LoadedModel:
         Sequence number of the applied speed-layer update, 0 for the base version itself.
     features : list of str
         Ordered feature names: the column order :meth:`predict_proba` expects.
+    task : str
+        ``"classification"`` or ``"regression"``.
     classes : list of str or int
-        Class labels: the column order of the probabilities.
+        Class labels: the column order of the probabilities (none for a regression).
     metrics : dict
         Held-out test metrics recorded at training time.
     """
 
-    def __init__(self, manifest: Manifest, module: MLPClassifier,
+    def __init__(self, manifest: Manifest, module: nn.Module,
                  manifest_uri: str | None = None, sha256: str | None = None) -> None:
         self.manifest = manifest
         self.name = manifest.name
@@ -58,24 +62,32 @@ class LoadedModel:
         #: ``seq`` of the speed-layer update applied on top of the base version (0: none).
         self.update_seq = 0
         self.features: list[str] = list(manifest.features)
+        self.task = manifest.task
         self.classes: list[Any] = list(manifest.classes)
+        self.n_outputs = manifest.n_outputs
         self.metrics: dict[str, float] = dict(manifest.metrics)
         self.manifest_uri = manifest_uri
         self.sha256 = sha256
         self.preprocessor = manifest.preprocessor()
-        if module.n_features != len(self.features) or module.n_classes != len(self.classes):
-            raise ModelError(f"network is {module.n_features}->{module.n_classes}, manifest "
-                             f"says {len(self.features)}->{len(self.classes)}")
         # Dropout must be off for scoring; eval() is what turns it off.
         self.module = module.eval()
+        self._output_layer: tuple[str, nn.Linear] | None = None
+
+    def output_layer(self) -> tuple[str, nn.Linear]:
+        """The network's output layer and its name (:func:`models.network.output_layer`),
+        found once; raises :class:`ModelError` when the network does not end in one."""
+        if self._output_layer is None:
+            self._output_layer = output_layer(self.module, self.n_features)
+        return self._output_layer
 
     @property
     def n_features(self) -> int:
         """Input width."""
         return len(self.features)
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Class probabilities for raw feature rows.
+    def outputs(self, X: np.ndarray) -> np.ndarray:
+        """What the model says of raw feature rows: class probabilities (classification) or
+        the predicted value (regression).
 
         Parameters
         ----------
@@ -86,7 +98,8 @@ class LoadedModel:
         Returns
         -------
         numpy.ndarray
-            ``(n, n_classes)`` float32 softmax probabilities, columns in :attr:`classes` order.
+            ``(n, n_outputs)`` float32: softmax probabilities with columns in :attr:`classes`
+            order, or one column of predicted values.
         """
         X = np.asarray(X, dtype=np.float64)
         if X.ndim == 1:
@@ -94,26 +107,46 @@ class LoadedModel:
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ModelError(f"expected shape (n, {self.n_features}), got {X.shape}")
         if X.shape[0] == 0:
-            return np.empty((0, len(self.classes)), dtype=np.float32)
+            return np.empty((0, self.n_outputs), dtype=np.float32)
         inputs = torch.from_numpy(self.preprocessor.transform(X))
         with torch.inference_mode():
-            probs = torch.softmax(self.module(inputs), dim=1)
-        return probs.numpy()
+            out = self.module(inputs)
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(X), self.n_outputs):
+                raise ModelError(f"{self.name}/{self.version}: the network returned "
+                                 f"{getattr(out, 'shape', type(out).__name__)}, expected "
+                                 f"({len(X)}, {self.n_outputs})")
+            if self.task == CLASSIFICATION:
+                out = torch.softmax(out, dim=1)
+        result: np.ndarray = out.float().numpy()
+        return result
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Class probabilities for raw feature rows (:meth:`outputs` of a classification)."""
+        if self.task != CLASSIFICATION:
+            raise ModelError(f"{self.name}/{self.version} is a {self.task}: it has no class "
+                             "probabilities")
+        return self.outputs(X)
 
     def predict(self, X: np.ndarray) -> list[Any]:
-        """Most probable class label of each row (see :meth:`predict_proba`)."""
-        idx = self.predict_proba(X).argmax(axis=1)
-        return [self.classes[i] for i in idx]
+        """Most probable class label, or predicted value, of each row."""
+        out = self.outputs(X)
+        if self.task == CLASSIFICATION:
+            return [self.classes[i] for i in out.argmax(axis=1)]
+        return [float(v) for v in out[:, 0]]
 
     def check_reference(self) -> None:
         """Raise :class:`ArtifactError` unless the manifest's reference rows reproduce."""
         inputs, expected, atol = self.manifest.reference_arrays()
-        got = self.predict_proba(inputs).astype(np.float64)
+        try:
+            got = self.outputs(inputs).astype(np.float64)
+        except ModelError as exc:
+            raise ArtifactError(str(exc)) from None
         if got.shape != expected.shape:
             raise ArtifactError(f"reference output shape {got.shape} != {expected.shape}")
-        worst = float(np.max(np.abs(got - expected)))
+        # Values are compared relative to their size: a regression's may be in the thousands.
+        worst = float(np.max(np.abs(got - expected) / np.maximum(1.0, np.abs(expected))))
         if not worst <= atol:  # also catches NaN
-            raise ArtifactError(f"weights do not reproduce the reference probabilities of "
+            raise ArtifactError(f"weights do not reproduce the reference outputs of "
                                 f"{self.name}/{self.version}: max difference {worst:.3g} "
                                 f"> atol {atol:.3g}")
 

@@ -7,20 +7,24 @@ means the version is complete. It is plain JSON (no NaN: missing reference input
 
     {"format_version": 1, "name": "default", "version": "20261123T140501Z-3fa2c1",
      "created_at": "2026-11-23T14:05:01Z", "parent_version": null, "forced": false,
-     "features": ["DER_mass_MMC", "..."], "classes": ["b", "s"],
+     "task": "classification", "features": ["DER_mass_MMC", "..."], "classes": ["b", "s"],
      "preprocessing": {"features": [...], "fill": [...], "mean": [...], "std": [...]},
-     "architecture": {"type": "mlp", "n_features": 30, "n_classes": 2,
+     "architecture": {"type": "mlp", "n_features": 30, "n_outputs": 2,
                       "hidden": [500, 1000, 500], "dropout": 0.4},
      "metrics": {"accuracy": 0.83, "log_loss": 0.38, "auc": 0.9, "n": 20000},
      "training": {"rows": 80000, "epochs": 5, "...": "..."},
-     "reference": {"inputs": [[...], ...], "probabilities": [[...], ...], "atol": 0.0001},
+     "reference": {"inputs": [[...], ...], "outputs": [[...], ...], "atol": 0.0001},
      "files": {"model.pt": "<sha256>", "model.onnx": "<sha256>"}}
+
+A regression has ``"task": "regression"``, no classes, one output, and ``rmse``, ``mae`` and
+``r2`` among its metrics. A user's network has ``"architecture": {"type": "factory",
+"factory": "package.module:function", "n_features", "n_outputs", "params": {...}}``.
 """
 from __future__ import annotations
 
 import math
 from datetime import datetime, timezone
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import msgspec
 import numpy as np
@@ -30,19 +34,26 @@ from models.errors import ManifestError, ModelError
 from models.preprocessing import Preprocessor
 from transport.protocol import MANIFEST_FILE
 
-__all__ = ["Manifest", "MLPArchitecture", "Reference", "FORMAT_VERSION", "MANIFEST_FILE",
+__all__ = ["Manifest", "MLPArchitecture", "FactoryArchitecture", "Architecture", "Reference",
+           "Task", "CLASSIFICATION", "REGRESSION", "REQUIRED_METRICS", "FORMAT_VERSION", "MANIFEST_FILE",
            "check_path_segment", "utc_now_iso"]
 
 #: The manifest layout this code writes and the only one it reads.
 FORMAT_VERSION = 1
 
 _SEGMENT = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-_REQUIRED_METRICS = ("accuracy", "log_loss")
+#: Test metrics a manifest must carry, by task (and ``auc`` for two classes).
+REQUIRED_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "log_loss"), "regression": ("rmse", "mae", "r2")}
+
+#: What a model predicts: a class with its probabilities, or a number.
+Task = Literal["classification", "regression"]
+CLASSIFICATION: Task = "classification"
+REGRESSION: Task = "regression"
 
 #: One path segment of a registry URI: names, versions and file names end up in S3 keys.
 Segment = Annotated[str, Meta(pattern=_SEGMENT, description="letters, digits, '.', '_', '-'")]
 Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$", description="lowercase sha256 hex")]
-Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 
 
 def check_path_segment(what: str, value: Any) -> str:
@@ -65,23 +76,51 @@ def utc_now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class MLPArchitecture(Struct, tag_field="type", tag="mlp"):
-    """The built-in network: :meth:`models.classifier.MLPClassifier.architecture`."""
+class MLPArchitecture(Struct, tag_field="type", tag="mlp", omit_defaults=True):
+    """The built-in network: :meth:`models.network.MLP.architecture`.
+
+    ``n_outputs`` is the number of classes, or 1 for a regression; manifests written before
+    regression existed call it ``n_classes``, which is read as ``n_outputs``."""
 
     n_features: Annotated[int, Meta(ge=1)]
-    n_classes: Annotated[int, Meta(ge=2)]
     hidden: list[Annotated[int, Meta(ge=1)]]
     dropout: Annotated[float, Meta(ge=0.0, lt=1.0)]
+    n_outputs: Annotated[int, Meta(ge=1)] = 0
+    n_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_classes is not None:
+            self.n_outputs, self.n_classes = self.n_classes, None
 
 
-class Reference(Struct):
-    """Rows a loader feeds the weights, and the outputs they must reproduce within ``atol``.
+class FactoryArchitecture(Struct, tag_field="type", tag="factory"):
+    """A user's network: ``factory(n_features, n_outputs, **params)`` builds it
+    (:func:`models.network.build_network`)."""
 
-    ``inputs`` are raw rows (``None`` = missing; NaN is written as ``null``)."""
+    factory: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")]
+    n_features: Annotated[int, Meta(ge=1)]
+    n_outputs: Annotated[int, Meta(ge=1)]
+    params: dict[str, Any] = {}
+
+
+Architecture = MLPArchitecture | FactoryArchitecture
+
+
+class Reference(Struct, omit_defaults=True):
+    """Rows a loader feeds the weights, and the outputs they must reproduce within ``atol``:
+    class probabilities, or the predicted value of a regression.
+
+    ``inputs`` are raw rows (``None`` = missing; NaN is written as ``null``). Manifests written
+    before regression existed call ``outputs`` ``probabilities``, read as ``outputs``."""
 
     inputs: Annotated[list[list[float | None]], Meta(min_length=1)]
-    probabilities: list[list[Probability]]
     atol: Annotated[float, Meta(gt=0.0, lt=1.0)]
+    outputs: list[list[float]] = []
+    probabilities: list[list[float]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.probabilities is not None:
+            self.outputs, self.probabilities = self.probabilities, None
 
 
 class Manifest(Struct, kw_only=True):
@@ -133,10 +172,11 @@ class Manifest(Struct, kw_only=True):
     created_at: str
     parent_version: Segment | None = None
     forced: bool = False
+    task: Task = CLASSIFICATION
     features: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
-    classes: Annotated[list[str | int], Meta(min_length=2)]
+    classes: list[str | int] = []
     preprocessing: dict[str, Any]
-    architecture: MLPArchitecture
+    architecture: Architecture
     metrics: dict[str, float]
     training: dict[str, Any] = {}
     reference: Reference
@@ -146,21 +186,27 @@ class Manifest(Struct, kw_only=True):
     def draft(cls, *, name: str, features: list[str], classes: list[Any],
               preprocessing: dict[str, Any], architecture: Mapping[str, Any],
               metrics: dict[str, float], training: dict[str, Any] | None = None,
-              reference: Mapping[str, Any] | None = None, forced: bool = False) -> "Manifest":
+              reference: Mapping[str, Any] | None = None, forced: bool = False,
+              task: Task = CLASSIFICATION) -> "Manifest":
         """A manifest before publication: no version, files or time yet, and not validated.
 
         ``architecture`` and ``reference`` are given as the JSON objects they are written as;
         the reference defaults to none (set it before publishing)."""
         try:
-            arch = msgspec.convert(dict(architecture), MLPArchitecture)
-            ref = (Reference(inputs=[], probabilities=[], atol=1e-4) if reference is None
+            arch = msgspec.convert(dict(architecture), Architecture)
+            ref = (Reference(inputs=[], outputs=[], atol=1e-4) if reference is None
                    else msgspec.convert(dict(reference), Reference))
         except msgspec.ValidationError as exc:
             raise ManifestError(str(exc)) from None
         return cls(format_version=FORMAT_VERSION, name=name, version="", created_at="",
-                   features=features, classes=classes, preprocessing=preprocessing,
+                   task=task, features=features, classes=classes, preprocessing=preprocessing,
                    architecture=arch, metrics=metrics, training=dict(training or {}),
                    reference=ref, files={}, forced=forced)
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the network's output: the number of classes, or 1 for a regression."""
+        return len(self.classes) if self.task == CLASSIFICATION else 1
 
     # ----------------------------------------------------------------------------- validation
     def validate(self) -> "Manifest":
@@ -180,7 +226,11 @@ class Manifest(Struct, kw_only=True):
         self._check_created_at()
         if len(set(self.features)) != len(self.features):
             raise ManifestError("'features' has duplicate names")
-        if len({type(c) for c in self.classes}) != 1:
+        if self.task == CLASSIFICATION and len(self.classes) < 2:
+            raise ManifestError("'classes' must list at least two class labels")
+        if self.task == REGRESSION and self.classes:
+            raise ManifestError("a regression has no 'classes'")
+        if len({type(c) for c in self.classes}) > 1:
             raise ManifestError("'classes' must be all strings or all integers")
         if len(set(self.classes)) != len(self.classes):
             raise ManifestError("'classes' has duplicate labels")
@@ -194,10 +244,12 @@ class Manifest(Struct, kw_only=True):
         if arch.n_features != len(self.features):
             raise ManifestError(f"'architecture' n_features {arch.n_features} != "
                                 f"{len(self.features)} features")
-        if arch.n_classes != len(self.classes):
-            raise ManifestError(f"'architecture' n_classes {arch.n_classes} != "
-                                f"{len(self.classes)} classes")
-        required = list(_REQUIRED_METRICS) + (["auc"] if len(self.classes) == 2 else [])
+        if arch.n_outputs != self.n_outputs:
+            raise ManifestError(f"'architecture' n_outputs {arch.n_outputs} != "
+                                f"{self.n_outputs} ({self.task} with {len(self.classes)} "
+                                "classes)")
+        required = list(REQUIRED_METRICS[self.task]) + (
+            ["auc"] if self.task == CLASSIFICATION and len(self.classes) == 2 else [])
         for key in required:
             if key not in self.metrics:
                 raise ManifestError(f"'metrics' lacks {key!r}")
@@ -205,14 +257,19 @@ class Manifest(Struct, kw_only=True):
             if not math.isfinite(figure):
                 raise ManifestError(f"metric {key!r} must be a finite number, got {figure!r}")
         ref = self.reference
-        if len(ref.probabilities) != len(ref.inputs):
-            raise ManifestError("'reference' needs one probabilities row per input row")
+        if len(ref.outputs) != len(ref.inputs):
+            raise ManifestError("'reference' needs one outputs row per input row")
         if any(len(row) != len(self.features) for row in ref.inputs):
             raise ManifestError(f"'reference' input rows must hold {len(self.features)} "
                                 "numbers or nulls")
-        if any(len(row) != len(self.classes) for row in ref.probabilities):
-            raise ManifestError(f"'reference' probability rows must hold "
-                                f"{len(self.classes)} numbers in [0, 1]")
+        if any(len(row) != self.n_outputs or not all(math.isfinite(v) for v in row)
+               for row in ref.outputs):
+            raise ManifestError(f"'reference' output rows must hold {self.n_outputs} finite "
+                                "numbers")
+        if self.task == CLASSIFICATION and not all(
+                0.0 <= v <= 1.0 for row in ref.outputs for v in row):
+            raise ManifestError("'reference' outputs of a classification are probabilities: "
+                                "numbers in [0, 1]")
         if MANIFEST_FILE in self.files:
             raise ManifestError(f"'files' must not list {MANIFEST_FILE}")
         return self
@@ -269,8 +326,8 @@ class Manifest(Struct, kw_only=True):
         return data
 
     def reference_arrays(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """Reference ``(inputs float64 with NaN, probabilities float64, atol)``."""
+        """Reference ``(inputs float64 with NaN, outputs float64, atol)``."""
         inputs = np.array([[np.nan if v is None else v for v in row]
                            for row in self.reference.inputs], dtype=np.float64)
-        probs = np.array(self.reference.probabilities, dtype=np.float64)
-        return inputs, probs, float(self.reference.atol)
+        outputs = np.array(self.reference.outputs, dtype=np.float64)
+        return inputs, outputs, float(self.reference.atol)

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.classifier import MLPClassifier
+from models.network import with_output_layer
 from models.errors import ModelError
-from models.manifest import utc_now_iso
+from models.manifest import REGRESSION, utc_now_iso
 from models.preprocessing import missing_mask
 from models.loaded import LoadedModel
 from transport.protocol import ModelUpdate
@@ -38,11 +38,14 @@ __all__ = ["ModelUpdate", "apply_update", "output_layer", "hidden_activations",
            "refit"]
 
 def output_layer(model: LoadedModel) -> nn.Linear:
-    """The last linear layer (the logits) of ``model``'s network."""
-    layer = model.module.net[-1]
-    if not isinstance(layer, nn.Linear):
-        raise ModelError(f"{model.version}: the network does not end in a linear layer")
-    return layer
+    """The linear layer that computes ``model``'s outputs (the logits, or the value).
+
+    Raises
+    ------
+    ModelError
+        The network does not end in a linear layer: the speed layer cannot update it.
+    """
+    return model.output_layer()[1]
 
 
 def apply_update(base: LoadedModel, update: ModelUpdate) -> LoadedModel:
@@ -72,12 +75,7 @@ def apply_update(base: LoadedModel, update: ModelUpdate) -> LoadedModel:
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(np.asarray(update.weight, dtype=np.float32)))
         layer.bias.copy_(torch.from_numpy(np.asarray(update.bias, dtype=np.float32)))
-    source = base.module
-    # Built on the meta device: its own layers cost nothing and are replaced right away.
-    with torch.device("meta"):
-        module = MLPClassifier(source.n_features, source.n_classes, hidden=source.hidden,
-                               dropout=source.dropout)
-    module.net = nn.Sequential(*list(source.net)[:-1], layer)
+    module = with_output_layer(base.module, base.output_layer()[0], layer.eval())
     model = LoadedModel(base.manifest, module, manifest_uri=base.manifest_uri,
                         sha256=base.sha256)
     model.version = update.version
@@ -103,9 +101,15 @@ def hidden_activations(model: LoadedModel, X: np.ndarray) -> np.ndarray:
     """
     X = np.asarray(X, dtype=np.float64)
     inputs = torch.from_numpy(model.preprocessor.transform(X))
-    hidden = model.module.net[:-1]
-    with torch.inference_mode():
-        features: np.ndarray = hidden(inputs).numpy()
+    seen: list[torch.Tensor] = []
+    handle = output_layer(model).register_forward_pre_hook(
+        lambda _layer, args: seen.append(args[0]))
+    try:
+        with torch.inference_mode():
+            model.module(inputs)
+    finally:
+        handle.remove()
+    features: np.ndarray = seen[-1].float().numpy()
     return features
 
 
@@ -155,7 +159,8 @@ class OutputLayerLearner:
         self.max_iter = max_iter
         width = output_layer(base).in_features
         self._H = np.empty((0, width), dtype=np.float32)
-        self._y = np.empty(0, dtype=np.int64)
+        self._regression = base.task == REGRESSION
+        self._y = np.empty(0, dtype=np.float64 if self._regression else np.int64)
         self._X = np.empty((0, base.n_features), dtype=np.float64)
 
     @property
@@ -164,12 +169,16 @@ class OutputLayerLearner:
         return len(self._y)
 
     def add(self, X: np.ndarray, y: np.ndarray) -> None:
-        """Append labelled examples (raw rows in the base's feature order, class indexes)."""
+        """Append labelled examples: raw rows in the base's feature order, and class indexes
+        (classification) or target values (regression)."""
         X = np.asarray(X, dtype=np.float64).reshape(-1, self.base.n_features)
-        y = np.asarray(y, dtype=np.int64).reshape(-1)
+        y = np.asarray(y, dtype=self._y.dtype).reshape(-1)
         if len(X) != len(y):
             raise ModelError(f"{len(X)} rows but {len(y)} labels")
-        if len(y) and (y.min() < 0 or y.max() >= len(self.base.classes)):
+        if self._regression:
+            if not np.isfinite(y).all():
+                raise ModelError("regression targets must be finite numbers")
+        elif len(y) and (y.min() < 0 or y.max() >= len(self.base.classes)):
             raise ModelError(f"class indexes must be in [0, {len(self.base.classes)})")
         if not len(y):
             return
@@ -203,6 +212,29 @@ class OutputLayerLearner:
         H = torch.from_numpy(self._H)
         y = torch.from_numpy(self._y)
         w = torch.from_numpy(recency_weights(self.size, self.half_life).astype(np.float32))
+        if self._regression:
+            W_new, b_new = _ridge_towards(H, y, w, W0, b0, self.l2)
+            figures = {"rmse_before": _weighted_rmse(H, y, w, W0, b0),
+                       "rmse_after": _weighted_rmse(H, y, w, W_new, b_new)}
+        else:
+            W_new, b_new, figures = self._fit_logistic(H, y, w, W0, b0)
+        if not (torch.isfinite(W_new).all() and torch.isfinite(b_new).all()):
+            raise ModelError("the output-layer fit diverged (non-finite weights)")
+        extra = {
+            "fit": {**figures, "half_life": self.half_life, "l2": self.l2,
+                    "from_version": head.version,
+                    "seconds": round(time.perf_counter() - started, 4)},
+            "statistics": _feature_statistics(self.base.features, self._X),
+        }
+        return ModelUpdate(model=model or self.base.name, base_version=self.base.base_version,
+                           seq=seq, weight=W_new.numpy().astype(np.float32),
+                           bias=b_new.numpy().astype(np.float32), n_examples=self.size,
+                           created_at=utc_now_iso(), extra=extra)
+
+    def _fit_logistic(self, H: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                      W0: torch.Tensor, b0: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Weighted multinomial logistic regression pulled towards ``W0, b0`` (L-BFGS)."""
         before = _weighted_scores(H, y, w, W0, b0)
         W = W0.clone().requires_grad_(True)
         b = b0.clone().requires_grad_(True)
@@ -220,21 +252,31 @@ class OutputLayerLearner:
         with torch.enable_grad():
             optimizer.step(closure)  # type: ignore[no-untyped-call]
         W_new, b_new = W.detach(), b.detach()
-        if not (torch.isfinite(W_new).all() and torch.isfinite(b_new).all()):
-            raise ModelError("the output-layer fit diverged (non-finite weights)")
         after = _weighted_scores(H, y, w, W_new, b_new)
-        extra = {
-            "fit": {"accuracy_before": before[0], "log_loss_before": before[1],
-                    "accuracy_after": after[0], "log_loss_after": after[1],
-                    "half_life": self.half_life, "l2": self.l2,
-                    "from_version": head.version,
-                    "seconds": round(time.perf_counter() - started, 4)},
-            "statistics": _feature_statistics(self.base.features, self._X),
-        }
-        return ModelUpdate(model=model or self.base.name, base_version=self.base.base_version,
-                           seq=seq, weight=W_new.numpy().astype(np.float32),
-                           bias=b_new.numpy().astype(np.float32), n_examples=self.size,
-                           created_at=utc_now_iso(), extra=extra)
+        return W_new, b_new, {"accuracy_before": before[0], "log_loss_before": before[1],
+                              "accuracy_after": after[0], "log_loss_after": after[1]}
+
+
+def _ridge_towards(H: torch.Tensor, y: torch.Tensor, w: torch.Tensor, W0: torch.Tensor,
+                   b0: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output layer of a regression refitted in closed form: weighted least squares on
+    the activations, pulled towards ``W0, b0`` (minimises ``sum w (h.W + b - y)^2 +
+    l2 |[W, b] - [W0, b0]|^2``)."""
+    A = torch.cat([H.double(), torch.ones(len(H), 1, dtype=torch.float64)], dim=1)
+    theta0 = torch.cat([W0.double().reshape(-1), b0.double().reshape(-1)])
+    weighted = A * w.double().unsqueeze(1)
+    lhs = weighted.T @ A + max(l2, 1e-9) * torch.eye(A.shape[1], dtype=torch.float64)
+    rhs = weighted.T @ y.double() + l2 * theta0
+    theta = torch.linalg.solve(lhs, rhs)
+    return (theta[:-1].reshape(1, -1).float(), theta[-1:].float())
+
+
+def _weighted_rmse(H: torch.Tensor, y: torch.Tensor, w: torch.Tensor, W: torch.Tensor,
+                   b: torch.Tensor) -> float:
+    """Recency-weighted root mean squared error of a regression's output layer."""
+    with torch.no_grad():
+        error = (H.double() @ W.double().T + b.double()).reshape(-1) - y.double()
+        return round(float(torch.sqrt((w.double() * error.square()).sum())), 6)
 
 
 def _weighted_scores(H: torch.Tensor, y: torch.Tensor, w: torch.Tensor, W: torch.Tensor,

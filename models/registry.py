@@ -24,13 +24,14 @@ import re
 import secrets
 import warnings
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import fsspec
 import msgspec
 import torch
+from torch import nn
 
-from models.classifier import MLPClassifier
+from models.network import build_network
 from models.errors import ArtifactError, ManifestError, ModelError
 from models.manifest import MANIFEST_FILE, Manifest, check_path_segment, utc_now_iso
 from models.loaded import LoadedModel
@@ -82,9 +83,12 @@ class Registry:
         s3fs options (``Settings.storage_options``); ignored for local paths.
     """
 
-    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None,
+                 factories: Collection[str] = ()) -> None:
         self.uri = uri.rstrip("/")
         self.storage_options = dict(storage_options or {})
+        #: Model factories a manifest may name (:func:`models.network.build_network`).
+        self.factories = frozenset(factories)
         self._fs, self._root = filesystem(self.uri, self.storage_options)
 
     def __repr__(self) -> str:
@@ -144,13 +148,13 @@ class Registry:
         return None
 
     # ---------------------------------------------------------------------------- publishing
-    def publish(self, module: MLPClassifier, manifest: Manifest, *, onnx: bool = True,
+    def publish(self, module: nn.Module, manifest: Manifest, *, onnx: bool = True,
                 before_manifest: Callable[[], None] | None = None) -> ModelRef:
         """Write a new immutable version: every file first, ``manifest.json`` last.
 
         Parameters
         ----------
-        module : MLPClassifier
+        module : torch.nn.Module
             The trained network.
         manifest : Manifest
             A draft: everything but ``version``, ``files`` and ``created_at``, which are
@@ -181,7 +185,8 @@ class Registry:
         module = module.eval()
         files: dict[str, bytes] = {WEIGHTS_FILE: _state_dict_bytes(module)}
         if onnx:
-            exported = _onnx_bytes(module)
+            exported = _onnx_bytes(module, len(manifest.features),
+                                   "logits" if manifest.task == "classification" else "outputs")
             if exported is not None:
                 files[ONNX_FILE] = exported
         final = msgspec.structs.replace(
@@ -193,7 +198,8 @@ class Registry:
             raise ArtifactError(f"refusing to publish an invalid manifest: {exc}") from None
         # Check the exact bytes about to be written reproduce the reference rows, so a
         # version that cannot load is never published.
-        _loaded(final, files[WEIGHTS_FILE], where="candidate").check_reference()
+        _loaded(final, files[WEIGHTS_FILE], where="candidate",
+                factories=self.factories | _factory_of(final)).check_reference()
         manifest_bytes = final.to_json()
 
         directory = self._dir(name, version)
@@ -279,8 +285,8 @@ class Registry:
                                     "the file was modified or corrupted")
             if fname == WEIGHTS_FILE:
                 weights = data
-        model = _loaded(manifest, weights, where=manifest_uri, manifest_uri=manifest_uri,
-                        sha256=digest)
+        model = _loaded(manifest, weights, where=manifest_uri, factories=self.factories,
+                        manifest_uri=manifest_uri, sha256=digest)
         model.check_reference()
         log.info("loaded %s/%s from %s", manifest.name, manifest.version, manifest_uri)
         return model
@@ -373,23 +379,23 @@ class Registry:
             raise ArtifactError(f"cannot read {what} {uri}: {_describe(exc)}") from exc
 
 
-def _state_dict_bytes(module: MLPClassifier) -> bytes:
+def _state_dict_bytes(module: nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
     return buffer.getvalue()
 
 
-def _onnx_bytes(module: MLPClassifier) -> bytes | None:
-    """ONNX export of ``module`` (input ``x``, output ``logits``, dynamic batch), or None."""
+def _onnx_bytes(module: nn.Module, n_features: int, output: str) -> bytes | None:
+    """ONNX export of ``module`` (input ``x``, output ``output``, dynamic batch), or None."""
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # The TorchScript-based exporter works offline; the dynamo one needs onnxscript.
-            torch.onnx.export(module, (torch.zeros(1, module.n_features),),
+            torch.onnx.export(module, (torch.zeros(1, n_features),),
                               buffer,  # type: ignore[arg-type]  # a file object works too
-                              input_names=["x"], output_names=["logits"],
-                              dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+                              input_names=["x"], output_names=[output],
+                              dynamic_axes={"x": {0: "n"}, output: {0: "n"}},
                               dynamo=False)
     except Exception as exc:  # optional artifact: never fail a publication over it
         log.warning("skipping ONNX export: %s", _describe(exc))
@@ -397,14 +403,23 @@ def _onnx_bytes(module: MLPClassifier) -> bytes | None:
     return buffer.getvalue()
 
 
-def _loaded(manifest: Manifest, weights: bytes, where: str, manifest_uri: str | None = None,
-            sha256: str | None = None) -> LoadedModel:
+def _factory_of(manifest: Manifest) -> frozenset[str]:
+    """The factory a manifest names, if any: a publisher may call the one it trained with."""
+    factory = getattr(manifest.architecture, "factory", None)
+    return frozenset([factory]) if factory else frozenset()
+
+
+def _loaded(manifest: Manifest, weights: bytes, where: str, factories: Collection[str],
+            manifest_uri: str | None = None, sha256: str | None = None) -> LoadedModel:
     try:
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ArtifactError(f"cannot read weights of {where}: {_describe(exc)}") from None
     try:
-        module = MLPClassifier.from_architecture(manifest.architecture_dict())
+        module = build_network(manifest.architecture_dict(), factories)
+    except ModelError as exc:
+        raise ArtifactError(f"cannot build the network of {where}: {exc}") from None
+    try:
         module.load_state_dict(state, strict=True)
         return LoadedModel(manifest, module, manifest_uri=manifest_uri, sha256=sha256)
     except (ModelError, RuntimeError, TypeError, AttributeError) as exc:

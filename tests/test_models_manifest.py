@@ -22,15 +22,16 @@ def valid_dict() -> dict[str, Any]:
         "created_at": "2026-11-23T14:05:01Z",
         "parent_version": None,
         "forced": False,
+        "task": "classification",
         "features": ["x", "y"],
         "classes": ["b", "s"],
         "preprocessing": {"features": ["x", "y"], "fill": [0.0, 1.0], "mean": [0.0, 1.0],
                           "std": [1.0, 2.0]},
-        "architecture": {"type": "mlp", "n_features": 2, "n_classes": 2, "hidden": [4],
+        "architecture": {"type": "mlp", "n_features": 2, "n_outputs": 2, "hidden": [4],
                          "dropout": 0.1},
         "metrics": {"accuracy": 0.8, "log_loss": 0.4, "auc": 0.9, "n": 100},
         "training": {"rows": 500},
-        "reference": {"inputs": [[1.0, None]], "probabilities": [[0.25, 0.75]], "atol": 1e-4},
+        "reference": {"inputs": [[1.0, None]], "outputs": [[0.25, 0.75]], "atol": 1e-4},
         "files": {"model.pt": SHA},
     }
 
@@ -83,13 +84,13 @@ def _drop(key: str) -> Callable[[dict], None]:
     (_set("created_at", "yesterday"), "not ISO 8601"),
     (_set("created_at", "2026-11-23T14:05:01+02:00"), "must be in UTC"),
     (_set("features", ["x", "x"]), "duplicate names"),
-    (_set("classes", ["b"]), r"length >= 2 - at `\$\.classes`"),
+    (_set("classes", ["b"]), "at least two class labels"),
     (_set("classes", ["b", 1]), "all strings or all integers"),
     (_set("classes", ["b", "b"]), "duplicate labels"),
     (_set("preprocessing.features", ["y", "x"]), "differ from 'features'"),
     (_set("preprocessing.std", [1.0, 0.0]), "'preprocessing'.*positive"),
     (_set("architecture.n_features", 3), "n_features 3 != 2"),
-    (_set("architecture.n_classes", 3), "n_classes 3 != 2"),
+    (_set("architecture.n_outputs", 3), "n_outputs 3 != 2"),
     (_set("architecture.type", "cnn"), r"Invalid value 'cnn' - at `\$\.architecture\.type`"),
     (_set("architecture.hidden", [0]), r">= 1 - at `\$\.architecture\.hidden\[0\]`"),
     (_set("architecture.dropout", 1.0), r"< 1.0 - at `\$\.architecture\.dropout`"),
@@ -97,8 +98,8 @@ def _drop(key: str) -> Callable[[dict], None]:
     (_set("metrics.accuracy", "high"), r"Expected `float`, got `str` - at `\$\.metrics"),
     (_set("reference.inputs", []), r"length >= 1 - at `\$\.reference\.inputs`"),
     (_set("reference.inputs", [[1.0]]), "must hold 2 numbers or nulls"),
-    (_set("reference.probabilities", [[0.5, 1.5]]),
-     r"<= 1.0 - at `\$\.reference\.probabilities\[0\]\[1\]`"),
+    (_set("reference.outputs", [[0.5, 1.5]]), r"are probabilities: numbers in \[0, 1\]"),
+    (_set("reference.outputs", [[0.5]]), "output rows must hold 2 finite numbers"),
     (_set("reference.atol", 0), r"> 0.0 - at `\$\.reference\.atol`"),
     (_set("files", {}), r"length >= 1 - at `\$\.files`"),
     (_set("files", {"model.pt": "abc"}), r"\[0-9a-f\]\{64\}.* at `\$\.files"),
@@ -119,9 +120,9 @@ def test_schema_violations_are_reported_with_the_reason(change: Callable[[dict],
 def test_three_classes_need_no_auc_and_integer_classes_are_fine() -> None:
     data = valid_dict()
     data["classes"] = [0, 1, 2]
-    data["architecture"]["n_classes"] = 3
+    data["architecture"]["n_outputs"] = 3
     data["metrics"] = {"accuracy": 0.5, "log_loss": 1.0}
-    data["reference"]["probabilities"] = [[0.2, 0.3, 0.5]]
+    data["reference"]["outputs"] = [[0.2, 0.3, 0.5]]
     assert Manifest.from_dict(data).classes == [0, 1, 2]
 
 
@@ -129,3 +130,59 @@ def test_three_classes_need_no_auc_and_integer_classes_are_fine() -> None:
 def test_garbage_is_a_manifest_error(raw: bytes) -> None:
     with pytest.raises(ManifestError):
         Manifest.from_json(raw)
+
+
+def regression_dict() -> dict[str, Any]:
+    data = valid_dict()
+    data.update(task="regression", classes=[],
+                metrics={"rmse": 1.5, "mae": 1.1, "r2": 0.7, "n": 100})
+    data["architecture"]["n_outputs"] = 1
+    data["reference"]["outputs"] = [[1234.5]]
+    return data
+
+
+def test_a_regression_has_one_output_no_classes_and_its_own_metrics() -> None:
+    manifest = Manifest.from_dict(regression_dict())
+    assert manifest.task == "regression" and manifest.n_outputs == 1
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    # Reference values of a regression are not probabilities: any finite number.
+    assert manifest.reference_arrays()[1].tolist() == [[1234.5]]
+
+
+@pytest.mark.parametrize("change, reason", [
+    (_set("classes", ["a", "b"]), "a regression has no 'classes'"),
+    (_set("architecture.n_outputs", 2), "n_outputs 2 != 1"),
+    (_set("metrics", {"rmse": 1.0, "mae": 1.0}), "lacks 'r2'"),
+    (_set("reference.outputs", [[float("inf")]]), "finite numbers"),
+    (_set("task", "ranking"), r"Invalid enum value 'ranking' - at `\$\.task`"),
+])
+def test_regression_violations_are_reported(change: Callable[[dict], None],
+                                            reason: str) -> None:
+    data = copy.deepcopy(regression_dict())
+    change(data)
+    with pytest.raises(ManifestError, match=reason):
+        Manifest.from_dict(data)
+
+
+def test_a_factory_architecture_round_trips_with_its_parameters() -> None:
+    data = valid_dict()
+    data["architecture"] = {"type": "factory", "factory": "demo.networks:residual_mlp",
+                            "n_features": 2, "n_outputs": 2, "params": {"width": 8}}
+    manifest = Manifest.from_dict(data)
+    assert manifest.architecture_dict() == data["architecture"]
+    data["architecture"]["factory"] = "os.system"
+    with pytest.raises(ManifestError, match=r"at `\$\.architecture\.factory`"):
+        Manifest.from_dict(data)
+
+
+def test_manifests_written_before_regression_are_read() -> None:
+    data = valid_dict()
+    data.pop("task")
+    data["architecture"]["n_classes"] = data["architecture"].pop("n_outputs")
+    data["reference"]["probabilities"] = data["reference"].pop("outputs")
+    manifest = Manifest.from_dict(data)
+    assert manifest.task == "classification"
+    assert manifest.architecture_dict()["n_outputs"] == 2
+    assert "n_classes" not in manifest.architecture_dict()
+    assert manifest.reference.outputs == [[0.25, 0.75]]
+    assert b"probabilities" not in manifest.to_json()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.classifier import MLPClassifier
+from models.network import MLP, build_network
 from models.errors import ArtifactError, MessageError, ModelError
 from models.manifest import Manifest, Reference
 from models.preprocessing import MISSING_MARKER, fit_preprocessor
@@ -22,14 +22,14 @@ FEATURES = ["f0", "f1", "f2", "f3"]
 
 
 def make_candidate(classes: list[Any] | None = None, seed: int = 0
-                   ) -> tuple[MLPClassifier, Manifest]:
+                   ) -> tuple[MLP, Manifest]:
     """A small network with a complete draft manifest, as the batch job builds it."""
     classes = classes or ["b", "s"]
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     X = rng.normal(size=(200, len(FEATURES)))
     X[rng.random(X.shape) < 0.1] = MISSING_MARKER
-    module = MLPClassifier(len(FEATURES), len(classes), hidden=(8, 4), dropout=0.2).eval()
+    module = MLP(len(FEATURES), len(classes), hidden=(8, 4), dropout=0.2).eval()
     metrics = {"accuracy": 0.75, "log_loss": 0.5}
     if len(classes) == 2:
         metrics["auc"] = 0.8
@@ -41,7 +41,7 @@ def make_candidate(classes: list[Any] | None = None, seed: int = 0
     reference[0, 0] = np.nan
     draft.reference = Reference(
         inputs=reference.tolist(),
-        probabilities=LoadedModel(draft, module).predict_proba(reference).tolist(), atol=1e-5)
+        outputs=LoadedModel(draft, module).predict_proba(reference).tolist(), atol=1e-5)
     return module, draft
 
 
@@ -124,7 +124,7 @@ def test_weights_that_do_not_reproduce_the_reference_are_refused(registry: Regis
     ref = registry.publish(*make_candidate(), onnx=False)
     path = version_dir(registry, ref) / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest["reference"]["probabilities"][0] = [0.0, 1.0]
+    manifest["reference"]["outputs"][0] = [0.0, 1.0]
     path.write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="do not reproduce the reference"):
         registry.load(ref.manifest_uri)  # no sha: only the reference check can notice
@@ -144,9 +144,10 @@ def test_an_invalid_manifest_is_refused_with_the_reason(registry: Registry) -> N
     ref = registry.publish(*make_candidate(), onnx=False)
     path = version_dir(registry, ref) / "manifest.json"
     manifest = json.loads(path.read_text())
-    del manifest["classes"]
+    del manifest["features"]
     path.write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="invalid manifest .*: Object missing required field `classes`"):
+    with pytest.raises(ArtifactError,
+                       match="invalid manifest .*: Object missing required field `features`"):
         registry.load(ref.manifest_uri)
 
 
@@ -163,7 +164,7 @@ def test_a_manifest_outside_the_registry_is_refused(registry: Registry, tmp_path
 def test_publish_refuses_a_candidate_that_does_not_match_its_reference(registry: Registry
                                                                         ) -> None:
     module, draft = make_candidate()
-    draft.reference.probabilities = [[0.5, 0.5]] * len(draft.reference.inputs)
+    draft.reference.outputs = [[0.5, 0.5]] * len(draft.reference.inputs)
     with pytest.raises(ArtifactError, match="reference"):
         registry.publish(module, draft)
     assert registry.versions("default") == []
@@ -226,17 +227,17 @@ def test_predict_proba_is_deterministic_in_eval_mode() -> None:
     np.testing.assert_array_equal(model.predict_proba(X), model.predict_proba(X))
 
 
-def test_classifier_rejects_nonsense_and_rebuilds_from_its_architecture() -> None:
-    module = MLPClassifier(30, 2)
-    assert module.architecture() == {"type": "mlp", "n_features": 30, "n_classes": 2,
+def test_the_mlp_rejects_nonsense_and_rebuilds_from_its_architecture() -> None:
+    module = MLP(30, 2)
+    assert module.architecture() == {"type": "mlp", "n_features": 30, "n_outputs": 2,
                                      "hidden": [500, 1000, 500], "dropout": 0.4}
-    rebuilt = MLPClassifier.from_architecture(module.architecture())
+    rebuilt = build_network(module.architecture())
     assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in module.parameters()]
-    for args in ((0, 2), (3, 1)):
+    for args in ((0, 2), (3, 0)):
         with pytest.raises(ModelError):
-            MLPClassifier(*args)
+            MLP(*args)
     with pytest.raises(ModelError, match="dropout"):
-        MLPClassifier(3, 2, dropout=1.0)
+        MLP(3, 2, dropout=1.0)
 
 
 def test_the_onnx_export_computes_the_same_logits(registry: Registry) -> None:

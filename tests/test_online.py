@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.classifier import MLPClassifier
+from models.network import MLP
 from models.errors import MessageError, ModelError
 from models.manifest import Manifest
 from models.online import (ModelUpdate, OutputLayerLearner, apply_update, hidden_activations,
@@ -31,7 +31,7 @@ def make_model(hidden: tuple[int, ...] = (32, 16), seed: int = 0,
     rng = np.random.default_rng(seed)
     X_fit = X if X is not None else rng.normal(size=(256, len(FEATURES)))
     preprocessor = fit_preprocessor(FEATURES, X_fit)
-    module = MLPClassifier(len(FEATURES), len(CLASSES), hidden=hidden, dropout=0.0)
+    module = MLP(len(FEATURES), len(CLASSES), hidden=hidden, dropout=0.0)
     if epochs and X is not None and y is not None:
         inputs = torch.from_numpy(preprocessor.transform(X))
         targets = torch.from_numpy(y.astype(np.int64))
@@ -45,7 +45,7 @@ def make_model(hidden: tuple[int, ...] = (32, 16), seed: int = 0,
         name="default", features=FEATURES, classes=CLASSES,
         preprocessing=preprocessor.to_dict(), architecture=module.architecture(),
         metrics={"accuracy": 0.5, "log_loss": 0.69, "auc": 0.5},
-        reference={"inputs": [[0.0] * 4], "probabilities": [[0.5, 0.5]], "atol": 0.5}),
+        reference={"inputs": [[0.0] * 4], "outputs": [[0.5, 0.5]], "atol": 0.5}),
         version=version)
     return LoadedModel(manifest, module)
 
