@@ -211,7 +211,7 @@ class Manifest(Struct, kw_only=True):
     # ----------------------------------------------------------------------------- validation
     def validate(self) -> "Manifest":
         """Check the whole manifest against the schema; return it, or raise ManifestError."""
-        return type(self).from_dict(msgspec.to_builtins(self))
+        return type(self).from_dict(msgspec.to_builtins(self, enc_hook=_plain))
 
     def _check_relations(self) -> "Manifest":
         """The rules a type annotation cannot say: they relate fields to each other."""
@@ -286,14 +286,14 @@ class Manifest(Struct, kw_only=True):
     # --------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (reference NaNs become ``None``)."""
-        data: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(self))
+        data: dict[str, Any] = msgspec.json.decode(_ENCODER.encode(self))
         return data
 
     def to_json(self) -> bytes:
         """Canonical UTF-8 JSON bytes, exactly what the registry stores and hashes.
 
         A NaN (a missing reference input) is written as ``null``."""
-        return msgspec.json.format(msgspec.json.encode(self), indent=2) + b"\n"
+        return msgspec.json.format(_ENCODER.encode(self), indent=2) + b"\n"
 
     @classmethod
     def from_dict(cls, data: Any) -> "Manifest":
@@ -331,3 +331,16 @@ class Manifest(Struct, kw_only=True):
                            for row in self.reference.inputs], dtype=np.float64)
         outputs = np.array(self.reference.outputs, dtype=np.float64)
         return inputs, outputs, float(self.reference.atol)
+
+
+def _plain(value: Any) -> Any:
+    """The plain JSON value of what a run records in free-form fields: numpy scalars and
+    arrays, and ``str`` subclasses such as ``torch.__version__``."""
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise NotImplementedError(f"cannot write {type(value).__name__} into a manifest")
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=_plain)

@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 
 from models.errors import ManifestError
@@ -186,3 +187,14 @@ def test_manifests_written_before_regression_are_read() -> None:
     assert "n_classes" not in manifest.architecture_dict()
     assert manifest.reference.outputs == [[0.25, 0.75]]
     assert b"probabilities" not in manifest.to_json()
+
+
+def test_free_form_facts_of_numpy_and_str_subclasses_are_written_as_plain_json() -> None:
+    class Version(str):
+        pass
+
+    manifest = Manifest.from_dict(valid_dict())
+    manifest.training = {"torch": Version("2.5.1"), "rows": np.int64(500),
+                         "loss": np.float32(0.5), "history": np.array([1.0, 2.0])}
+    again = Manifest.from_json(manifest.validate().to_json())
+    assert again.training == {"torch": "2.5.1", "rows": 500, "loss": 0.5, "history": [1.0, 2.0]}
