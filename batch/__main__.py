@@ -6,6 +6,7 @@ Usage::
                         [--epochs N] [--hidden 500,1000,500] [--lr 0.0003:0.01] [--seed N]
                         [--candidates N] [--search random|grid] [--distributed N] ...
     python -m batch schedule [run options]     # run at BATCH_CRON, never overlapping
+    python -m batch score --data URI --out URI [--model NAME] [--version V] [--id-col id]
 
 Exit status of ``run``: 0 published, 3 rejected by the evaluation policy, 1 on failure (with a
 one-line ``batch: error: ...`` on stderr), another run holding the model's lock included; every
@@ -84,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(run)
     schedule = commands.add_parser("schedule", help="run at BATCH_CRON, never overlapping")
     add_run_options(schedule)
+    score = commands.add_parser("score", help="score a Parquet dataset with a registry version "
+                                              "and write Parquet predictions")
+    score.add_argument("--data", metavar="URI", required=True, help="Parquet dataset to score")
+    score.add_argument("--out", metavar="URI", required=True,
+                       help="where the prediction files go (an empty location)")
+    score.add_argument("--model", metavar="NAME", help="model name (default: MODEL_NAME)")
+    score.add_argument("--version", help="registry version (default: the one serving)")
+    score.add_argument("--id-col", default=None, help="id column (BATCH_ID_COL, default id)")
+    score.add_argument("-v", "--verbose", action="store_true", help="log details")
     return parser
 
 
@@ -202,6 +212,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from app.settings import Settings
+    from batch.score import score_dataset
+
+    settings = Settings.from_env()
+    result = score_dataset(settings, args.data, args.out, model_name=args.model,
+                           version=args.version, id_col=args.id_col,
+                           factories=_factories(settings), progress=_say)
+    print(f"scored {result.rows} rows with {result.model_name}/{result.version} into "
+          f"{result.out_uri} ({result.files} files) in {result.seconds:.1f}s: "
+          f"{result.rows_per_second:.0f} rows/s")
+    return 0
+
+
+def _factories(settings: Any) -> tuple[str, ...]:
+    """Model factories a manifest may name here: those the workers may load."""
+    return tuple(getattr(settings, "model_factories", ()) or ())
+
+
 def _cmd_schedule(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from app.settings import Settings
     from batch.schedule import run_schedule
@@ -227,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "score":
+            return _cmd_score(args)
         return _cmd_schedule(args, argv)
     except KeyboardInterrupt:
         print("batch: interrupted", file=sys.stderr)

@@ -156,6 +156,72 @@ def test_web_endpoints(deployment: Deployment) -> None:
     assert d.ref.version in page and "web-" in page
 
 
+def test_batch_scoring_gives_the_numbers_the_worker_serves(deployment: Deployment, spark: Any
+                                                           ) -> None:
+    """``python -m batch score`` on a Parquet dataset: the version serving, the same
+    preprocessing and the same rounded numbers as ``POST /predict`` on the same rows."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import s3fs
+
+    from batch.errors import BatchError
+    from batch.score import score_dataset
+    from lake.errors import DataError
+
+    d = deployment
+    fs = s3fs.S3FileSystem(**d.settings.storage_options)
+    root = d.settings.lake_uri.rsplit("/lake/", 1)[0]
+    rng = np.random.default_rng(5)
+    n = 300
+    columns: dict[str, Any] = {"key": np.arange(n)}
+    for j, name in enumerate(FEATURES):
+        values = rng.normal(size=n) * (j + 1)
+        values[rng.random(n) < 0.1] = -999.0
+        columns[name] = pa.array(values, mask=rng.random(n) < 0.05)
+    columns["note"] = ["x"] * n  # other columns are carried along unread
+    table = pa.table(columns)
+    for part, rows in enumerate((slice(0, 120), slice(120, n))):
+        with fs.open(f"{root}/score-in/part-{part}.parquet", "wb") as out:
+            pq.write_table(table.slice(rows.start, rows.stop - rows.start), out)
+
+    out_uri = f"{root}/score-out/run-1"
+    result = score_dataset(d.settings, f"{root}/score-in", out_uri, id_col="key", spark=spark)
+    assert (result.version, result.rows, result.task) == (d.ref.version, n, "classification")
+    assert fs.exists(f"{out_uri}/_SUCCESS")
+    scored = pq.ParquetDataset(out_uri.removeprefix("s3://"), filesystem=fs).read().to_pylist()
+    assert sorted(int(r["id"]) for r in scored) == list(range(n))
+    by_id = {r["id"]: r for r in scored}
+
+    sample = [int(i) for i in rng.choice(n, size=60, replace=False)]
+    requests = []
+    for i in sample:
+        features = {}
+        for name in FEATURES:
+            value = table.column(name)[i].as_py()
+            features[name] = value  # None (missing) travels as null
+        requests.append({"id": str(i), "features": features})
+    status, answers, _ = http("POST", f"{d.worker.url}/predict", requests)
+    assert status == 200
+    for answer in answers:
+        row = by_id[answer["id"]]
+        assert row["model_version"] == answer["model_version"] == d.ref.version
+        assert row["predicted"] == answer["predicted"]
+        assert row["probabilities"] == answer["probabilities"]
+
+    # A named version scores the same; an occupied output and a missing feature are refused.
+    again = score_dataset(d.settings, f"{root}/score-in", f"{root}/score-out/run-2",
+                          version=d.ref.version, id_col="key", spark=spark)
+    assert again.rows == n
+    with pytest.raises(BatchError, match=r"holds \d+ files already"):
+        score_dataset(d.settings, f"{root}/score-in", out_uri, id_col="key", spark=spark)
+    with fs.open(f"{root}/score-bad/part-0.parquet", "wb") as out:
+        pq.write_table(table.drop_columns(["b"]), out)
+    with pytest.raises(DataError, match="lacks the column 'b'"):
+        score_dataset(d.settings, f"{root}/score-bad", f"{root}/score-out/run-3",
+                      id_col="key", spark=spark)
+
+
 def test_tables_recovered_after_restart(deployment: Deployment) -> None:
     d = deployment
     run(produce(d.bootstrap, d.settings.events_topic, valid_events(20, "restart")))
