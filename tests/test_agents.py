@@ -157,6 +157,29 @@ def test_a_regression_refuses_labels_that_are_not_finite_numbers() -> None:
     assert [r.reason.split(";")[0] for r in rejected] == ["unknown label 2.5"]
 
 
+def test_a_version_of_another_task_or_features_cannot_replace_the_serving_one() -> None:
+    from types import SimpleNamespace
+
+    from serving.model_manager import _incompatibility
+
+    def model(task: str, features: list[str], classes: list[Any]) -> Any:
+        return SimpleNamespace(task=task, features=features, classes=classes)
+
+    regression = model("regression", ["a", "b"], [])
+    assert _incompatibility(None, regression) is None  # nothing serves yet
+    assert _incompatibility(regression, model("regression", ["b", "a"], [])) is None
+    reason = _incompatibility(regression, model("classification", ["a", "b"], ["no", "yes"]))
+    assert reason is not None and reason.startswith(
+        "incompatible task: classification instead of regression")
+    reason = _incompatibility(model("classification", ["a", "b"], ["no", "yes"]), regression)
+    assert reason is not None and "regression instead of classification" in reason
+    reason = _incompatibility(regression, model("regression", ["a", "c"], []))
+    assert reason == "incompatible features: missing ['b'], unexpected ['c']"
+    reason = _incompatibility(model("classification", ["a"], [0, 1]),
+                              model("classification", ["a"], [1, 0]))
+    assert reason == "incompatible classes: [1, 0] instead of [0, 1]"
+
+
 def test_latest_predictions_rows_are_kept_per_partition_and_expire() -> None:
     now = int(time.time() * 1000)
     fresh = json.dumps({"id": "x", "predicted": "yes", "ts": now}).encode()
