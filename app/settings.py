@@ -34,6 +34,8 @@ EMBEDDED_S3_CREDENTIALS = ("S3RVER", "S3RVER")
 #: Fields KAFKA_PREFIX is put in front of: every topic and consumer group derives from these.
 PREFIXED_FIELDS = ("app_id", "events_topic", "predictions_topic", "dlq_topic", "updates_topic",
                    "metrics_topic")
+#: A model factory as MODEL_FACTORIES names it: ``package.module:function``.
+_FACTORY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 #: Characters Kafka allows in a topic name.
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]*")
 #: How an integer setting is written: digits, optionally signed (``10``, not ``10.0``).
@@ -273,11 +275,28 @@ class ServingSettings(_Section):
     """How long the latest-prediction table keeps a row (store and changelog)."""
     metrics_interval_s: Annotated[float, Field(gt=0)] = 10.0
     """Seconds between broadcasts on the metrics topic."""
+    model_factories: tuple[str, ...] = ()
+    """Model factories (comma-separated `package.module:function`) whose networks a worker
+    may build: a version whose manifest names another factory is refused."""
 
     @field_validator("model_name")
     @classmethod
     def _model_name(cls, value: str) -> str:
         _check(bool(value) and "/" not in value, "expected a name without '/'")
+        return value
+
+    @field_validator("model_factories", mode="before")
+    @classmethod
+    def _factories(cls, value: Any) -> Any:
+        """Comma-separated ``package.module:function`` names (blanks around them and empty
+        entries ignored); each one's form is checked here, its import when a manifest names
+        it."""
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, (list, tuple)):
+            bad = [v for v in value if not isinstance(v, str) or not _FACTORY.fullmatch(v)]
+            _check(not bad, "expected comma-separated package.module:function names "
+                   f"(not of that form: {', '.join(repr(v) for v in bad[:5])})")
         return value
 
     @field_validator("web_advertised_url")

@@ -23,8 +23,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from app.settings import Settings
 from devstack.stack import die_with_parent_preexec
 from transport.topics import ensure_topics
-from models.network import MLP
-from models.manifest import Manifest, Reference
+from models.network import MLP, load_factory
+from models.manifest import CLASSIFICATION, REGRESSION, Manifest, Reference
 from models.preprocessing import fit_preprocessor
 from models.registry import ModelRef, Registry
 from models.loaded import LoadedModel
@@ -49,25 +49,40 @@ def scratch_dir(prefix: str, keep: bool = False) -> Iterator[Path]:
 
 def publish_small_model(registry: Registry, name: str, features: list[str],
                         classes: list[Any], seed: int = 0,
-                        hidden: tuple[int, ...] = (16, 8)) -> ModelRef:
-    """Publish an untrained MLP with real preprocessing and reference rows.
+                        hidden: tuple[int, ...] = (16, 8), task: str = CLASSIFICATION,
+                        factory: str | None = None,
+                        params: Mapping[str, Any] | None = None) -> ModelRef:
+    """Publish an untrained network with real preprocessing and reference rows.
 
     Scoring costs the same whatever the weights, so this serves tests and throughput
-    benchmarks without a training run.
+    benchmarks without a training run. ``task="regression"`` (with ``classes=[]``) publishes
+    a regression: one output, and ``rmse``, ``mae`` and ``r2`` as its metrics. ``factory``
+    (``package.module:function``) builds the network from that model factory with
+    ``params`` instead of the built-in MLP of ``hidden`` sizes.
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     X = rng.normal(size=(256, len(features)))
-    module = MLP(len(features), len(classes), hidden=hidden, dropout=0.0).eval()
-    draft = Manifest.draft(name=name, features=features, classes=classes,
-                     preprocessing=fit_preprocessor(features, X).to_dict(),
-                     architecture=module.architecture(),
-                     metrics={"accuracy": 0.5, "log_loss": 0.69, "auc": 0.5},
-                     reference={"inputs": [[1.0] * len(features)],
-                                "outputs": [[1.0 / len(classes)] * len(classes)],
-                                "atol": 0.5})
+    regression = task == REGRESSION
+    n_outputs = 1 if regression else len(classes)
+    architecture: dict[str, Any]
+    if factory is None:
+        module = MLP(len(features), n_outputs, hidden=hidden, dropout=0.0).eval()
+        architecture = module.architecture()
+    else:
+        module = load_factory(factory)(len(features), n_outputs, **dict(params or {})).eval()
+        architecture = {"type": "factory", "factory": factory, "n_features": len(features),
+                        "n_outputs": n_outputs, "params": dict(params or {})}
+    metrics = ({"rmse": 1.0, "mae": 0.8, "r2": 0.0} if regression
+               else {"accuracy": 0.5, "log_loss": 0.69, "auc": 0.5})
+    placeholder = [0.0] if regression else [1.0 / len(classes)] * len(classes)
+    draft = Manifest.draft(name=name, features=features, classes=classes, task=task,
+                           preprocessing=fit_preprocessor(features, X).to_dict(),
+                           architecture=architecture, metrics=metrics,
+                           reference={"inputs": [[1.0] * len(features)],
+                                      "outputs": [placeholder], "atol": 0.5})
     reference = X[:8]
-    expected = LoadedModel(draft, module).predict_proba(reference)
+    expected = LoadedModel(draft, module).outputs(reference)
     draft.reference = Reference(inputs=reference.tolist(), outputs=expected.tolist(),
                                 atol=1e-5)
     return registry.publish(module, draft, onnx=False)

@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from transport.schemas import EventColumns, InvalidEvent, parse_event, validate_event
+from transport.schemas import (CLASSIFICATION, REGRESSION, EventColumns, InvalidEvent,
+                               parse_event, validate_event)
 
 from lake.layout import MAX_TS_MS
 
@@ -25,9 +26,10 @@ __all__ = ["ArchiveRows", "event_rows", "label_type", "build_table", "BatchRows"
 class ArchiveRows:
     """Valid events of one run of consecutive records, as an Arrow table.
 
-    ``features`` and ``classes`` are the model's when the rows were validated; ``table`` has
-    the lake's columns: ``id``, one float64 column per feature in that order (null where the
-    event gave ``null``), ``label`` (typed by :func:`label_type`) and ``ts``. Rows are turned
+    ``features``, ``classes`` and ``task`` are the model's when the rows were validated;
+    ``table`` has the lake's columns: ``id``, one float64 column per feature in that order
+    (null where the event gave ``null``), ``label`` (typed by :func:`label_type`) and ``ts``.
+    Rows are turned
     into Arrow as they arrive, a micro-batch at a time, so that writing a range only
     concatenates and encodes.
     """
@@ -36,13 +38,14 @@ class ArchiveRows:
     classes: tuple[Any, ...]
     table: pa.Table
     invalid: int = 0
+    task: str = CLASSIFICATION
 
     @classmethod
     def of(cls, features: Sequence[str], classes: Sequence[Any], ids: Sequence[str],
            values: np.ndarray, labels: Sequence[Any], ts: np.ndarray,
-           invalid: int = 0) -> "ArchiveRows":
+           invalid: int = 0, task: str = CLASSIFICATION) -> "ArchiveRows":
         """Rows from columns: ``values`` is ``(rows, features)`` (NaN: missing)."""
-        kind = label_type(classes, labels)
+        kind = label_type(classes, labels, task)
         if kind == pa.string():
             labels = [None if label is None else str(label) for label in labels]
         columns: dict[str, pa.Array] = {"id": pa.array(ids, type=pa.string())}
@@ -52,7 +55,7 @@ class ArchiveRows:
             columns[name] = pa.array(column, type=pa.float64(), from_pandas=True)
         columns["label"] = pa.array(labels, type=kind)
         columns["ts"] = pa.array(np.asarray(ts, dtype=np.int64), type=pa.int64())
-        return cls(tuple(features), tuple(classes), pa.table(columns), invalid)
+        return cls(tuple(features), tuple(classes), pa.table(columns), invalid, task)
 
     def __len__(self) -> int:
         return int(self.table.num_rows)
@@ -81,15 +84,15 @@ class ArchiveRows:
 
 
 def event_rows(messages: Iterable[tuple[bytes | None, int]], features: Sequence[str],
-               classes: Sequence[Any]) -> ArchiveRows:
+               classes: Sequence[Any], task: str = CLASSIFICATION) -> ArchiveRows:
     """Validate raw messages and keep the valid ones as columns.
 
     Parameters
     ----------
     messages
         ``(value, kafka_timestamp_ms)`` pairs in offset order.
-    features, classes
-        The active model's ordered feature names and class labels.
+    features, classes, task
+        The active model's ordered feature names, class labels and task.
 
     Returns
     -------
@@ -105,7 +108,7 @@ def event_rows(messages: Iterable[tuple[bytes | None, int]], features: Sequence[
     invalid = 0
     for value, kafka_ts in messages:
         try:
-            event = validate_event(parse_event(value), features, classes)
+            event = validate_event(parse_event(value), features, classes, task)
         except InvalidEvent:
             invalid += 1
             continue
@@ -119,11 +122,13 @@ def event_rows(messages: Iterable[tuple[bytes | None, int]], features: Sequence[
     values = (np.stack(vectors) if vectors
               else np.empty((0, len(features)), dtype=np.float64))
     return ArchiveRows.of(features, classes, ids, values, labels,
-                          np.asarray(ts, dtype=np.int64), invalid)
+                          np.asarray(ts, dtype=np.int64), invalid, task)
 
 
-def label_type(classes: Sequence[Any], labels: Sequence[Any] = ()) -> pa.DataType:
-    """Parquet type of the ``label`` column: int64 for integer classes, else string.
+def label_type(classes: Sequence[Any], labels: Sequence[Any] = (),
+               task: str = CLASSIFICATION) -> pa.DataType:
+    """Parquet type of the ``label`` column: float64 for a regression, int64 for integer
+    classes, else string.
 
     One type per model keeps every file of the lake readable together; ``labels`` that do not
     fit integer classes (after a model changed its classes) make the file's labels strings.
@@ -131,6 +136,8 @@ def label_type(classes: Sequence[Any], labels: Sequence[Any] = ()) -> pa.DataTyp
     def is_int(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
+    if task == REGRESSION:
+        return pa.float64()
     if classes and all(is_int(c) for c in classes) and all(
             label is None or is_int(label) for label in labels):
         return pa.int64()
@@ -143,15 +150,15 @@ def build_table(parts: Sequence[ArchiveRows]) -> pa.Table:
     Feature columns follow the newest part's model order; a part validated under another order
     is rearranged by name (null where it lacks a feature). Features are float64 with ``null``
     where the event gave ``null`` (raw values such as ``-999.0`` markers are kept as they are).
-    ``label`` is int64 when the newest model's classes are integers and every label fits,
-    else string.
+    ``label`` is float64 when the newest model is a regression, int64 when its classes are
+    integers; either only when every part's labels are of that type (or absent), else string.
     """
     if not parts:
         raise ValueError("no rows to build a table from")
     features = parts[-1].features
-    kind = label_type(parts[-1].classes)
-    if kind == pa.int64() and any(
-            p.table.schema.field("label").type != pa.int64()
+    kind = label_type(parts[-1].classes, task=parts[-1].task)
+    if kind != pa.string() and any(
+            p.table.schema.field("label").type != kind
             and p.table.column("label").null_count < len(p) for p in parts):
         kind = pa.string()
     names = ["id", *features, "label", "ts"]
@@ -178,7 +185,7 @@ class BatchRows:
 
     Parameters
     ----------
-    features, classes
+    features, classes, task
         The model the batch was validated with.
     columns
         The decoded micro-batch.
@@ -187,7 +194,8 @@ class BatchRows:
     """
 
     def __init__(self, features: Sequence[str], classes: Sequence[Any], columns: EventColumns,
-                 partitions: Sequence[int] | np.ndarray, timestamps: Sequence[int]) -> None:
+                 partitions: Sequence[int] | np.ndarray, timestamps: Sequence[int],
+                 task: str = CLASSIFICATION) -> None:
         positions = np.asarray(columns.positions, dtype=np.int64)
         part = (np.asarray(partitions, dtype=np.int64)[positions] if len(positions)
                 else positions)
@@ -198,7 +206,8 @@ class BatchRows:
         self.rows = column_rows(features, classes, [columns.ids[k] for k in chosen],
                                 columns.features[order], [columns.labels[k] for k in chosen],
                                 [columns.ts[k] for k in chosen],
-                                [timestamps[p] for p in self._positions.tolist()])
+                                [timestamps[p] for p in self._positions.tolist()],
+                                task=task)
 
     def of_partition(self, partition: int, messages: np.ndarray
                      ) -> Callable[[int, int], ArchiveRows]:
@@ -214,7 +223,7 @@ class BatchRows:
             a = lo + int(np.searchsorted(positions, messages[i], side="left"))
             b = lo + int(np.searchsorted(positions, messages[j - 1], side="right"))
             return ArchiveRows(whole.features, whole.classes, whole.table.slice(a, b - a),
-                               invalid=(j - i) - (b - a))
+                               invalid=(j - i) - (b - a), task=whole.task)
 
         return rows_between
 
@@ -233,9 +242,10 @@ def partition_rows(features: Sequence[str], classes: Sequence[Any], columns: Eve
 
 def column_rows(features: Sequence[str], classes: Sequence[Any], ids: Sequence[str],
                 values: np.ndarray, labels: Sequence[Any], event_ts: Sequence[int | None],
-                kafka_ts: Sequence[int], invalid: int = 0) -> ArchiveRows:
+                kafka_ts: Sequence[int], invalid: int = 0,
+                task: str = CLASSIFICATION) -> ArchiveRows:
     """:class:`ArchiveRows` of already validated events: ``ts`` is the event's, else (absent,
     or past year 9999) its Kafka timestamp."""
     ts = np.fromiter((t if t is not None and t <= MAX_TS_MS else max(int(k), 0)
                       for t, k in zip(event_ts, kafka_ts)), dtype=np.int64, count=len(ids))
-    return ArchiveRows.of(features, classes, ids, values, labels, ts, invalid)
+    return ArchiveRows.of(features, classes, ids, values, labels, ts, invalid, task)

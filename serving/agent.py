@@ -292,7 +292,7 @@ class ServingService(Service):
             timestamps.append(message.timestamp()[1])
         if not values:
             return None
-        columns = decode_events(values, model.features, model.classes)
+        columns = decode_events(values, model.features, model.classes, model.task)
         # Answer what was not answered before (a partition may be read again for the
         # archive), in offset order per partition.
         answer = np.ones(len(values), dtype=bool)
@@ -316,7 +316,7 @@ class ServingService(Service):
             features = columns.features if len(rows) == len(columns) else \
                 columns.features[rows]
             batch.scoring = asyncio.get_running_loop().run_in_executor(
-                scoring_executor, model.predict_proba, features)
+                scoring_executor, model.outputs, features)
         return batch
 
     def _feed_archive(self, model: LoadedModel, columns: EventColumns,
@@ -324,7 +324,8 @@ class ServingService(Service):
                       timestamps: list[int]) -> None:
         assert self.archiver is not None
         part_of_message = np.asarray(partitions, dtype=np.int64)
-        batch_rows = BatchRows(model.features, model.classes, columns, partitions, timestamps)
+        batch_rows = BatchRows(model.features, model.classes, columns, partitions, timestamps,
+                               task=model.task)
         for partition in set(partitions):
             messages = np.flatnonzero(part_of_message == partition)
             self.archiver.add(partition, [offsets[m] for m in messages.tolist()],
@@ -346,11 +347,10 @@ class ServingService(Service):
         rows = batch.rows.tolist()
         if rows:
             assert batch.scoring is not None
-            probabilities = await batch.scoring
+            outputs = await batch.scoring
             everything = len(rows) == len(columns)
             ids = columns.ids if everything else [columns.ids[k] for k in rows]
-            values, predicted = encode_predictions(model, ids, probabilities,
-                                                   int(time.time() * 1000))
+            values, predicted = encode_predictions(model, ids, outputs, int(time.time() * 1000))
             keys = [i.encode() for i in ids]
             produce = delivery.produce
             topic = s.predictions_topic
@@ -362,8 +362,8 @@ class ServingService(Service):
             ts = columns.ts if everything else [columns.ts[k] for k in rows]
             # The counts, and the labelled events with what was predicted before anything
             # learns from them, for the count and quality tables and the speed layer.
-            for value in summary_messages(model, predicted, ids, labels, features,
-                                          probabilities, ts):
+            for value in summary_messages(model, predicted, ids, labels, features, outputs,
+                                          ts):
                 produce(SCORED_TOPIC, value, None, 0)
             count_scored(model.version, len(rows))
         for i, reason in batch.rejected:

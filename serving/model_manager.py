@@ -7,9 +7,10 @@ gives every worker, restarted or new, the same state. Its messages:
 
 ``MODEL-REF``
     A new base version from the batch layer. Unless a version is pinned, the worker loads it in
-    a thread, verifies it (checksums, schema, reference rows, features compatible with what is
-    serving) and switches to it between micro-batches; a version that fails is refused with its
-    reason and the old model keeps serving.
+    a thread, verifies it (checksums, schema, reference rows, a network it may build: a user's
+    factory only when ``MODEL_FACTORIES`` lists it; task, features and classes compatible with
+    what is serving) and switches to it between micro-batches; a version that fails is refused
+    with its reason and the old model keeps serving.
 ``UP``
     An incremental update from the speed layer (:class:`models.online.ModelUpdate`): applied
     only to its base version, in ``seq`` order; stale ones (seq not above the last applied) are
@@ -127,7 +128,10 @@ class ModelManager(Service):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ledger = ModelLedger()
-        self.registry = Registry(settings.registry_uri, settings.storage_options)
+        # A manifest names code to run when its network is a user's factory: only the
+        # factories MODEL_FACTORIES lists are called; another is refused when loading.
+        self.registry = Registry(settings.registry_uri, settings.storage_options,
+                                 factories=settings.model_factories)
         self._ready = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         #: Offset of the next update message to handle; waiters watch it grow.
@@ -366,6 +370,7 @@ class ModelManager(Service):
             "base_version": ledger.base.version if ledger.base else None,
             "update_seq": active.update_seq if active else None,
             "pinned": ledger.pinned,
+            "task": active.task if active else None,
             "features": list(active.features) if active else None,
             "classes": list(active.classes) if active else None,
             "metrics": active.metrics if active else None,
@@ -381,9 +386,14 @@ class ModelManager(Service):
 
 
 def _incompatibility(current: LoadedModel | None, new: LoadedModel) -> str | None:
-    """Why ``new`` cannot replace ``current`` under live traffic, or None."""
+    """Why ``new`` cannot replace ``current`` under live traffic, or None: another task (the
+    predictions, labels and quality figures would change meaning mid-stream), another set of
+    features, or other classes."""
     if current is None:
         return None
+    if new.task != current.task:
+        return (f"incompatible task: {new.task} instead of {current.task} (a model of "
+                "another task needs a new MODEL_NAME)")
     if set(new.features) != set(current.features):
         missing = sorted(set(current.features) - set(new.features))
         extra = sorted(set(new.features) - set(current.features))

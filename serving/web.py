@@ -285,14 +285,14 @@ class Predict(StratumView):
         errors: list[dict[str, Any]] = []
         for index, item in enumerate(items):
             try:
-                events.append(validate_value(item, model.features, model.classes))
+                events.append(validate_value(item, model.features, model.classes, model.task))
             except InvalidEvent as exc:
                 errors.append({"index": index, "error": str(exc)})
         if errors:
             return self.error(400, "invalid input", errors=errors)
-        probabilities = await asyncio.get_running_loop().run_in_executor(
-            scoring_executor, model.predict_proba, feature_matrix(events, len(model.features)))
-        predictions = predictions_from(model, events, probabilities, int(time.time() * 1000))
+        outputs = await asyncio.get_running_loop().run_in_executor(
+            scoring_executor, model.outputs, feature_matrix(events, len(model.features)))
+        predictions = predictions_from(model, events, outputs, int(time.time() * 1000))
         return self.json(predictions[0] if single else predictions)
 
 
@@ -304,8 +304,18 @@ class Metrics(StratumView):
         return self.text(prometheus_text().decode(), content_type="text/plain; version=0.0.4")
 
 
+#: Columns of the quality table in the web view, by task: (row field, heading).
+QUALITY_COLUMNS = {
+    "classification": (("accuracy", "accuracy"), ("rolling_accuracy", "rolling accuracy"),
+                       ("log_loss", "log loss"), ("rolling_log_loss", "rolling log loss")),
+    "regression": (("rmse", "RMSE"), ("rolling_rmse", "rolling RMSE"), ("mae", "MAE"),
+                   ("rolling_mae", "rolling MAE"), ("r2", "R&sup2;")),
+}
+
+
 def render_home() -> str:
-    """The HTML of ``GET /``: active model, class counts, versions, latest predictions."""
+    """The HTML of ``GET /``: active model, class counts, versions, quality, latest
+    predictions."""
     model = model_manager.active
     e = html.escape
     windows = table_rows("class_counts", MAX_TABLE_ROWS)["rows"]
@@ -318,22 +328,29 @@ def render_home() -> str:
         f"<tr><td>{e(_clock(start))}&ndash;{e(_clock(end))}</td>"
         + "".join(f"<td>{counts.get(c, 0)}</td>" for c in classes) + "</tr>"
         for (start, end), counts in sorted(by_window.items(), reverse=True)[:15])
+    regression = model is not None and model.task == "regression"
+    if regression and not window_rows:
+        window_rows = ("<tr><td>a regression: its predicted values are not counted per "
+                       "class</td></tr>")
     versions = table_rows("scored_by_version", 50)["rows"]
     version_rows = "".join(f"<tr><td>{e(str(r['key']))}</td><td>{r['value']}</td></tr>"
                            for r in versions)
-    quality_rows = "".join(
-        f"<tr><td>{e(str(r['key']))}</td><td>{r['value']['n']}</td>"
-        + "".join(f"<td>{_figure(r['value'].get(k))}</td>" for k in (
-            "accuracy", "rolling_accuracy", "log_loss", "rolling_log_loss")) + "</tr>"
-        for r in table_rows("quality_by_version", 20)["rows"])
+    quality = table_rows("quality_by_version", 20)["rows"]
+    quality_tables = "".join(
+        _quality_table(task, [r for r in quality
+                              if r["value"].get("task", "classification") == task])
+        for task in QUALITY_COLUMNS
+        if any(r["value"].get("task", "classification") == task for r in quality))
     latest = table_rows("latest_predictions", 20)
     latest_rows = "".join(
-        f"<tr><td>{e(str(r['key']))}</td><td>{e(str(r['value'].get('predicted')))}</td>"
+        f"<tr><td>{e(str(r['key']))}</td>"
+        f"<td>{e(_predicted(r['value'].get('predicted')))}</td>"
         f"<td>{e(', '.join(f'{p:.3f}' for p in r['value'].get('probabilities', [])))}</td>"
         f"<td>{e(str(r['value'].get('model_version')))}</td>"
         f"<td>{e(_clock(r['value'].get('ts', 0) / 1000))}</td></tr>"
         for r in latest["rows"])
-    status = (f"serving <b>{e(settings.model_name)}</b> version <b>{e(model.version)}</b>"
+    status = (f"serving <b>{e(settings.model_name)}</b> ({e(model.task)}) version "
+              f"<b>{e(model.version)}</b>"
               if model else "<b>no model loaded yet</b> (waiting for an announcement)")
     refusal = model_manager.ledger.last_refusal
     refusal_html = (f"<p class=warn>last refused version {e(refusal.version)}: "
@@ -352,9 +369,7 @@ th{{background:#eee}}.warn{{color:#a00}}</style></head><body>
 <table><tr><th>version</th><th>events</th></tr>{version_rows}</table>
 <h2>Quality per model version on labelled events, predicted before learned
 (table quality_by_version)</h2>
-<table><tr><th>version</th><th>labelled</th><th>accuracy</th><th>rolling accuracy</th>
-<th>log loss</th><th>rolling log loss</th></tr>
-{quality_rows or '<tr><td>no labelled events yet</td></tr>'}</table>
+{quality_tables or '<table><tr><td>no labelled events yet</td></tr></table>'}
 <h2>Latest predictions (table latest_predictions, {latest['size']} ids on this worker)</h2>
 <table><tr><th>id</th><th>predicted</th><th>probabilities</th><th>version</th>
 <th>at (UTC)</th></tr>{latest_rows}</table>
@@ -363,8 +378,26 @@ th{{background:#eee}}.warn{{color:#a00}}</style></head><body>
 </body></html>"""
 
 
+def _quality_table(task: str, rows: list[dict[str, Any]]) -> str:
+    """One task's rows of ``quality_by_version`` as an HTML table."""
+    columns = QUALITY_COLUMNS[task]
+    head = "".join(f"<th>{heading}</th>" for _, heading in columns)
+    body = "".join(
+        f"<tr><td>{html.escape(str(r['key']))}</td><td>{r['value']['n']}</td>"
+        + "".join(f"<td>{_figure(r['value'].get(k))}</td>" for k, _ in columns) + "</tr>"
+        for r in rows)
+    return f"<table><tr><th>version</th><th>labelled</th>{head}</tr>{body}</table>"
+
+
+def _predicted(value: Any) -> str:
+    """A prediction's ``predicted`` as the web view shows it: a class, or a number."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
 def _figure(value: float | None) -> str:
-    return "&ndash;" if value is None else f"{value:.3f}"
+    return "&ndash;" if value is None else f"{value:.4g}"
 
 
 def _clock(epoch_s: float) -> str:

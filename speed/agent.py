@@ -8,7 +8,8 @@ exactly one worker keeps the counts, learns and numbers the chain of updates. It
 
 * adds the counts to ``class_counts`` and ``scored_by_version``;
 * keeps the ``quality_by_version`` table: per model version, the labelled events it predicted,
-  their accuracy and log loss overall and as a rolling (exponentially weighted) figure;
+  their accuracy and log loss (a regression's: RMSE, MAE and R²) overall and as a rolling
+  (exponentially weighted) figure;
 * when ``SPEED_LAYER`` is on, buffers the examples of the serving base version and, every
   ``SPEED_WINDOW_S`` with at least ``SPEED_MIN_EXAMPLES`` new ones, refits the output layer in a
   process of its own (:func:`models.online.refit`, so that a refit never holds the serving
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -61,6 +63,7 @@ from transport.lease import worker_lease
 from serving.model_manager import model_manager
 from serving.tables import SUMMARY_CHANGELOG_CONFIG, count_scored
 from app import app
+from transport.schemas import CLASSIFICATION, REGRESSION
 from transport.summary import LabelledBatch, parse_summary
 from transport.topics import scored_topic_name, scored_topic_spec
 from models.errors import ModelError
@@ -70,8 +73,9 @@ from models.loaded import LoadedModel
 
 settings = app.settings
 
-__all__ = ["SCORED_TOPIC", "scored_topic", "quality_by_version", "update_quality", "log_loss_sum",
-           "record_quality", "summarize_scored", "SpeedLayer", "speed_layer"]
+__all__ = ["SCORED_TOPIC", "scored_topic", "quality_by_version", "update_quality",
+           "update_regression_quality", "log_loss_sum", "record_quality", "summarize_scored",
+           "SpeedLayer", "speed_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +95,9 @@ scored_topic = app.topic(_SCORED.name, internal=True, partitions=_SCORED.partiti
 quality_by_version = app.Table(
     "quality_by_version", key_type=str, partitions=1,
     extra_topic_configs=SUMMARY_CHANGELOG_CONFIG,
-    help="Prequential quality per model version on labelled events: n, accuracy, log loss, "
-         f"and rolling figures (half-life {QUALITY_HALF_LIFE} events).")
+    help="Prequential quality per model version on labelled events: n, accuracy and log loss "
+         "(a regression's RMSE, MAE and R2), and rolling figures (half-life "
+         f"{QUALITY_HALF_LIFE} events).")
 
 
 def log_loss_sum(batch: LabelledBatch, weights: np.ndarray | None = None) -> float:
@@ -101,35 +106,93 @@ def log_loss_sum(batch: LabelledBatch, weights: np.ndarray | None = None) -> flo
     return log_loss(batch.labels, batch.probabilities, sample_weight=weights, normalize=False)
 
 
+def _rolling(n: int, m: int) -> tuple[np.ndarray, float]:
+    """How ``m`` new events, after ``n`` seen, move a rolling figure: ``r_after = keep *
+    r_before + weights @ x``.
+
+    Each event moves a rolling figure r by r <- r + a (x - r), with a = 1/n while fewer than
+    1/alpha events were seen (the plain mean is the better estimate then) and alpha after,
+    where alpha halves an event's weight every :data:`QUALITY_HALF_LIFE` events: so
+    ``weights[i] = a_i * prod_{j > i} (1 - a_j)`` and ``keep = prod_j (1 - a_j)``.
+    """
+    alpha = 1 - 0.5 ** (1 / QUALITY_HALF_LIFE)
+    steps = np.maximum(alpha, 1.0 / np.arange(n + 1, n + m + 1, dtype=np.float64))
+    after = np.append(np.cumprod((1.0 - steps)[::-1])[::-1], 1.0)  # prod_{j >= i} (1 - a_j)
+    return steps * after[1:], float(after[0])
+
+
 def update_quality(row: dict[str, Any] | None, batch: LabelledBatch,
                    now_ms: int) -> dict[str, Any]:
     """A version's ``quality_by_version`` row after ``batch`` (all predicted by it).
 
-    ``accuracy`` and ``log_loss`` cover every labelled event the version predicted;
-    ``rolling_accuracy`` and ``rolling_log_loss`` are exponentially weighted averages whose
-    weights halve every :data:`QUALITY_HALF_LIFE` events back.
+    For a classification, ``accuracy`` and ``log_loss`` cover every labelled event the version
+    predicted; ``rolling_accuracy`` and ``rolling_log_loss`` are exponentially weighted
+    averages whose weights halve every :data:`QUALITY_HALF_LIFE` events back. A regression's
+    row has :func:`update_regression_quality`'s figures instead.
     """
-    row = dict(row) if row else {"n": 0, "correct": 0, "log_loss_sum": 0.0,
-                                 "rolling_accuracy": None, "rolling_log_loss": None,
-                                 "first_ms": now_ms}
+    if batch.task == REGRESSION:
+        return update_regression_quality(row, batch, now_ms)
+    if row is not None and row.get("task", CLASSIFICATION) != CLASSIFICATION:
+        row = None  # a version's task never changes; a stray row starts afresh
+    row = dict(row) if row else {"task": CLASSIFICATION, "n": 0, "correct": 0,
+                                 "log_loss_sum": 0.0, "rolling_accuracy": None,
+                                 "rolling_log_loss": None, "first_ms": now_ms}
     hits = batch.correct.astype(np.float64)
     n, m = row["n"], len(hits)
-    alpha = 1 - 0.5 ** (1 / QUALITY_HALF_LIFE)
-    # Each event moves a rolling figure r by r <- r + a (x - r), with a = 1/n while fewer than
-    # 1/alpha events were seen (the plain mean is the better estimate then) and alpha after:
-    # r_after = keep * r_before + sum_i w_i x_i, with w_i = a_i * prod_{j > i} (1 - a_j).
-    steps = np.maximum(alpha, 1.0 / np.arange(n + 1, n + m + 1, dtype=np.float64))
-    after = np.append(np.cumprod((1.0 - steps)[::-1])[::-1], 1.0)  # prod_{j >= i} (1 - a_j)
-    weights, keep = steps * after[1:], float(after[0])
+    weights, keep = _rolling(n, m)
     r_acc = keep * (row["rolling_accuracy"] or 0.0) + float(weights @ hits)
     r_loss = keep * (row["rolling_log_loss"] or 0.0) + log_loss_sum(batch, weights)
     n += m
     correct = row["correct"] + int(hits.sum())
     loss_sum = row["log_loss_sum"] + log_loss_sum(batch)
-    row.update({"n": n, "correct": correct, "log_loss_sum": loss_sum,
+    row.update({"task": CLASSIFICATION, "n": n, "correct": correct, "log_loss_sum": loss_sum,
                 "accuracy": correct / n if n else None,
                 "log_loss": loss_sum / n if n else None,
                 "rolling_accuracy": r_acc, "rolling_log_loss": r_loss, "last_ms": now_ms})
+    return row
+
+
+def update_regression_quality(row: dict[str, Any] | None, batch: LabelledBatch,
+                              now_ms: int) -> dict[str, Any]:
+    """A regression version's ``quality_by_version`` row after ``batch``.
+
+    ``rmse``, ``mae`` and ``r2`` cover every labelled event the version predicted (the
+    batch layer's test metrics of the same names, measured live); ``rolling_rmse`` is the
+    square root of an exponentially weighted mean squared error and ``rolling_mae`` the
+    exponentially weighted mean absolute error, with the weights of the classification's
+    rolling figures (halving every :data:`QUALITY_HALF_LIFE` events back). ``r2`` is ``1 -
+    SSE / SST``, SST around the mean of the labels seen (kept as a count, mean and sum of
+    squared deviations, merged batch by batch); None until the labels vary.
+    """
+    if row is not None and row.get("task") != REGRESSION:
+        row = None
+    row = dict(row) if row else {"task": REGRESSION, "n": 0, "squared_error_sum": 0.0,
+                                 "absolute_error_sum": 0.0, "label_mean": 0.0,
+                                 "label_m2": 0.0, "rolling_mse": None, "rolling_mae": None,
+                                 "first_ms": now_ms}
+    errors = batch.errors
+    squared, absolute = np.square(errors), np.abs(errors)
+    n, m = row["n"], len(errors)
+    weights, keep = _rolling(n, m)
+    r_mse = keep * (row["rolling_mse"] or 0.0) + float(weights @ squared)
+    r_mae = keep * (row["rolling_mae"] or 0.0) + float(weights @ absolute)
+    labels = batch.labels.astype(np.float64)
+    # Chan et al.'s merge of (count, mean, M2): stable where sums of squares cancel.
+    mean_b = float(labels.mean()) if m else 0.0
+    m2_b = float(np.square(labels - mean_b).sum())
+    delta = mean_b - row["label_mean"]
+    total = n + m
+    label_mean = row["label_mean"] + delta * m / total if total else 0.0
+    label_m2 = row["label_m2"] + m2_b + delta * delta * n * m / total if total else 0.0
+    sse = row["squared_error_sum"] + float(squared.sum())
+    sae = row["absolute_error_sum"] + float(absolute.sum())
+    row.update({"task": REGRESSION, "n": total, "squared_error_sum": sse,
+                "absolute_error_sum": sae, "label_mean": label_mean, "label_m2": label_m2,
+                "rmse": math.sqrt(sse / total) if total else None,
+                "mae": sae / total if total else None,
+                "r2": 1.0 - sse / label_m2 if label_m2 > 0 else None,
+                "rolling_mse": r_mse, "rolling_rmse": math.sqrt(r_mse),
+                "rolling_mae": r_mae, "last_ms": now_ms})
     return row
 
 
@@ -264,7 +327,10 @@ class SpeedLayer:
         return sum(len(y) for y in self.pending_y)
 
     def collect(self, batches: Sequence[LabelledBatch], base: LoadedModel | None) -> int:
-        """Keep the examples predicted by ``base`` (or an update of it); return how many."""
+        """Keep the examples predicted by ``base`` (or an update of it); return how many.
+
+        Labels are class indexes for a classification and the numeric labels for a
+        regression, as :class:`~models.online.OutputLayerLearner` takes them."""
         if base is None:
             return 0
         if self.pending_base != base.base_version:
@@ -272,7 +338,7 @@ class SpeedLayer:
             self.pending_X, self.pending_y = [], []
         kept = 0
         for batch in batches:
-            if batch.base_version == base.base_version and \
+            if batch.base_version == base.base_version and batch.task == base.task and \
                     batch.features.shape[1] == base.n_features:
                 self.pending_X.append(batch.features)
                 self.pending_y.append(batch.labels)
@@ -368,9 +434,10 @@ class SpeedLayer:
         self.published = update
         self.updates_published += 1
         fit = update.extra["fit"]
-        log.info("published update %s from %d examples (%d new) in %.2fs: weighted accuracy "
-                 "%.3f -> %.3f", update.version, update.n_examples, new, fit_s,
-                 fit["accuracy_before"], fit["accuracy_after"])
+        figure = "rmse" if base.task == REGRESSION else "accuracy"
+        log.info("published update %s from %d examples (%d new) in %.2fs: weighted %s "
+                 "%.4g -> %.4g", update.version, update.n_examples, new, fit_s, figure,
+                 fit[f"{figure}_before"], fit[f"{figure}_after"])
         return update
 
 

@@ -15,7 +15,8 @@ from app import app
 from serving import tables
 from serving.model_manager import ModelManager
 from serving.recovery import truncated_partitions
-from serving.scoring import SourceMessage, class_counts, encode_predictions, score, triage
+from serving.scoring import (SourceMessage, class_counts, encode_predictions, predicted_values,
+                             score, triage)
 from transport.kafka import Delivery, DeliveryFailed
 
 FEATURES = ["a", "b"]
@@ -26,12 +27,25 @@ class Threshold:
     """A model whose P(yes) is a logistic function of feature a: enough to check wiring."""
 
     version = "v-test"
+    task = "classification"
     features: Sequence[str] = FEATURES
     classes: Sequence[Any] = CLASSES
 
-    def predict_proba(self, rows: np.ndarray) -> np.ndarray:
+    def outputs(self, rows: np.ndarray) -> np.ndarray:
         p = 1 / (1 + np.exp(-rows[:, 0]))
         return np.stack([1 - p, p], axis=1).astype(np.float32)
+
+
+class Line:
+    """A regression whose value is a / 3 - 2 b (as float32, as a network computes it)."""
+
+    version = "r-test"
+    task = "regression"
+    features: Sequence[str] = FEATURES
+    classes: Sequence[Any] = []
+
+    def outputs(self, rows: np.ndarray) -> np.ndarray:
+        return (rows[:, :1] / 3 - 2 * rows[:, 1:2]).astype(np.float32)
 
 
 @pytest.fixture()
@@ -92,13 +106,78 @@ def test_update_messages_are_recorded_or_refused() -> None:
 
 def test_encoded_predictions_are_the_contract_messages() -> None:
     model = Threshold()
-    probabilities = model.predict_proba(np.array([[4.0, 0.0], [-4.0, 0.0], [0.0, 0.0]]))
+    probabilities = model.outputs(np.array([[4.0, 0.0], [-4.0, 0.0], [0.0, 0.0]]))
     values, predicted = encode_predictions(model, ["hi", "lo", "even"], probabilities, 99)
     valid, _ = triage([message({"id": i, "features": [x, 0]}, k)
                        for k, (i, x) in enumerate([("hi", 4), ("lo", -4), ("even", 0)])],
                       FEATURES, CLASSES)
     assert [json.loads(v) for v in values] == score(model, [e for _, e in valid], now_ms=99)
     assert predicted == ["yes", "no", "no"]  # a tie goes to the first class
+
+
+def test_a_regression_predicts_a_number_and_no_probabilities() -> None:
+    model = Line()
+    events = [{"id": "one", "features": [1, 0], "label": 2.5},
+              {"id": "big", "features": [3e7, -1.5]}, {"id": "neg", "features": [0, 0.25],
+                                                       "label": -3}]
+    valid, rejected = triage([message(e, k) for k, e in enumerate(events)], FEATURES, CLASSES,
+                             task="regression")
+    assert rejected == [] and [e.label for _, e in valid] == [2.5, None, -3.0]
+    predictions = score(model, [e for _, e in valid], now_ms=7)
+    assert [sorted(p) for p in predictions] == [["id", "model_version", "predicted", "ts"]] * 3
+    values = model.outputs(np.stack([e.features for _, e in valid]))[:, 0]
+    # The float32 value, written as the shortest decimal that reads back as that float32.
+    assert [p["predicted"] for p in predictions] == [0.33333334, 1e7 + 3, -0.5]
+    assert np.array_equal(np.float32([p["predicted"] for p in predictions]), values)
+    assert all(type(p["predicted"]) is float for p in predictions)
+    # The stream's encoding is the same messages, and what it predicted is the value.
+    encoded, predicted = encode_predictions(model, ["one", "big", "neg"],
+                                            model.outputs(np.stack([e.features
+                                                                    for _, e in valid])), 7)
+    assert [json.loads(v) for v in encoded] == predictions
+    assert predicted == [p["predicted"] for p in predictions]
+    # A value the network could not compute is null, never NaN (which JSON does not have).
+    assert predicted_values(np.array([[np.nan], [np.inf], [1.5]], dtype=np.float32)) == [
+        None, None, 1.5]
+
+
+def test_a_regression_refuses_labels_that_are_not_finite_numbers() -> None:
+    batch = [message({"id": "s", "features": [1, 0], "label": "2.5"}, 0),
+             message({"id": "b", "features": [1, 0], "label": True}, 1),
+             message({"id": "c", "features": [1, 0], "label": "yes"}, 2)]
+    valid, rejected = triage(batch, FEATURES, CLASSES, task="regression")
+    assert valid == [] and [r.message.offset for r in rejected] == [0, 1, 2]
+    assert all("'label' must be a number for a regression model" in r.reason
+               for r in rejected)
+    # A classification's labels are unchanged: one of its classes.
+    valid, rejected = triage([message({"id": "n", "features": [1, 0], "label": 2.5}, 3),
+                              message({"id": "y", "features": [1, 0], "label": "yes"}, 4)],
+                             FEATURES, CLASSES)
+    assert [e.label for _, e in valid] == ["yes"]
+    assert [r.reason.split(";")[0] for r in rejected] == ["unknown label 2.5"]
+
+
+def test_a_version_of_another_task_or_features_cannot_replace_the_serving_one() -> None:
+    from types import SimpleNamespace
+
+    from serving.model_manager import _incompatibility
+
+    def model(task: str, features: list[str], classes: list[Any]) -> Any:
+        return SimpleNamespace(task=task, features=features, classes=classes)
+
+    regression = model("regression", ["a", "b"], [])
+    assert _incompatibility(None, regression) is None  # nothing serves yet
+    assert _incompatibility(regression, model("regression", ["b", "a"], [])) is None
+    reason = _incompatibility(regression, model("classification", ["a", "b"], ["no", "yes"]))
+    assert reason is not None and reason.startswith(
+        "incompatible task: classification instead of regression")
+    reason = _incompatibility(model("classification", ["a", "b"], ["no", "yes"]), regression)
+    assert reason is not None and "regression instead of classification" in reason
+    reason = _incompatibility(regression, model("regression", ["a", "c"], []))
+    assert reason == "incompatible features: missing ['b'], unexpected ['c']"
+    reason = _incompatibility(model("classification", ["a"], [0, 1]),
+                              model("classification", ["a"], [1, 0]))
+    assert reason == "incompatible classes: [1, 0] instead of [0, 1]"
 
 
 def test_latest_predictions_rows_are_kept_per_partition_and_expire() -> None:

@@ -101,6 +101,32 @@ def test_lake_table_columns_and_types() -> None:
     assert build_table([unlabelled]).schema.field("label").type == pa.string()
 
 
+def test_a_regression_archives_its_labels_as_numbers() -> None:
+    rows = event_rows([(raw({"id": "x", "features": [1, 2, 3], "label": 2}), T0),
+                       (raw({"id": "y", "features": [2, 3, 4], "label": -0.5}), T0),
+                       (raw({"id": "z", "features": [2, 3, 4]}), T0),
+                       (raw({"id": "bad", "features": [2, 3, 4], "label": "2"}), T0)],
+                      FEATURES, [], task="regression")
+    assert rows.invalid == 1
+    table = build_table([rows])
+    assert table.schema.field("label").type == pa.float64()
+    assert table.column("label").to_pylist() == [2.0, -0.5, None]
+    assert label_type([], task="regression") == pa.float64()
+    unlabelled = event_rows([(raw({"id": "u", "features": [1, 2, 3]}), T0)], FEATURES, [],
+                            task="regression")
+    assert build_table([unlabelled]).schema.field("label").type == pa.float64()
+    # The serving path's rows (one table per micro-batch, sliced per partition) alike.
+    messages = [raw({"id": "p", "features": [1, 2, 3], "label": 7}),
+                raw({"id": "q", "features": [1, 2, 3], "label": 0.25})]
+    columns = decode_events(messages, FEATURES, [], task="regression")
+    batch = BatchRows(FEATURES, [], columns, [0, 0], [T0, T0], task="regression")
+    part = batch.of_partition(0, np.array([0, 1]))(0, 2)
+    assert part.task == "regression"
+    table = build_table([part])
+    assert table.schema.field("label").type == pa.float64()
+    assert table.column("label").to_pylist() == [7.0, 0.25]
+
+
 def test_rows_validated_under_another_feature_order_are_rearranged_by_name() -> None:
     old = event_rows([(raw({"id": "old", "features": [1, 2, 3]}), T0)], FEATURES, CLASSES)
     new = event_rows([(raw({"id": "new", "features": [3, 2, 1]}), T0)], ["c", "b", "a"],

@@ -50,6 +50,21 @@ def make_model(hidden: tuple[int, ...] = (32, 16), seed: int = 0,
     return LoadedModel(manifest, module)
 
 
+def make_regression_model(hidden: tuple[int, ...] = (32, 16), seed: int = 0,
+                          version: str = "20261123T000000Z-abcdef") -> LoadedModel:
+    """An untrained regression LoadedModel: one output, no classes."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    preprocessor = fit_preprocessor(FEATURES, rng.normal(size=(256, len(FEATURES))))
+    module = MLP(len(FEATURES), 1, hidden=hidden, dropout=0.0)
+    manifest = msgspec.structs.replace(Manifest.draft(
+        name="default", features=FEATURES, classes=[], task="regression",
+        preprocessing=preprocessor.to_dict(), architecture=module.architecture(),
+        metrics={"rmse": 1.0, "mae": 0.8, "r2": 0.0},
+        reference={"inputs": [[0.0] * 4], "outputs": [[0.0]], "atol": 0.5}), version=version)
+    return LoadedModel(manifest, module)
+
+
 def make_update(base: LoadedModel, seq: int = 1, seed: int = 1, **changes: Any) -> ModelUpdate:
     layer = output_layer(base)
     rng = np.random.default_rng(seed)
@@ -119,7 +134,7 @@ MALFORMED: list[tuple[Callable[[dict[str, Any]], None], str]] = [
     (_altered("seq", True), "'seq' must be an integer >= 1"),
     (_altered("layer", "hidden"), "'layer' must be 'output'"),
     (_altered("shape", [2]), "'shape' must be"),
-    (_altered("shape", [1, 16]), "'shape' must be"),
+    (_altered("shape", [0, 16]), "'shape' must be"),
     (_altered("shape", [2, 8]), "'weight' holds 128 bytes; shape says 16"),
     (_altered("shape", [2, "16"]), "'shape' must be"),
     (_altered("weight", 5), "'weight' must be a base64 string"),
@@ -290,3 +305,35 @@ def test_refit_goes_on_with_the_process_learner_unless_sent_the_base() -> None:
                             ).n_examples == 40
     finally:
         online._process_learner = saved
+
+
+def test_a_regression_learner_refits_its_one_output_and_serving_applies_it() -> None:
+    base = make_regression_model(hidden=(64,))
+    rng = np.random.default_rng(7)
+
+    def target(X: np.ndarray) -> np.ndarray:
+        return 3 * X[:, 0] - X[:, 1] + 5
+
+    def rmse(model: LoadedModel, X: np.ndarray) -> float:
+        return float(np.sqrt(np.mean((model.outputs(X)[:, 0] - target(X)) ** 2)))
+
+    learner = OutputLayerLearner(base, capacity=2000, half_life=500)
+    X = rng.normal(size=(2000, len(FEATURES)))
+    learner.add(X, target(X))
+    update = learner.fit(base, seq=1)
+    message = json.loads(json.dumps(update.to_message()))
+    assert message["shape"] == [1, 64]  # one output: an UP of a regression is [1, hidden]
+    head = apply_update(base, ModelUpdate.from_message(message))
+    assert head.version == f"{base.version}+1" and head.task == "regression"
+    X_test = rng.normal(size=(500, len(FEATURES)))
+    assert rmse(head, X_test) < 0.25 * rmse(base, X_test), (rmse(base, X_test),
+                                                             rmse(head, X_test))
+    fit = update.extra["fit"]
+    assert fit["rmse_after"] < fit["rmse_before"]
+    # The updated model's value is the new output layer on the frozen hidden layers.
+    H = hidden_activations(base, X_test)
+    expected = H @ update.weight.T + update.bias
+    assert np.allclose(head.outputs(X_test), expected, rtol=1e-5, atol=1e-4)
+    assert head.predict(X_test[:2]) == [float(v) for v in head.outputs(X_test[:2])[:, 0]]
+    with pytest.raises(ModelError, match="finite numbers"):
+        learner.add(X[:2], np.array([1.0, np.nan]))

@@ -11,7 +11,8 @@ import pytest
 
 from transport.schemas import (DEAD_LETTER_RAW_PREFIX, MAX_DEAD_LETTER_RAW_BYTES, MAX_REASON_CHARS,
                          InvalidEvent, decode_events, dead_letter_message, parse_event,
-                         prediction_message, validate_event, validate_value)
+                         prediction_message, validate_event, validate_value,
+                         value_prediction_message)
 
 FEATURES = ["a", "b", "c"]
 CLASSES = ["b", "s"]
@@ -116,6 +117,72 @@ def test_a_micro_batch_of_one_feature_and_integer_classes() -> None:
     assert columns.features.tolist() == [[2.0]]
     assert [(i, r.split(";")[0]) for i, r in columns.rejected] == [
         (1, "unknown label '1'"), (2, "feature 'only' is not a number: True")]
+
+
+REGRESSION_LABELS = [
+    # (label as sent, what validation keeps, or the reason of its refusal)
+    (b"2.5", 2.5, None),
+    (b"-3", -3.0, None),
+    (b"0", 0.0, None),
+    (b"1e300", 1e300, None),
+    (b"123456789012345678901234567890", 1.2345678901234568e29, None),
+    (b"null", None, None),
+    (b'"2.5"', None, "'label' must be a number for a regression model, got a string '2.5'"),
+    (b"true", None, "'label' must be a number for a regression model, got a boolean True"),
+    (b"[1]", None, "'label' must be a number for a regression model, got a list [1]"),
+    (b"1e999", None, "not JSON"),
+    (b"NaN", None, "not JSON"),
+]
+
+
+@pytest.mark.parametrize("label, kept, reason", REGRESSION_LABELS)
+def test_a_regression_label_is_a_finite_number(label: bytes, kept: float | None,
+                                               reason: str | None) -> None:
+    raw = b'{"id": "r", "features": [1, 2, 3], "label": %s}' % label
+    # The fast path of a micro-batch and the full validation agree, reason for reason.
+    columns = decode_events([raw], FEATURES, [], task="regression")
+    if reason is None:
+        event = validate_event(parse_event(raw), FEATURES, [], task="regression")
+        assert event.label == kept and columns.labels == [kept]
+        assert kept is None or type(event.label) is float
+    else:
+        with pytest.raises(InvalidEvent) as caught:
+            validate_event(parse_event(raw), FEATURES, [], task="regression")
+        assert str(caught.value).startswith(reason)
+        assert columns.rejected == [(0, str(caught.value))] and not columns.ids
+
+
+def test_a_label_that_is_not_finite_is_refused_whatever_gave_it() -> None:
+    """POST /predict items and other decoded values may hold floats JSON cannot."""
+    for value in (math.nan, math.inf, -math.inf, 10 ** 400):
+        with pytest.raises(InvalidEvent, match="'label' must be a finite number for a "
+                                               "regression model"):
+            validate_value({"id": "r", "features": [1, 2, 3], "label": value}, FEATURES, [],
+                           "regression")
+    # A classification's label is a class as before: a number is an unknown label there.
+    with pytest.raises(InvalidEvent, match="unknown label 2.5"):
+        validate_value({"id": "r", "features": [1, 2, 3], "label": 2.5}, FEATURES, CLASSES)
+    with pytest.raises(ValueError, match="unknown task 'ranking'"):
+        validate_value({"id": "r", "features": [1, 2, 3]}, FEATURES, CLASSES, "ranking")
+
+
+def test_a_micro_batch_of_a_regression_keeps_its_numeric_labels_in_order() -> None:
+    batch = [b'{"id": "a", "features": [1, 2, 3], "label": 4}',
+             b'{"id": "b", "features": {"c": 1, "b": 2, "a": 3}}',
+             b'{"id": "c", "features": [1, 2, 3], "label": "s"}',
+             b'{"id": "d", "features": [1, 2, 3], "label": -0.125, "ts": 9}']
+    columns = decode_events(batch, FEATURES, [], task="regression")
+    assert columns.ids == ["a", "b", "d"] and columns.labels == [4.0, None, -0.125]
+    assert columns.ts == [None, None, 9] and columns.positions == [0, 1, 3]
+    assert [i for i, _ in columns.rejected] == [2]
+    # The same messages for a classification: numbers are not its classes.
+    columns = decode_events(batch, FEATURES, CLASSES)
+    assert columns.ids == ["b", "c"] and columns.labels == [None, "s"]
+
+
+def test_a_regression_prediction_is_a_number_without_probabilities() -> None:
+    assert value_prediction_message("x", "v1+2", 41.5, 123) == {
+        "id": "x", "model_version": "v1+2", "predicted": 41.5, "ts": 123}
 
 
 def test_prediction_message_picks_most_probable() -> None:

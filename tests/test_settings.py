@@ -55,6 +55,7 @@ def test_overrides_and_real_aws() -> None:
     ({"EVENTS_TOPIC": "my events"}, "EVENTS_TOPIC"),
     ({"STRATUM_APP_ID": ""}, "STRATUM_APP_ID"),
     ({"WORKER_SESSION_TIMEOUT_S": "5"}, "WORKER_SESSION_TIMEOUT_S"),  # below 3 heartbeats
+    ({"MODEL_FACTORIES": "models.zoo.residual_mlp"}, "MODEL_FACTORIES"),  # no ':function'
 ])
 def test_bad_value_names_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
@@ -239,3 +240,19 @@ def test_s3_credentials_come_from_the_standard_chain_except_for_the_embedded_ser
     keyed = Settings.from_env({"S3_ENDPOINT_URL": "https://minio.internal:9000",
                                "AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"})
     assert (keyed.storage_options["key"], keyed.storage_options["secret"]) == ("AK", "SK")
+
+
+def test_model_factories_are_a_list_of_function_names_checked_at_start() -> None:
+    assert Settings.from_env({}).model_factories == ()
+    assert Settings.from_env({"MODEL_FACTORIES": ""}).model_factories == ()
+    s = Settings.from_env({"MODEL_FACTORIES": " models.zoo:residual_mlp, my_pkg.nets:wide ,"})
+    assert s.model_factories == ("models.zoo:residual_mlp", "my_pkg.nets:wide")
+    assert s.replace(web_port=7000).model_factories == s.model_factories
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"MODEL_FACTORIES": "models.zoo:residual_mlp,os:system(1),a:b:c"})
+    message = str(caught.value)
+    assert message.startswith("bad setting MODEL_FACTORIES='models.zoo:residual_mlp,"
+                              "os:system(1),a:b:c': expected comma-separated "
+                              "package.module:function names")
+    assert "'os:system(1)', 'a:b:c'" in message and "'models.zoo:residual_mlp'" not in \
+        message.split("(not of that form")[1]

@@ -35,7 +35,7 @@ from devstack.stack import free_port
 from devstack.harness import (WorkerProcess, announce, consume_until, deploy_small_model, http,
                               produce, publish_small_model, run)
 from transport import protocol
-from tests.test_online import make_model, make_update
+from tests.test_online import make_model, make_regression_model, make_update
 
 FEATURES = ["x0", "x1", "x2", "x3"]
 CLASSES = ["neg", "pos"]
@@ -108,6 +108,122 @@ def test_a_large_batch_is_forwarded_in_bounded_messages() -> None:
 
 def encoded(array: list[Any], dtype: str) -> str:
     return base64.b64encode(np.asarray(array, dtype=dtype).tobytes()).decode()
+
+
+class RegressionScorer:
+    version = "r1+1"
+    base_version = "r1"
+    task = "regression"
+    features = FEATURES
+    classes: list[Any] = []
+
+
+def test_a_regression_summary_carries_numeric_labels_and_predicted_values() -> None:
+    events = [{"id": "a", "features": [1, 2, 3, 4], "label": 2.5, "ts": 5},
+              {"id": "b", "features": [1, 2, 3, 4]},
+              {"id": "c", "features": [0.5, None, 3, 4], "label": -1}]
+    columns = decode_events([json.dumps(e).encode() for e in events], FEATURES, [],
+                            task="regression")
+    outputs = np.array([[2.0], [7.25], [0.5]], dtype=np.float32)
+    predicted = outputs[:, 0].tolist()
+    [message] = scored_summary.summary_messages(RegressionScorer(), predicted, columns.ids,
+                                                columns.labels, columns.features, outputs,
+                                                columns.ts)
+    header = json.loads(message)
+    # No count per predicted value: a regression's summaries count no classes at all.
+    assert {k: header[k] for k in ("task", "version", "base_version", "scored", "classes",
+                                   "ids", "labels", "ts")} == {
+        "task": "regression", "version": "r1+1", "base_version": "r1", "scored": 3,
+        "classes": {}, "ids": ["a", "c"], "labels": [2.5, -1.0], "ts": [5, None]}
+    assert "probabilities" not in header
+    summary = scored_summary.parse_summary(message)
+    assert (summary.version, summary.scored, summary.classes) == ("r1+1", 3, {})
+    batch = summary.labelled
+    assert batch is not None and batch.task == "regression" and len(batch) == 2
+    assert batch.labels.dtype == np.float64 and batch.labels.tolist() == [2.5, -1.0]
+    assert batch.predicted.tolist() == [2.0, 0.5] and batch.errors.tolist() == [-0.5, 1.5]
+    np.testing.assert_array_equal(batch.features, [[1, 2, 3, 4], [0.5, np.nan, 3, 4]])
+    # A summary without a task (a worker from before regression) is a classification's.
+    old = json.loads(forward(*scored_batch([{"id": "o", "features": [1, 2, 3, 4],
+                                              "label": "pos"}]))[0])
+    del old["task"]
+    parsed = scored_summary.parse_summary(json.dumps(old).encode())
+    assert parsed.labelled is not None and parsed.labelled.task == "classification"
+
+
+def regression_summary(**changes: Any) -> bytes:
+    message = {"task": "regression", "version": "r", "base_version": "r", "scored": 2,
+               "classes": {}, "labels": [1.5, -2], "n_features": 2,
+               "features": encoded([[1.0, 2.0], [3.0, 4.0]], "<f8"),
+               "predicted": encoded([1.0, 2.0], "<f4")}
+    message.update(changes)
+    return json.dumps(message).encode()
+
+
+@pytest.mark.parametrize("raw", [
+    regression_summary(task="ranking"),
+    regression_summary(labels=["1.5", 2]),
+    regression_summary(labels=[True, 2]),
+    regression_summary(labels=[[1.5], 2]),
+    regression_summary(predicted=encoded([1.0], "<f4")),
+    regression_summary(predicted=encoded([[1.0, 2.0], [3.0, 4.0]], "<f4")),
+    regression_summary(predicted=None),
+    regression_summary(task=None),
+])
+def test_malformed_regression_summaries_are_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError, match="not a summary of scored events"):
+        scored_summary.parse_summary(raw)
+    assert scored_summary.parse_summary(regression_summary()).labelled is not None
+
+
+def regression_batch(version: str, labels: list[float], predicted: list[float],
+                     base: str = "r1") -> scored_summary.LabelledBatch:
+    n = len(labels)
+    return scored_summary.LabelledBatch(
+        version, base, np.asarray(labels, dtype=np.float64), np.zeros((n, 4)),
+        np.asarray(predicted, dtype=np.float32).reshape(n, 1), "regression")
+
+
+def test_regression_quality_is_live_rmse_mae_and_r2_with_rolling_figures() -> None:
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    rng = np.random.default_rng(4)
+    labels = rng.normal(10.0, 3.0, 700)
+    predicted = (labels + rng.normal(0.0, 1.0, 700)).astype(np.float32).astype(np.float64)
+    row: dict[str, Any] | None = None
+    done = 0
+    alpha = 1 - 0.5 ** (1 / speed.QUALITY_HALF_LIFE)
+    r_mse = r_mae = 0.0
+    for piece in (1, 4, 200, 95, 400):  # across the warm-up boundary, in uneven pieces
+        y, p = labels[done:done + piece], predicted[done:done + piece]
+        row = speed.update_quality(row, regression_batch("r1", y.tolist(), p.tolist()),
+                                   now_ms=done)
+        for k in range(piece):  # the rolling figures one event at a time, as defined
+            a = max(alpha, 1 / (done + k + 1))
+            r_mse += a * ((p[k] - y[k]) ** 2 - r_mse)
+            r_mae += a * (abs(p[k] - y[k]) - r_mae)
+        done += piece
+        assert row["n"] == done and row["task"] == "regression"
+        assert row["rmse"] == pytest.approx(
+            math.sqrt(mean_squared_error(labels[:done], predicted[:done])), rel=1e-9)
+        assert row["mae"] == pytest.approx(
+            mean_absolute_error(labels[:done], predicted[:done]), rel=1e-9)
+        if done > 1:
+            assert row["r2"] == pytest.approx(r2_score(labels[:done], predicted[:done]),
+                                              rel=1e-9)
+        assert row["rolling_rmse"] == pytest.approx(math.sqrt(r_mse), rel=1e-9)
+        assert row["rolling_mae"] == pytest.approx(r_mae, rel=1e-9)
+    assert row is not None and row["r2"] > 0.8 and row["first_ms"] == 0
+    # One event: no spread of labels yet, so no R2; the rolling figure is that event's.
+    first = speed.update_quality(None, regression_batch("r2", [4.0], [1.0]), now_ms=1)
+    assert (first["rmse"], first["mae"], first["r2"], first["rolling_rmse"]) == (
+        3.0, 3.0, None, 3.0)
+    assert "accuracy" not in first and "log_loss" not in first
+    # A drift: the rolling RMSE follows it, the overall one lags.
+    drifted = speed.update_quality(row, regression_batch(
+        "r1", [0.0] * speed.QUALITY_HALF_LIFE * 3, [5.0] * speed.QUALITY_HALF_LIFE * 3),
+        now_ms=2)
+    assert drifted["rolling_rmse"] > 4.5 and drifted["rmse"] < drifted["rolling_rmse"]
 
 
 def labelled(version: Any = "v", labels: Any = (0,), features: Any = ((1.0, 2.0),),
@@ -235,6 +351,26 @@ async def test_quality_agent_fills_the_table_per_version(test_app: Any) -> None:
     assert shown["size"] == 2 and shown["rows"][0]["key"] == "v1+1"
 
 
+async def test_the_quality_agent_measures_a_regression_and_counts_no_values(
+        test_app: Any) -> None:
+    tables.scored_by_version.data.clear()
+    before = dict(tables.class_counts.table.data.items())
+    async with speed.summarize_scored.test_context() as agent:
+        await agent.put(value=regression_summary(version="reg1", labels=[1.0, 3.0],
+                                                 predicted=encoded([2.0, 3.0], "<f4")))
+        await agent.put(value=regression_summary(version="reg1", labels=[0.0, -4.0],
+                                                 predicted=encoded([0.0, -2.0], "<f4")))
+    row = speed.quality_by_version["reg1"]
+    assert row["n"] == 4 and row["rmse"] == pytest.approx(math.sqrt((1 + 0 + 0 + 4) / 4))
+    assert row["mae"] == pytest.approx(3 / 4)
+    assert dict(tables.scored_by_version.data.items()) == {"reg1": 4}
+    assert dict(tables.class_counts.table.data.items()) == before  # no key per value
+    from serving.web import _quality_table
+
+    html = _quality_table("regression", tables.table_rows("quality_by_version", 10)["rows"])
+    assert "RMSE" in html and "reg1" in html and "1.118" in html
+
+
 def test_the_learner_keeps_the_serving_base_and_continues_the_chain() -> None:
     base = make_model()
     layer = speed.SpeedLayer()
@@ -274,6 +410,17 @@ def test_the_learner_holds_at_most_its_buffer_of_examples(monkeypatch: pytest.Mo
     for _ in range(30):
         layer.collect([batch_of(base.version, [1] * 40, 0.5, base.version)], base)
     assert 100 <= layer.pending < 140
+
+
+def test_the_learner_keeps_a_regression_s_numeric_labels() -> None:
+    base = make_regression_model()
+    layer = speed.SpeedLayer()
+    kept = layer.collect([regression_batch(base.version, [1.5, -2.0], [0.0, 0.0],
+                                           base.version),
+                          # the same base as a classification's batch: not its examples
+                          batch_of(base.version, [1], 0.5, base.version)], base)
+    assert kept == 2 and layer.pending == 2
+    assert np.concatenate(layer.pending_y).tolist() == [1.5, -2.0]
 
 
 # -- one learner at a time: rebalances ----------------------------------------------------------
@@ -386,6 +533,27 @@ async def test_a_worker_whose_scored_partition_was_revoked_publishes_nothing(
     await app.on_partitions_assigned.send({EVENTS_0})
     assert await layer.step() is None
     assert [u["seq"] for u in producer.sent] == [1] and layer.pending == 0
+
+
+async def test_a_regression_learner_publishes_an_update_of_its_one_output(
+        learner: Learner, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = make_regression_model(hidden=(16,))
+    monkeypatch.setattr(model_manager.ledger, "base", base)
+    monkeypatch.setattr(model_manager.ledger, "active", base)
+    layer, producer = learner.layer, learner.producer
+    await app.on_partitions_assigned.send({SCORED})
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(150, base.n_features))
+    y = 2 * X[:, 0] + 1
+    layer.collect([scored_summary.LabelledBatch(base.version, base.version, y, X,
+                                                np.zeros((150, 1), np.float32),
+                                                "regression")], base)
+    update = await layer.step()
+    assert update is not None and update.seq == 1 and update.weight.shape == (1, 16)
+    [sent] = producer.sent
+    assert sent["shape"] == [1, 16] and sent["base_version"] == base.version
+    assert sent["fit"]["rmse_after"] < sent["fit"]["rmse_before"]
+    ModelUpdate.from_message(sent)  # a valid UP, as every worker will check
 
 
 @pytest.mark.parametrize("back", [False, True], ids=["moved", "moved-and-back"])

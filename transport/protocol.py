@@ -91,8 +91,8 @@ OUTPUT_LAYER: Literal["output"] = "output"
 _SEGMENT = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _SHA256 = r"^[0-9a-f]{64}$"
 _SEGMENT_RULE = "(letters, digits, '.', '_', '-'; no '/' or '..')"
-# Bounds a malicious or corrupted message cannot push memory past (1000 classes x 100k units).
-_MAX_CLASSES, _MAX_HIDDEN = 1000, 100_000
+# Bounds a malicious or corrupted message cannot push memory past (1000 outputs x 100k units).
+_MAX_OUTPUTS, _MAX_HIDDEN = 1000, 100_000
 # float32, little-endian: the wire format of weight and bias, whatever the host's byte order.
 _WIRE_DTYPE = np.dtype("<f4")
 
@@ -189,7 +189,8 @@ class Up(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=UP):
     base_version: Segment
     seq: Annotated[int, msgspec.Meta(ge=1)]
     layer: Literal["output"]
-    shape: tuple[Annotated[int, msgspec.Meta(ge=2, le=_MAX_CLASSES)],
+    # Outputs: one per class, or one for a regression.
+    shape: tuple[Annotated[int, msgspec.Meta(ge=1, le=_MAX_OUTPUTS)],
                  Annotated[int, msgspec.Meta(ge=1, le=_MAX_HIDDEN)]]
     weight: str
     bias: str
@@ -215,9 +216,10 @@ class ModelUpdate:
         Position in the base version's chain of updates, from 1; serving applies only a seq
         greater than the last one it applied.
     weight : numpy.ndarray
-        ``float32`` ``(n_classes, last_hidden)``: the weight of the last linear layer.
+        ``float32`` ``(n_outputs, last_hidden)``: the weight of the last linear layer (one
+        row per class, or one row for a regression).
     bias : numpy.ndarray
-        ``float32`` ``(n_classes,)``: its bias.
+        ``float32`` ``(n_outputs,)``: its bias.
     n_examples : int
         Labelled examples the fit used.
     created_at : str
@@ -266,9 +268,9 @@ class ModelUpdate:
             (types, shape, base64, checksum, non-finite values); the reason names the field.
         """
         wire = _convert(message, Up, UP, _UP_REASONS)
-        n_classes, hidden = wire.shape
-        weight_bytes = _b64("weight", wire.weight, n_classes * hidden)
-        bias_bytes = _b64("bias", wire.bias, n_classes)
+        n_outputs, hidden = wire.shape
+        weight_bytes = _b64("weight", wire.weight, n_outputs * hidden)
+        bias_bytes = _b64("bias", wire.bias, n_outputs)
         if hashlib.sha256(weight_bytes + bias_bytes).hexdigest() != wire.sha256:
             raise MessageError("UP weight and bias do not match their sha256: the message was "
                                "altered or corrupted")
@@ -280,7 +282,7 @@ class ModelUpdate:
             raise MessageError(_UP_REASONS["created_at"](wire.created_at))
         extra = {k: v for k, v in message.items() if k not in _UP_FIELDS}
         return cls(model=wire.model, base_version=wire.base_version, seq=wire.seq,
-                   weight=weight.reshape(n_classes, hidden), bias=bias,
+                   weight=weight.reshape(n_outputs, hidden), bias=bias,
                    n_examples=wire.n_examples, created_at=wire.created_at, extra=extra)
 
 
@@ -379,7 +381,7 @@ _UP_REASONS: dict[str, Callable[[Any], str]] = {
     "model": _segment(UP, "model"), "base_version": _segment(UP, "base_version"),
     "seq": _got("UP field 'seq' must be an integer >= 1"),
     "layer": _got(f"UP field 'layer' must be {OUTPUT_LAYER!r}"),
-    "shape": _got("UP field 'shape' must be [n_classes >= 2, hidden >= 1]"),
+    "shape": _got("UP field 'shape' must be [n_outputs >= 1, hidden >= 1]"),
     "weight": _fixed("UP field 'weight' must be a base64 string"),
     "bias": _fixed("UP field 'bias' must be a base64 string"),
     "sha256": _fixed("UP field 'sha256' must be 64 lowercase hex digits"),

@@ -1,8 +1,9 @@
 """Message formats on Stratum's topics (docs/contract.md) and the validation of input events.
 
-Validation is a pure function of the raw message bytes and the active model's feature names
-and classes, so it is unit-tested without Kafka and shared by the serving path and
-``POST /predict``.
+Validation is a pure function of the raw message bytes and the active model's feature names,
+classes and task, so it is unit-tested without Kafka and shared by the serving path and
+``POST /predict``. The task decides what a ``label`` is: one of the classes of a
+classification, a finite number for a regression.
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import numpy as np
 import orjson
 
 __all__ = [
+    "CLASSIFICATION",
+    "REGRESSION",
+    "TASKS",
     "InvalidEvent",
     "ValidEvent",
     "EventColumns",
@@ -26,9 +30,16 @@ __all__ = [
     "validate_value",
     "decode_events",
     "prediction_message",
+    "value_prediction_message",
     "dead_letter_message",
     "label_matches",
 ]
+
+#: What a model predicts (a manifest's ``task``): a class, or a number. The same words as
+#: :data:`models.manifest.Task`, spelled here because transport sits below models.
+CLASSIFICATION = "classification"
+REGRESSION = "regression"
+TASKS = (CLASSIFICATION, REGRESSION)
 
 MAX_ID_LENGTH = 256
 #: Characters of an input value quoted in a reason, at most: an event may be close to a
@@ -57,7 +68,8 @@ class ValidEvent:
     """An input event that passed validation.
 
     ``features`` is in the model's feature order; missing values (``null``) are NaN and are
-    imputed by the model's preprocessing like -999.0 markers.
+    imputed by the model's preprocessing like -999.0 markers. ``label`` is one of the model's
+    classes (classification) or a finite float (regression), None when absent.
     """
 
     id: str
@@ -87,7 +99,7 @@ def parse_event(raw: bytes | str | None) -> dict[str, Any]:
 
 
 def validate_event(obj: dict[str, Any], features: Sequence[str],
-                   classes: Sequence[Any]) -> ValidEvent:
+                   classes: Sequence[Any], task: str = CLASSIFICATION) -> ValidEvent:
     """Check one decoded event against docs/contract.md and the model's schema.
 
     Parameters
@@ -97,13 +109,18 @@ def validate_event(obj: dict[str, Any], features: Sequence[str],
     features
         The model's ordered feature names.
     classes
-        The model's class labels, used to check ``label`` when present.
+        The model's class labels, used to check ``label`` when present (classification).
+    task
+        The model's task (:data:`TASKS`): a classification's ``label`` must be one of
+        ``classes``, a regression's a finite number (given as an integer or a float; it is
+        kept as a float).
 
     Raises
     ------
     InvalidEvent
         With a reason a person can act on.
     """
+    _check_task(task)
     event_id = obj.get("id")
     if event_id is None:
         raise InvalidEvent("missing field 'id'")
@@ -115,9 +132,8 @@ def validate_event(obj: dict[str, Any], features: Sequence[str],
         raise InvalidEvent("missing field 'features'")
     vector = _feature_vector(obj["features"], features)
     label = obj.get("label")
-    if label is not None and not any(label_matches(label, c) for c in classes):
-        raise InvalidEvent(f"unknown label {_shown(label)}; the model's classes are "
-                           f"{list(classes)!r}")
+    if label is not None:
+        label = (_target(label) if task == REGRESSION else _class_label(label, classes))
     ts = obj.get("ts")
     if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int) or ts < 0):
         raise InvalidEvent("'ts' must be epoch milliseconds (a non-negative integer), got "
@@ -128,22 +144,53 @@ def validate_event(obj: dict[str, Any], features: Sequence[str],
     return ValidEvent(id=event_id, features=vector, label=label, ts=ts)
 
 
-def validate_value(value: Any, features: Sequence[str], classes: Sequence[Any]) -> ValidEvent:
+def _class_label(label: Any, classes: Sequence[Any]) -> Any:
+    """A classification's label, when it names one of ``classes``."""
+    if not any(label_matches(label, c) for c in classes):
+        raise InvalidEvent(f"unknown label {_shown(label)}; the model's classes are "
+                           f"{list(classes)!r}")
+    return label
+
+
+def _target(label: Any) -> float:
+    """A regression's label as a float, when it is a finite number."""
+    if isinstance(label, bool) or not isinstance(label, (int, float)):
+        raise InvalidEvent(f"'label' must be a number for a regression model, got "
+                           f"{_json_type(label)} {_shown(label)}")
+    try:
+        value = float(label)
+    except OverflowError:  # an integer beyond float64
+        value = math.inf
+    if not math.isfinite(value):
+        raise InvalidEvent(f"'label' must be a finite number for a regression model, got "
+                           f"{_shown(label)}")
+    return value
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def validate_value(value: Any, features: Sequence[str], classes: Sequence[Any],
+                   task: str = CLASSIFICATION) -> ValidEvent:
     """:func:`validate_event` for any decoded JSON value (an item of a ``POST /predict``
     list): one that is not an object is refused as :func:`parse_event` refuses it."""
     if not isinstance(value, dict):
         raise InvalidEvent(f"not a JSON object but {_json_type(value)}")
-    return validate_event(value, features, classes)
+    return validate_event(value, features, classes, task)
 
 
 @lru_cache(maxsize=16)
-def _wire_decoder(features: tuple[str, ...]) -> Callable[[bytes], Any]:
-    """A msgspec decoder for input events of a model with ``features``.
+def _wire_decoder(features: tuple[str, ...], task: str) -> Callable[[bytes], Any]:
+    """A msgspec decoder for input events of a model with ``features`` and ``task``.
 
     Features given by name decode straight into a struct with one field per feature (no dict
     per event); the decoder is narrower than :func:`validate_event` allows, and anything it
-    refuses goes through that function, which has the final word.
+    refuses goes through that function, which has the final word. A regression's label
+    decodes as a float (an integer too; never a boolean or a string).
     """
+    label: Any = Union[float, None] if task == REGRESSION else Union[str, int, None]
     names = [f"f{i}" for i in range(len(features))]
     by_name = msgspec.defstruct(
         "FeaturesByName", [(n, Union[float, None]) for n in names],
@@ -151,7 +198,7 @@ def _wire_decoder(features: tuple[str, ...]) -> Callable[[bytes], Any]:
     event = msgspec.defstruct("WireEvent", [
         ("id", Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]),
         ("features", Union[by_name, list[Union[float, None]]]),
-        ("label", Union[str, int, None], None),
+        ("label", label, None),
         # orjson (the full validation) reads larger integers as floats, which it refuses.
         ("ts", Union[Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)], None], None),
     ], forbid_unknown_fields=True, gc=False)
@@ -180,7 +227,7 @@ class EventColumns:
 
 
 def decode_events(values: Sequence[bytes | None], features: Sequence[str],
-                  classes: Sequence[Any]) -> EventColumns:
+                  classes: Sequence[Any], task: str = CLASSIFICATION) -> EventColumns:
     """Decode and validate a micro-batch of raw input messages at once.
 
     Every message is decoded by msgspec straight into typed fields and the feature vectors are
@@ -192,11 +239,13 @@ def decode_events(values: Sequence[bytes | None], features: Sequence[str],
     ----------
     values
         Raw message values, in order.
-    features, classes
-        The active model's ordered feature names and class labels.
+    features, classes, task
+        The active model's ordered feature names, class labels and task.
     """
+    _check_task(task)
     n_features = len(features)
-    decode = _wire_decoder(tuple(features))
+    regression = task == REGRESSION
+    decode = _wire_decoder(tuple(features), task)
     fields = [f"f{i}" for i in range(n_features)]
     pick: Callable[[Any], Any] = (attrgetter(*fields) if n_features > 1
                                   else (lambda s: (getattr(s, fields[0]),)))
@@ -222,7 +271,8 @@ def decode_events(values: Sequence[bytes | None], features: Sequence[str],
         else:
             vector = pick(vector)
         label = event.label
-        if label is not None and label not in allowed:
+        if label is not None and (not math.isfinite(label) if regression
+                                  else label not in allowed):
             slow.append(i)
             continue
         positions.append(i)
@@ -243,18 +293,18 @@ def decode_events(values: Sequence[bytes | None], features: Sequence[str],
         matrix = matrix[keep]
     columns = EventColumns(positions, ids, matrix, labels, ts)
     if slow:
-        _decode_slowly(columns, values, sorted(slow), features, classes)
+        _decode_slowly(columns, values, sorted(slow), features, classes, task)
     return columns
 
 
 def _decode_slowly(columns: EventColumns, values: Sequence[bytes | None], slow: list[int],
-                   features: Sequence[str], classes: Sequence[Any]) -> None:
+                   features: Sequence[str], classes: Sequence[Any], task: str) -> None:
     """Run the full validation on the messages the fast path refused; merge the valid ones
     into ``columns`` in message order and record the reasons of the others."""
     extra: list[tuple[int, ValidEvent]] = []
     for i in slow:
         try:
-            extra.append((i, validate_event(parse_event(values[i]), features, classes)))
+            extra.append((i, validate_event(parse_event(values[i]), features, classes, task)))
         except InvalidEvent as exc:
             columns.rejected.append((i, str(exc)))
     if not extra:
@@ -352,6 +402,13 @@ def prediction_message(event_id: str, model_version: str, classes: Sequence[Any]
     best = max(range(len(probs)), key=probs.__getitem__)
     return {"id": event_id, "model_version": model_version, "predicted": classes[best],
             "probabilities": probs, "ts": ts}
+
+
+def value_prediction_message(event_id: str, model_version: str, value: float | None,
+                             ts: int) -> dict[str, Any]:
+    """A ``predictions`` value of a regression: ``predicted`` is the predicted number (None,
+    written ``null``, when the network's output is not finite); no probabilities."""
+    return {"id": event_id, "model_version": model_version, "predicted": value, "ts": ts}
 
 
 def dead_letter_message(reason: str, raw: bytes | None, topic: str, partition: int | None,
