@@ -219,16 +219,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     result = score_dataset(settings, args.data, args.out, model_name=args.model,
                            version=args.version, id_col=args.id_col,
-                           factories=_factories(settings), progress=_say)
+                           factories=settings.model_factories, progress=_say)
     print(f"scored {result.rows} rows with {result.model_name}/{result.version} into "
           f"{result.out_uri} ({result.files} files) in {result.seconds:.1f}s: "
           f"{result.rows_per_second:.0f} rows/s")
     return 0
-
-
-def _factories(settings: Any) -> tuple[str, ...]:
-    """Model factories a manifest may name here: those the workers may load."""
-    return tuple(getattr(settings, "model_factories", ()) or ())
 
 
 def _cmd_schedule(args: argparse.Namespace, argv: Sequence[str]) -> int:

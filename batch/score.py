@@ -71,12 +71,15 @@ class ScoreResult:
 
 
 def prediction_table(model: "LoadedModel", ids: list[str], X: np.ndarray) -> pa.Table:
-    """The prediction rows of ``ids`` scored from raw features ``X``, rounded as the
-    prediction messages are (six decimals; the predicted class is the first most probable one
-    of the rounded row)."""
-    outputs = np.round(model.outputs(X).astype(np.float64), 6)
+    """The prediction rows of ``ids`` scored from raw features ``X``, with the numbers the
+    prediction messages carry (:func:`transport.schemas.rounded_probabilities`,
+    :func:`transport.schemas.predicted_values`)."""
+    from transport.schemas import predicted_values, rounded_probabilities
+
+    outputs = model.outputs(X)
     version = pa.array([model.version] * len(ids), pa.string())
     if model.task == "classification":
+        outputs = rounded_probabilities(outputs)
         classes = model.classes
         predicted = [classes[k] for k in outputs.argmax(axis=1).tolist()] if len(ids) else []
         label_type = pa.int64() if classes and isinstance(classes[0], int) else pa.string()
@@ -85,7 +88,7 @@ def prediction_table(model: "LoadedModel", ids: list[str], X: np.ndarray) -> pa.
                          "probabilities": pa.array(outputs.tolist(), pa.list_(pa.float64())),
                          "model_version": version})
     return pa.table({"id": pa.array(ids, pa.string()),
-                     "predicted": pa.array(outputs[:, 0], pa.float64()),
+                     "predicted": pa.array(predicted_values(outputs), pa.float64()),
                      "model_version": version})
 
 

@@ -12,10 +12,11 @@ import numpy as np
 import orjson
 
 from transport.schemas import (CLASSIFICATION, REGRESSION, InvalidEvent, ValidEvent, parse_event,
-                               prediction_message, validate_event, value_prediction_message)
+                               predicted_values, prediction_message, rounded_probabilities,
+                               validate_event, value_prediction_message)
 
 __all__ = ["SourceMessage", "Rejected", "Scorer", "triage", "score", "class_counts",
-           "encode_predictions", "predicted_values"]
+           "encode_predictions"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,21 +95,9 @@ def predictions_from(model: Scorer, events: Sequence[ValidEvent], outputs: np.nd
     if model.task == REGRESSION:
         return [value_prediction_message(e.id, model.version, value, now_ms)
                 for e, value in zip(events, predicted_values(outputs))]
-    rows = np.round(outputs.astype(np.float64), 6).tolist()
+    rows = rounded_probabilities(outputs).tolist()
     return [prediction_message(e.id, model.version, model.classes, row, now_ms)
             for e, row in zip(events, rows)]
-
-
-def predicted_values(outputs: np.ndarray) -> list[float | None]:
-    """A regression's predicted values as the predictions carry them: each float32 output as
-    the shortest decimal that reads back as the same float32 (``0.1``, not
-    ``0.10000000149011612``), None where it is not finite.
-
-    One C-speed round trip through JSON (orjson writes float32 that way)."""
-    column = np.ascontiguousarray(outputs[:, 0], dtype=np.float32)
-    values: list[float | None] = orjson.loads(
-        orjson.dumps(column, option=orjson.OPT_SERIALIZE_NUMPY))
-    return values
 
 
 def class_counts(predictions: Sequence[dict[str, Any]]) -> Counter[str]:
@@ -131,7 +120,7 @@ def encode_predictions(model: Scorer, ids: Sequence[str], outputs: np.ndarray,
         return [dumps({"id": i, "model_version": version, "predicted": v, "ts": now_ms})
                 for i, v in zip(ids, values)], list(values)
     classes = model.classes
-    rounded = np.round(outputs.astype(np.float64), 6)
+    rounded = rounded_probabilities(outputs)
     # The first most probable class of the rounded row, as prediction_message picks it.
     predicted = [classes[k] for k in rounded.argmax(axis=1).tolist()]
     rows = rounded.tolist()

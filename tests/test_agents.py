@@ -15,7 +15,8 @@ from app import app
 from serving import tables
 from serving.model_manager import ModelManager
 from serving.recovery import truncated_partitions
-from serving.scoring import (SourceMessage, class_counts, encode_predictions, predicted_values,
+from transport.schemas import predicted_values
+from serving.scoring import (SourceMessage, class_counts, encode_predictions,
                              score, triage)
 from transport.kafka import Delivery, DeliveryFailed
 
