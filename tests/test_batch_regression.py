@@ -54,7 +54,8 @@ def write(settings: Settings, name: str, table: pa.Table) -> str:
 
 
 def test_a_float_label_publishes_a_regression_whose_network_outputs_the_value(
-        spark: Any, settings_env: Callable[..., dict[str, str]]) -> None:
+        spark: Any, settings_env: Callable[..., dict[str, str]],
+        capsys: pytest.CaptureFixture[str]) -> None:
     settings = Settings.from_env(settings_env())
     table = friedman()
     uri = write(settings, "friedman", table)
@@ -93,6 +94,14 @@ def test_a_float_label_publishes_a_regression_whose_network_outputs_the_value(
     # The job's test split is the one the test metrics were measured on.
     X_test, y_test = result.arrays[prepare.TEST]
     assert len(y_test) == result.metrics["n"] and y_test.dtype == np.float64
+
+    from batch.__main__ import print_summary
+
+    print_summary(result)
+    summary = capsys.readouterr().out
+    assert "task        regression, compared on rmse" in summary
+    assert f"label       mean {float(np.mean(y_train)):.4g}" in summary
+    assert "test rmse" in summary and f"{result.metrics['r2']:.4f}" in summary
 
 
 def test_the_policy_compares_regressions_by_rmse_and_refuses_a_change_of_task(
