@@ -776,11 +776,12 @@ class _Run:
         X_train, y_train = prepared.arrays[prepare.TRAIN]
         X_val, y_val = prepared.arrays[prepare.VALIDATION]
         self.check_network(X_train.shape[1], data.n_outputs, data.task)
+        params = ", ".join(f"{k}={v!r}" for k, v in self.network.params.items())
+        network = ("the built-in MLP" if self.network.is_mlp
+                   else f"{self.network.factory}({params})")
         self.say(f"{len(configs)} candidate{'s' if len(configs) > 1 else ''} "
-                 f"({config.search if len(configs) > 1 else 'as configured'}) of "
-                 + ("the built-in MLP" if self.network.is_mlp else
-                    f"{self.network.factory}({', '.join(f'{k}={v!r}' for k, v in self.network.params.items())})")
-                 + ": " + "; ".join(describe(_params(c, self.network)) for c in configs))
+                 f"({config.search if len(configs) > 1 else 'as configured'}) of {network}: "
+                 + "; ".join(describe(_params(c, self.network)) for c in configs))
         with self.stages.stage("train"):
             torch.set_num_threads(config.threads)
             staging = (config.staging_uri
