@@ -23,7 +23,8 @@ from pydantic import AliasGenerator, Field, ValidationError, ValidationInfo, fie
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-__all__ = ["Settings", "SettingsError", "EMBEDDED_S3_ENDPOINT", "EMBEDDED_S3_CREDENTIALS",
+__all__ = ["Settings", "SettingsError", "METRICS", "FACTORY_NAME", "model_params",
+           "EMBEDDED_S3_ENDPOINT", "EMBEDDED_S3_CREDENTIALS",
            "KafkaSettings", "StorageSettings", "ServingSettings", "SpeedSettings",
            "ArchiveSettings", "BatchSettings", "SparkSettings", "SECTIONS", "env_name"]
 
@@ -48,6 +49,34 @@ _SWITCH_EXPECTED = "expected true or false (1/0, yes/no, on/off)"
 
 class SettingsError(ValueError):
     """A setting has a value Stratum cannot use; the message names the variable."""
+
+
+#: How a model factory is named: ``package.module:function``.
+FACTORY_NAME = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+#: The test metrics a candidate may be compared on, by task; the first is the default.
+METRICS: dict[str, tuple[str, ...]] = {"classification": ("accuracy", "auc", "log_loss"),
+                                       "regression": ("rmse", "mae", "r2")}
+
+
+def model_params(text: str) -> dict[str, Any]:
+    """The keyword parameters of a model factory from their JSON text (``BATCH_MODEL_PARAMS``).
+
+    Raises
+    ------
+    ValueError
+        Not JSON, or not a JSON object; the message says which.
+    """
+    import json
+
+    try:
+        params = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"expected a JSON object of keyword parameters ({exc})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"expected a JSON object of keyword parameters, got "
+                         f"{type(params).__name__}")
+    return params
 
 
 def _check(ok: bool, expected: str) -> None:
@@ -384,10 +413,15 @@ class BatchSettings(_Section):
     """Epochs without a better validation loss before stopping; 0 = never."""
     batch_window_days: Annotated[int, Field(ge=0)] = 0
     """Train on the last N days of the lake only; 0 = all history."""
-    batch_metric: Literal["accuracy", "auc", "log_loss"] = "accuracy"
-    """Test metric a candidate is compared on: accuracy, auc or log_loss."""
+    batch_task: Literal["auto", "classification", "regression"] = "auto"
+    """What the model predicts: auto (from the label column: strings and booleans are
+    classes, floating-point numbers are values, integers are classes unless they take many
+    distinct values), classification or regression."""
+    batch_metric: Literal["auto", "accuracy", "auc", "log_loss", "rmse", "mae", "r2"] = "auto"
+    """Test metric a candidate is compared on: accuracy, auc or log_loss (classification),
+    rmse, mae or r2 (regression); auto = accuracy or rmse by the task."""
     batch_min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.0
-    """Least test accuracy to publish (the majority rate always applies)."""
+    """Least test accuracy to publish a classification (the majority rate always applies)."""
     batch_compare_active: bool = True
     """On: publish only if not worse than the active model; off: no comparison."""
     batch_compare_tolerance: Annotated[float, Field(ge=0)] = 0.0
@@ -398,6 +432,12 @@ class BatchSettings(_Section):
     """Expiry of the registry lock of a run (renewed while it runs)."""
     batch_distributed: Annotated[int, Field(ge=0)] = 0
     """Train with TorchDistributor on this many Spark tasks; 0 = driver."""
+    batch_model: str = "mlp"
+    """The network to train: mlp (the built-in one, sized by BATCH_HIDDEN and BATCH_DROPOUT)
+    or a factory package.module:function of an installed module, called as
+    function(n_features, n_outputs, **BATCH_MODEL_PARAMS)."""
+    batch_model_params: str = "{}"
+    """Keyword parameters of the BATCH_MODEL factory, as a JSON object."""
     batch_demo_rows: Annotated[int, Field(ge=1)] = 100000
     """Rows of demo data the bootstrap writes into an empty lake."""
 
@@ -414,6 +454,28 @@ class BatchSettings(_Section):
     def _column(cls, value: str) -> str:
         _check(bool(value.strip()), "expected a column name")
         return value
+
+    @field_validator("batch_model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        _check(value == "mlp" or FACTORY_NAME.fullmatch(value) is not None,
+               "expected mlp or a factory package.module:function")
+        return value
+
+    @field_validator("batch_model_params")
+    @classmethod
+    def _model_params(cls, value: str) -> str:
+        model_params(value)
+        return value
+
+    @model_validator(mode="after")
+    def _metric_of_task(self) -> "BatchSettings":
+        task, metric = self.batch_task, self.batch_metric
+        if task != "auto" and metric != "auto" and metric not in METRICS[task]:
+            raise _error("BATCH_METRIC", metric,
+                         f"a {task} is compared on {', '.join(METRICS[task])} (BATCH_TASK="
+                         f"{task})")
+        return self
 
     @model_validator(mode="after")
     def _val_fraction(self) -> "BatchSettings":

@@ -3,6 +3,8 @@
 Usage::
 
     python -m batch run [--data URI] [--model NAME] [--force] [--id-col id] [--label-col label]
+                        [--task auto|classification|regression] [--metric M]
+                        [--network mlp|package.module:function] [--network-params JSON]
                         [--epochs N] [--hidden 500,1000,500] [--lr 0.0003:0.01] [--seed N]
                         [--candidates N] [--search random|grid] [--distributed N] ...
     python -m batch schedule [run options]     # run at BATCH_CRON, never overlapping
@@ -43,6 +45,19 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id-col", default=None, help="id column (BATCH_ID_COL, default id)")
     parser.add_argument("--label-col", default=None,
                         help="label column (BATCH_LABEL_COL, default label)")
+    parser.add_argument("--task", choices=("auto", "classification", "regression"),
+                        help="what the model predicts (BATCH_TASK, default auto: from the "
+                             "label column)")
+    parser.add_argument("--metric", choices=("auto", "accuracy", "auc", "log_loss", "rmse",
+                                             "mae", "r2"),
+                        help="test metric compared with the active model (BATCH_METRIC, "
+                             "default auto: accuracy or rmse by the task)")
+    parser.add_argument("--network", metavar="FACTORY",
+                        help="network to train: mlp or package.module:function (BATCH_MODEL, "
+                             "default mlp)")
+    parser.add_argument("--network-params", metavar="JSON",
+                        help="keyword parameters of the network's factory, a JSON object "
+                             "(BATCH_MODEL_PARAMS)")
     parser.add_argument("--epochs", help=f"maximum epochs: {spec} (BATCH_EPOCHS, default 3)")
     parser.add_argument("--hidden", metavar="SIZES",
                         help="hidden layer sizes, e.g. 500,1000,500; alternatives 64,32|128 "
@@ -102,7 +117,9 @@ def job_config(args: argparse.Namespace, settings: Any) -> Any:
 
     return JobConfig.from_settings(
         settings, data_uri=args.data, model_name=args.model, force=args.force,
-        id_col=args.id_col, label_col=args.label_col, epochs=args.epochs, hidden=args.hidden,
+        id_col=args.id_col, label_col=args.label_col, task=args.task, metric=args.metric,
+        network=args.network, network_params=args.network_params,
+        epochs=args.epochs, hidden=args.hidden,
         dropout=args.dropout, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         candidates=args.candidates, search=args.search, parallelism=args.parallelism,
         threads=args.threads, distributed=args.distributed, window_days=args.window_days,
@@ -143,7 +160,10 @@ def print_summary(result: Any) -> None:
         f"val {rows['val']}, test {rows['test']})",
         f"  features    {len(result.features)}"
         + (f" ({len(result.constant_features)} constant)" if result.constant_features else ""),
-        f"  classes     {len(result.classes)}: {result.classes}",
+        f"  task        {result.task}, compared on {result.metric}",
+        (f"  classes     {len(result.classes)}: {result.classes}"
+         if result.task == "classification" else
+         f"  label       {_label_line(result.training.get('label_stats') or {})}"),
         f"  active      {result.active_version or 'none'}"
         + (" (on the same test rows: " + ", ".join(
             f"{k} {v:.4f}" for k, v in result.active_metrics.items() if isinstance(v, float))
@@ -154,18 +174,29 @@ def print_summary(result: Any) -> None:
     if result.pruned:
         lines.append(f"  pruned      {', '.join(result.pruned)}")
     lines.append("  candidates")
+    figures = (("rmse", "mae", "r2") if result.task == "regression"
+               else ("accuracy", "log_loss", "auc"))
     table = []
     for c in result.candidates:
         table.append([("*" if c.chosen else " ") + str(c.index), describe(c.params),
                       _fmt(c.epochs_run, 2), c.stopped, _fmt(c.val_loss),
-                      _fmt(c.test.get("accuracy")), _fmt(c.test.get("log_loss")),
-                      _fmt(c.test.get("auc")), _fmt(c.seconds, 1)])
-    lines += _table(["#", "hyper-parameters", "epochs", "stopped", "val loss", "test acc",
-                     "log loss", "auc", "seconds"], table, indent="    ")
+                      *[_fmt(c.test.get(name)) for name in figures], _fmt(c.seconds, 1)])
+    headers = (["test rmse", "mae", "r2"] if result.task == "regression"
+               else ["test acc", "log loss", "auc"])
+    lines += _table(["#", "hyper-parameters", "epochs", "stopped", "val loss", *headers,
+                     "seconds"], table, indent="    ")
     lines.append("  seconds per stage")
     lines += _table(list(result.timings), [[_fmt(v, 1) for v in result.timings.values()]],
                     indent="    ")
     print("\n".join(lines), flush=True)
+
+
+def _label_line(stats: dict[str, Any]) -> str:
+    train = stats.get("train")
+    if not train:
+        return "-"
+    return (f"mean {train['mean']:.4g}, std {train['std']:.4g}, range {train['min']:.4g} to "
+            f"{train['max']:.4g} (train)")
 
 
 def _utc_now() -> str:

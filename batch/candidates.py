@@ -1,9 +1,10 @@
 """Training the search's candidates: in this process, side by side in worker processes, or
 across Spark tasks with TorchDistributor.
 
-Every path calls :func:`batch.train.train_classifier` on the same arrays with the same
-hyper-parameters, so they give models of the same quality; they differ only in where the work
-runs:
+Every path calls :func:`batch.train.train_network` on the same arrays with the same task,
+network and hyper-parameters, so they give models of the same quality; they differ only in where
+the work runs (a factory's network is built where it trains, from its name and parameters, so
+its module must be importable there too):
 
 * one candidate at a time in the driver (the default; all of ``threads`` for it);
 * ``parallelism`` candidates at once in worker processes, splitting ``threads`` between them,
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from batch.train import Arrays, TrainConfig, TrainResult, train_classifier
+from batch.train import Arrays, Network, TrainConfig, TrainResult, train_network
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -55,7 +56,8 @@ def train_candidates(arrays: Arrays, configs: Sequence[TrainConfig], *, threads:
                      parallelism: int = 0, distributed: int = 0,
                      spark: "SparkSession | None" = None, staging_uri: str | None = None,
                      storage_options: dict[str, Any] | None = None,
-                     progress: Progress | None = None) -> list[TrainResult]:
+                     progress: Progress | None = None,
+                     network: Network = Network()) -> list[TrainResult]:
     """Train one network per configuration; results in the order of ``configs``.
 
     Parameters
@@ -80,6 +82,8 @@ def train_candidates(arrays: Arrays, configs: Sequence[TrainConfig], *, threads:
         fsspec options for ``staging_uri``.
     progress : callable, optional
         One line per epoch, prefixed with the candidate number when there are several.
+    network : Network
+        The built-in MLP (default) or a factory's network; the task is ``arrays.task``.
     """
     say = progress or log.info
     tagged = [_tagged(say, i, len(configs)) for i in range(len(configs))]
@@ -89,19 +93,21 @@ def train_candidates(arrays: Arrays, configs: Sequence[TrainConfig], *, threads:
         from batch.distributed import train_distributed
 
         return [train_distributed(spark, arrays, config, distributed, staging_uri=staging_uri,
-                                  storage_options=storage_options, progress=tagged[i])
+                                  storage_options=storage_options, progress=tagged[i],
+                                  network=network)
                 for i, config in enumerate(configs)]
     processes, each = plan_parallelism(len(configs), threads, parallelism)
     if processes == 1:
         import torch
 
         torch.set_num_threads(threads)
-        return [train_classifier(arrays.X_train, arrays.y_train, arrays.n_classes, config,
-                                 X_val=arrays.X_val, y_val=arrays.y_val, progress=tagged[i])
+        return [train_network(arrays.X_train, arrays.y_train, arrays.n_outputs, config,
+                              X_val=arrays.X_val, y_val=arrays.y_val, progress=tagged[i],
+                              task=arrays.task, network=network)
                 for i, config in enumerate(configs)]
     say(f"training {len(configs)} candidates, {processes} at a time with {each} "
         f"thread{'s' if each > 1 else ''} each")
-    return _train_in_processes(arrays, configs, processes, each, tagged)
+    return _train_in_processes(arrays, configs, processes, each, tagged, network)
 
 
 def _tagged(say: Progress, index: int, total: int) -> Progress:
@@ -125,13 +131,15 @@ def _init_worker(directory: str, threads: int, lines: Any) -> None:
     _worker_state.update(data=data, lines=lines)
 
 
-def _train_one(index: int, config: TrainConfig, n_classes: int) -> tuple[bytes, dict[str, Any]]:
+def _train_one(index: int, config: TrainConfig, n_outputs: int, task: str, network: Network
+               ) -> tuple[bytes, dict[str, Any]]:
     import torch
 
     data, lines = _worker_state["data"], _worker_state["lines"]
-    result = train_classifier(data["X_train"], data["y_train"], n_classes, config,
-                              X_val=data["X_val"], y_val=data["y_val"],
-                              progress=lambda line: lines.put((index, line)))
+    result = train_network(data["X_train"], data["y_train"], n_outputs, config,
+                           X_val=data["X_val"], y_val=data["y_val"],
+                           progress=lambda line: lines.put((index, line)), task=task,
+                           network=network)
     buffer = io.BytesIO()
     torch.save(result.module.state_dict(), buffer)
     fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)
@@ -140,10 +148,9 @@ def _train_one(index: int, config: TrainConfig, n_classes: int) -> tuple[bytes, 
 
 
 def _train_in_processes(arrays: Arrays, configs: Sequence[TrainConfig], processes: int,
-                        threads: int, tagged: list[Progress]) -> list[TrainResult]:
+                        threads: int, tagged: list[Progress], network: Network
+                        ) -> list[TrainResult]:
     import torch
-
-    from models.network import MLP
 
     # spawn, not fork: the driver holds a JVM gateway and torch thread pools that a forked
     # child must not inherit.
@@ -168,7 +175,8 @@ def _train_in_processes(arrays: Arrays, configs: Sequence[TrainConfig], processe
             with concurrent.futures.ProcessPoolExecutor(
                     max_workers=processes, mp_context=context, initializer=_init_worker,
                     initargs=(directory, threads, lines)) as pool:
-                futures = [pool.submit(_train_one, i, config, arrays.n_classes)
+                futures = [pool.submit(_train_one, i, config, arrays.n_outputs, arrays.task,
+                                       network)
                            for i, config in enumerate(configs)]
                 outputs = [future.result() for future in futures]
     finally:
@@ -176,8 +184,7 @@ def _train_in_processes(arrays: Arrays, configs: Sequence[TrainConfig], processe
         relay_thread.join(timeout=5)
     results = []
     for config, (weights, fields) in zip(configs, outputs):
-        module = MLP(arrays.X_train.shape[1], arrays.n_classes, hidden=config.hidden,
-                               dropout=config.dropout)
+        module = network.build(arrays.X_train.shape[1], arrays.n_outputs, config)
         module.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu",
                                           weights_only=True))
         results.append(TrainResult(module=module.eval(), **fields))

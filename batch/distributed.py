@@ -3,7 +3,9 @@
 The driver stages the preprocessed arrays as ``.npy`` files under a staging URI (the registry's
 store by default, so executors on other machines read them the way they read the lake), and
 TorchDistributor starts one barrier task per process; each runs ``torchrun`` for one node, joins
-a gloo process group and calls :func:`batch.train.train_classifier` with ``distributed=True``.
+a gloo process group and calls :func:`batch.train.train_network` with ``distributed=True`` (a
+factory's network is built in each process from its name and parameters: its module must be
+importable on the executors, as :mod:`models.zoo` is wherever Stratum is installed).
 Rank 0's weights come back to the driver.
 
 ``local_mode=False`` is used on every master, ``local[N]`` and ``spark://`` alike: the processes
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 
 from batch.errors import StorageError, TrainingError
-from batch.train import Arrays, TrainConfig, TrainResult
+from batch.train import Arrays, Network, TrainConfig, TrainResult
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -70,8 +72,10 @@ def _unstage(uri: str, storage_options: Mapping[str, Any] | None) -> None:
         log.warning("could not remove staged training data at %s", uri, exc_info=True)
 
 
-def _train_process(uri: str, storage_options: dict[str, Any], n_classes: int,
-                   config: dict[str, Any], loopback: bool) -> tuple[bytes, dict[str, Any]] | None:
+def _train_process(uri: str, storage_options: dict[str, Any], n_outputs: int,
+                   config: dict[str, Any], loopback: bool, task: str = "classification",
+                   network: dict[str, Any] | None = None
+                   ) -> tuple[bytes, dict[str, Any]] | None:
     """Body of every distributed process (runs under ``torchrun`` in a Spark task).
 
     ``loopback``: every process is on this machine, so gloo may use the loopback interface;
@@ -80,7 +84,7 @@ def _train_process(uri: str, storage_options: dict[str, Any], n_classes: int,
     import torch
     import torch.distributed as dist
 
-    from batch.train import TrainConfig, train_classifier
+    from batch.train import Network, TrainConfig, train_network
     from models.storage import filesystem
 
     torch.set_num_threads(1)
@@ -100,9 +104,10 @@ def _train_process(uri: str, storage_options: dict[str, Any], n_classes: int,
         data = {name: np.load(io.BytesIO(fs.cat_file(f"{path}/{name}.npy")))
                 for name in ARRAY_NAMES}
 
-        result = train_classifier(data["X_train"], data["y_train"], n_classes,
-                                  TrainConfig(**config), X_val=data["X_val"],
-                                  y_val=data["y_val"], progress=say, distributed=True)
+        result = train_network(data["X_train"], data["y_train"], n_outputs,
+                               TrainConfig(**config), X_val=data["X_val"],
+                               y_val=data["y_val"], progress=say, distributed=True, task=task,
+                               network=Network(**(network or {})))
         if rank != 0:
             return None
         buffer = io.BytesIO()
@@ -116,21 +121,24 @@ def _train_process(uri: str, storage_options: dict[str, Any], n_classes: int,
         dist.destroy_process_group()
 
 
-def process_call(uri: str, storage_options: Mapping[str, Any] | None, n_classes: int,
-                 config: TrainConfig, loopback: bool
+def process_call(uri: str, storage_options: Mapping[str, Any] | None, n_outputs: int,
+                 config: TrainConfig, loopback: bool, task: str = "classification",
+                 network: Network = Network()
                  ) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     """The function every distributed process runs and its arguments, as given to
     ``TorchDistributor.run``: what the barrier tasks carry, credentials left out."""
     from batch.spark import task_storage_options
 
-    return _train_process, (uri, task_storage_options(storage_options), n_classes,
-                            dataclasses.asdict(config), loopback)
+    return _train_process, (uri, task_storage_options(storage_options), n_outputs,
+                            dataclasses.asdict(config), loopback, task,
+                            {"factory": network.factory, "params": dict(network.params)})
 
 
 def train_distributed(spark: "SparkSession", arrays: Arrays, config: TrainConfig,
                       processes: int, *, staging_uri: str | None = None,
                       storage_options: Mapping[str, Any] | None = None,
-                      progress: Callable[[str], None] | None = None) -> TrainResult:
+                      progress: Callable[[str], None] | None = None,
+                      network: Network = Network()) -> TrainResult:
     """Train one candidate data-parallel over ``processes`` Spark barrier tasks.
 
     Parameters
@@ -152,6 +160,8 @@ def train_distributed(spark: "SparkSession", arrays: Arrays, config: TrainConfig
         the credentials given here are put there).
     progress : callable, optional
         Receives the per-epoch lines of rank 0 once training is over.
+    network : batch.train.Network
+        The built-in MLP (default) or a factory's network; the task is ``arrays.task``.
 
     Raises
     ------
@@ -166,7 +176,6 @@ def train_distributed(spark: "SparkSession", arrays: Arrays, config: TrainConfig
     from pyspark.ml.torch.distributor import TorchDistributor
 
     from batch.spark import driver_addresses, is_loopback, share_local_credentials
-    from models.network import MLP
 
     say = progress or log.info
     cleanup_dir = None
@@ -181,7 +190,8 @@ def train_distributed(spark: "SparkSession", arrays: Arrays, config: TrainConfig
     try:
         distributor = TorchDistributor(num_processes=processes, local_mode=False,
                                        use_gpu=False)
-        function, args = process_call(uri, storage_options, arrays.n_classes, config, loopback)
+        function, args = process_call(uri, storage_options, arrays.n_outputs, config, loopback,
+                                      arrays.task, network)
         output = distributor.run(function, *args)
     except Exception as exc:
         from batch.spark import spark_error_reason
@@ -197,8 +207,7 @@ def train_distributed(spark: "SparkSession", arrays: Arrays, config: TrainConfig
     if output is None:
         raise TrainingError("distributed training returned no model from rank 0")
     weights, fields = output
-    module = MLP(arrays.X_train.shape[1], arrays.n_classes, hidden=config.hidden,
-                           dropout=config.dropout)
+    module = network.build(arrays.X_train.shape[1], arrays.n_outputs, config)
     module.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu",
                                       weights_only=True))
     result = TrainResult(module=module.eval(), **fields)

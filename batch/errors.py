@@ -9,7 +9,7 @@ from app.errors import StratumError
 from lake.errors import DataError, LakeError, StorageError
 
 __all__ = ["BatchError", "LakeError", "DataError", "StorageError", "AnnounceError",
-           "TrainingError", "LockError", "LockLostError"]
+           "TrainingError", "NetworkError", "LockError", "LockLostError"]
 
 
 class BatchError(StratumError):
@@ -22,6 +22,11 @@ class AnnounceError(BatchError):
 
 class TrainingError(BatchError):
     """Training failed (for example a distributed run lost a process)."""
+
+
+class NetworkError(BatchError):
+    """The network to train (``BATCH_MODEL``, ``BATCH_MODEL_PARAMS``) cannot be imported, built
+    or used for the task; raised before any training."""
 
 
 class LockError(BatchError):

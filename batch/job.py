@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from app.settings import Settings
+from app.settings import FACTORY_NAME, METRICS, Settings, SettingsError
 from batch import prepare
-from batch.errors import DataError, StorageError
-from batch.evaluate import Decision, classification_metrics, evaluate_policy, majority_rate
-from batch.train import Arrays, TrainConfig, TrainResult
+from batch.errors import DataError, NetworkError, StorageError
+from batch.evaluate import (Decision, classification_metrics, default_metric, evaluate_policy,
+                            majority_rate, mean_predictor_rmse, regression_metrics)
+from batch.train import Arrays, Network, TrainConfig, TrainResult
 from models.errors import ModelError
+from models.network import MLP_FACTORY
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -87,10 +89,21 @@ class JobConfig:
         Train on this many Spark tasks with TorchDistributor (0: in the driver).
     window_days : int
         Train on the last N days only (0: all history).
+    task : str
+        ``auto`` (from the label column, :func:`batch.prepare.infer_task`),
+        ``classification`` or ``regression``.
     metric : str
-        Test metric compared with the active model (``accuracy``, ``auc``, ``log_loss``).
+        Test metric compared with the active model: ``accuracy``, ``auc``, ``log_loss``
+        (classification), ``rmse``, ``mae``, ``r2`` (regression), or ``auto`` (accuracy or
+        rmse by the task).
+    network : str
+        ``mlp`` (the built-in network, sized by ``hidden`` and ``dropout``) or a factory
+        ``package.module:function`` (``BATCH_MODEL``); a factory's network is not searched
+        over ``hidden`` and ``dropout``.
+    network_params : mapping
+        Keyword parameters of the factory (``BATCH_MODEL_PARAMS``).
     min_accuracy : float
-        Least test accuracy to publish.
+        Least test accuracy to publish a classification.
     compare_active : bool
         Publish only a candidate not worse than the active model on the same test rows.
     compare_tolerance : float
@@ -133,7 +146,10 @@ class JobConfig:
     parallelism: int = 0
     distributed: int = 0
     window_days: int = 0
-    metric: str = "accuracy"
+    task: str = "auto"
+    metric: str = "auto"
+    network: str = MLP_FACTORY
+    network_params: Mapping[str, Any] = field(default_factory=dict)
     min_accuracy: float = 0.0
     compare_active: bool = True
     compare_tolerance: float = 0.0
@@ -146,6 +162,21 @@ class JobConfig:
     staging_uri: str | None = None
     keep_arrays: bool = False
 
+    def __post_init__(self) -> None:
+        if self.task not in ("auto", *prepare.TASKS):
+            raise ValueError(f"task must be auto, classification or regression, got "
+                             f"{self.task!r}")
+        known = {m for metrics in METRICS.values() for m in metrics}
+        if self.metric != "auto" and self.metric not in known:
+            raise ValueError(f"metric must be auto or one of {sorted(known)}, got "
+                             f"{self.metric!r}")
+        if self.task != "auto" and self.metric not in ("auto", *METRICS[self.task]):
+            raise ValueError(f"metric {self.metric!r} does not apply to a {self.task}: it is "
+                             f"compared on {', '.join(METRICS[self.task])}")
+        if self.network != MLP_FACTORY and not FACTORY_NAME.fullmatch(self.network):
+            raise ValueError(f"network must be mlp or a factory package.module:function, got "
+                             f"{self.network!r}")
+
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> "JobConfig":
         """The ``BATCH_*`` settings, then ``overrides`` (None values ignored).
@@ -153,9 +184,10 @@ class JobConfig:
         Raises
         ------
         app.settings.SettingsError
-            A hyper-parameter setting cannot be parsed; the message names the variable.
+            A hyper-parameter setting, or the task, metric or network given, cannot be used;
+            the message names the variable or option.
         """
-        from app.settings import SettingsError
+        from app.settings import model_params
         from batch.search import parse_param
 
         values: dict[str, Any] = {
@@ -170,7 +202,9 @@ class JobConfig:
             "candidates": settings.batch_candidates, "search": settings.batch_search,
             "parallelism": settings.batch_parallelism,
             "distributed": settings.batch_distributed,
-            "window_days": settings.batch_window_days, "metric": settings.batch_metric,
+            "window_days": settings.batch_window_days, "task": settings.batch_task,
+            "metric": settings.batch_metric, "network": settings.batch_model,
+            "network_params": model_params(settings.batch_model_params),
             "min_accuracy": settings.batch_min_accuracy,
             "compare_active": settings.batch_compare_active,
             "compare_tolerance": settings.batch_compare_tolerance,
@@ -186,7 +220,20 @@ class JobConfig:
                 parse_param(name, values[name])
             except ValueError as exc:
                 raise SettingsError(f"bad {where}={values[name]!r}: {exc}") from None
-        return cls(**values)
+        if isinstance(values["network_params"], str):
+            try:
+                values["network_params"] = model_params(values["network_params"])
+            except ValueError as exc:
+                raise SettingsError(f"bad option --network-params="
+                                    f"{values['network_params']!r}: {exc}") from None
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            given_names = [f"--{k.replace('_', '-')}" for k in ("task", "metric", "network")
+                           if k in given]
+            where = (f"option{'s' if len(given_names) > 1 else ''} {', '.join(given_names)}"
+                     if given_names else "settings BATCH_TASK, BATCH_METRIC, BATCH_MODEL")
+            raise SettingsError(f"bad {where}: {exc}") from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any
@@ -194,18 +241,28 @@ class JobConfig:
         """:meth:`from_settings` of ``Settings.from_env(environ)``."""
         return cls.from_settings(Settings.from_env(environ), **overrides)
 
+    @property
+    def network_spec(self) -> Network:
+        """The :class:`~batch.train.Network` to train."""
+        return Network(self.network, dict(self.network_params))
+
     def search_space(self) -> dict[str, Any]:
-        """The :func:`batch.search.parse_space` of the hyper-parameters."""
+        """The :func:`batch.search.parse_space` of the hyper-parameters (without ``hidden``
+        and ``dropout`` for a factory's network: they do not size it)."""
         from batch.search import parse_space
 
-        return parse_space({"lr": self.lr, "hidden": self.hidden, "dropout": self.dropout,
-                            "epochs": self.epochs, "batch_size": self.batch_size})
+        specs = {"lr": self.lr, "hidden": self.hidden, "dropout": self.dropout,
+                 "epochs": self.epochs, "batch_size": self.batch_size}
+        if self.network != MLP_FACTORY:
+            del specs["hidden"], specs["dropout"]
+        return parse_space(specs)
 
     def train_configs(self) -> list[TrainConfig]:
         """One :class:`~batch.train.TrainConfig` per search candidate."""
         from batch.search import candidates
 
-        return [TrainConfig(hidden=tuple(c["hidden"]), dropout=c["dropout"],
+        return [TrainConfig(hidden=tuple(c.get("hidden", TrainConfig.hidden)),
+                            dropout=c.get("dropout", TrainConfig.dropout),
                             epochs=c["epochs"], batch_size=c["batch_size"], lr=c["lr"],
                             seed=self.seed, patience=self.patience,
                             max_seconds=self.max_train_seconds)
@@ -255,6 +312,9 @@ class JobResult:
     pruned: list[str] = field(default_factory=list)
     constant_features: list[str] = field(default_factory=list)
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    #: ``classification`` or ``regression``, and the metric compared with the active model.
+    task: str = "classification"
+    metric: str = "accuracy"
 
     @property
     def exit_code(self) -> int:
@@ -283,42 +343,72 @@ class _Stages:
             self.timings[name] = round(time.monotonic() - start, 3)
 
 
-def _predict_proba(module: Any, X: np.ndarray) -> np.ndarray:
+def _outputs(module: Any, X: np.ndarray, task: str, n_outputs: int) -> np.ndarray:
+    """Class probabilities (classification) or predicted values (regression, one column) of
+    preprocessed rows."""
     import torch
 
     if len(X) == 0:
-        return np.empty((0, module.n_classes), np.float32)
+        return np.empty((0, n_outputs), np.float32)
     with torch.inference_mode():
         # Chunks bound the activations' memory on large splits.
-        return np.concatenate([
-            torch.softmax(module(torch.from_numpy(X[i:i + 8192])), dim=1).numpy()
-            for i in range(0, len(X), 8192)])
+        chunks = [module(torch.from_numpy(X[i:i + 8192])) for i in range(0, len(X), 8192)]
+        if task == prepare.CLASSIFICATION:
+            chunks = [torch.softmax(out, dim=1) for out in chunks]
+        return np.concatenate([out.float().numpy() for out in chunks])
 
 
-def _validation_figures(module: Any, X: np.ndarray, y: np.ndarray
+def _test_metrics(task: str, y: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+    if task == prepare.REGRESSION:
+        return regression_metrics(y, outputs)
+    return classification_metrics(y, outputs)
+
+
+def _validation_figures(module: Any, X: np.ndarray, y: np.ndarray, task: str, n_outputs: int
                         ) -> tuple[float | None, float | None]:
+    """Validation loss (log loss; a regression's mean squared error in the label's units) and
+    accuracy (None for a regression)."""
     if len(X) == 0:
         return None, None
-    metrics = classification_metrics(y, _predict_proba(module, X))
+    outputs = _outputs(module, X, task, n_outputs)
+    if task == prepare.REGRESSION:
+        return float(regression_metrics(y, outputs)["rmse"] ** 2), None
+    metrics = classification_metrics(y, outputs)
     return metrics["log_loss"], metrics["accuracy"]
 
 
 def _active_on_test(active: "LoadedModel", features: list[str], classes: list[Any],
-                    X_raw: np.ndarray, y_test: np.ndarray) -> tuple[dict[str, float] | None, str]:
+                    X_raw: np.ndarray, y_test: np.ndarray, task: str = prepare.CLASSIFICATION
+                    ) -> tuple[dict[str, float] | None, str]:
     """The active model's metrics on the candidate's test rows, or None and why not."""
-    if sorted(map(str, active.classes)) != sorted(map(str, classes)) or len(
-            active.classes) != len(classes):
+    if active.task != task:
+        return None, f"the active model is a {active.task}, the candidate a {task}"
+    if task == prepare.CLASSIFICATION and (sorted(map(str, active.classes)) != sorted(
+            map(str, classes)) or len(active.classes) != len(classes)):
         return None, (f"the active model's classes {active.classes} differ from the data's "
                       f"{classes}")
     missing = [f for f in active.features if f not in features]
     if missing:
         return None, f"the data lacks the active model's features {missing[:5]}"
     columns = [features.index(f) for f in active.features]
-    proba = active.predict_proba(X_raw[:, columns])
+    outputs = active.outputs(X_raw[:, columns])
+    if task == prepare.REGRESSION:
+        return regression_metrics(y_test, outputs), "compared on the same test rows"
     # Reorder the active model's probability columns into the candidate's class order.
     by_label = {str(c): i for i, c in enumerate(active.classes)}
-    proba = proba[:, [by_label[str(c)] for c in classes]]
+    proba = outputs[:, [by_label[str(c)] for c in classes]]
     return classification_metrics(y_test, proba), "compared on the same test rows"
+
+
+def _check_factory(config: JobConfig) -> None:
+    """A factory named by ``BATCH_MODEL`` imports (before any data is read)."""
+    from models.network import load_factory
+
+    if config.network != MLP_FACTORY:
+        try:
+            load_factory(config.network)
+        except ModelError as exc:
+            raise NetworkError(f"bad BATCH_MODEL={config.network!r}: {exc}") from None
 
 
 def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" = None,
@@ -365,6 +455,7 @@ def run_job(settings: Settings, config: JobConfig, spark: "SparkSession | None" 
     model_name = config.model_name or settings.model_name
     job_start = time.monotonic()
     try:
+        _check_factory(config)
         if config.lock:
             with stages.stage("lock"):
                 lock = RegistryLock(settings.registry_uri, settings.storage_options,
@@ -391,10 +482,21 @@ class _Data:
     frame: Any
     features: list[str]
     classes: list[Any]
-    #: Rows per class per split.
+    #: Rows per class per split (empty for a regression).
     counts: dict[str, dict[Any, int]]
     #: Rows read, usable, and per split.
     rows: dict[str, int]
+    #: ``classification`` or ``regression``, why, and the metric compared with the active one.
+    task: str = prepare.CLASSIFICATION
+    task_reason: str = ""
+    metric: str = "accuracy"
+    #: A regression's label per split: n, mean, std, min, max.
+    label_stats: dict[str, dict[str, float]] | None = None
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the network's output: the classes, or one value."""
+        return len(self.classes) if self.task == prepare.CLASSIFICATION else 1
 
 
 @dataclass
@@ -410,6 +512,11 @@ class _Active:
     @property
     def version(self) -> str | None:
         return self.state.active_version
+
+    @property
+    def task(self) -> str | None:
+        """The task of the active model, when it is loaded."""
+        return self.model.task if self.model is not None else None
 
 
 @dataclass
@@ -449,7 +556,11 @@ class _Run:
         self.model_name, self.lock = model_name, lock
         self.data_uri = config.data_uri or settings.lake_uri
         self.storage = settings.storage_options
-        self.registry = Registry(settings.registry_uri, self.storage)
+        self.network = config.network_spec
+        # The factory this run trains may load the active version, as may those serving
+        # allows (MODEL_FACTORIES, where the settings have it).
+        self.registry = Registry(settings.registry_uri, self.storage,
+                                 factories=_allowed_factories(settings, config))
         self.spark = spark
         self.own_session = spark is None
         self.configs = config.train_configs()
@@ -511,24 +622,49 @@ class _Run:
         return raw, features, rows_read
 
     def clean_and_split(self, raw: Any, features: list[str], rows_read: int) -> _Data:
-        """Labelled rows with one row per id, split into train, validation and test."""
+        """The task, then labelled rows with one row per id, split into train, validation and
+        test."""
         config = self.config
         with self.stages.stage("clean and split"):
-            cleaned = prepare.clean(raw, features, config.id_col, config.label_col)
-            frame = prepare.add_split(cleaned, config.id_col, config.seed, config.test_fraction,
-                                      config.val_fraction).persist()
             try:
-                counts = prepare.split_class_counts(frame, config.label_col)
+                task, task_reason = prepare.resolve_task(raw, config.label_col, config.task)
+                metric = _metric_of(config, task, task_reason)
+                cleaned = prepare.clean(raw, features, config.id_col, config.label_col,
+                                        task=task)
+                frame = prepare.add_split(cleaned, config.id_col, config.seed,
+                                          config.test_fraction, config.val_fraction).persist()
+                if task == prepare.REGRESSION:
+                    label_stats = prepare.split_label_stats(frame, config.label_col)
+                    counts: dict[str, dict[Any, int]] = {split: {} for split in label_stats}
+                else:
+                    label_stats = None
+                    counts = prepare.split_class_counts(frame, config.label_col)
             finally:
                 raw.unpersist()
-            classes = prepare.check_splits(counts, config.label_col)
+            if label_stats is not None:
+                prepare.check_regression_splits(label_stats, config.label_col)
+                classes: list[Any] = []
+            else:
+                classes = prepare.check_splits(counts, config.label_col)
         rows = {"read": rows_read}
-        rows.update({split: sum(c.values()) for split, c in counts.items()})
+        if label_stats is not None:
+            rows.update({split: int(stats["n"]) for split, stats in label_stats.items()})
+        else:
+            rows.update({split: sum(c.values()) for split, c in counts.items()})
         rows["usable"] = rows[prepare.TRAIN] + rows[prepare.VALIDATION] + rows[prepare.TEST]
+        dropped = rows["read"] - rows["usable"]
+        self.say(f"task {task} ({task_reason}); metric {metric}")
+        if label_stats is not None:
+            train = label_stats[prepare.TRAIN]
+            described = (f"label mean {train['mean']:.4g}, std {train['std']:.4g}, range "
+                         f"{train['min']:.4g} to {train['max']:.4g} (train)")
+            why = "no, NaN or infinite label, or duplicate ids"
+        else:
+            described, why = f"classes {classes}", "unlabelled or duplicate ids"
         self.say(f"{rows['usable']} usable rows (train {rows['train']}, val {rows['val']}, "
-                 f"test {rows['test']}; {rows['read'] - rows['usable']} dropped: unlabelled or "
-                 f"duplicate ids); classes {classes}")
-        return _Data(frame, features, list(classes), counts, rows)
+                 f"test {rows['test']}; {dropped} dropped: {why}); {described}")
+        return _Data(frame, features, list(classes), counts, rows, task=task,
+                     task_reason=task_reason, metric=metric, label_stats=label_stats)
 
     def active_model(self) -> _Active:
         """What serves now, by the update topic's fold, verified as a worker verifies it (a
@@ -547,6 +683,9 @@ class _Run:
             active = _Active(read_update_state(self.settings, self.model_name,
                                                registry=registry, verify=verify))
             state, version = active.state, active.version
+            if version and not config.compare_active:
+                # Loaded anyway when the topic's fold verified it: its task is checked.
+                active.model = verified.get(version)
             if version and config.compare_active:
                 active.model = verified.get(version)
                 if active.model is None:  # the registry's newest: not verified on the topic
@@ -578,18 +717,54 @@ class _Run:
                 self.say(f"{len(constant)} constant feature(s) carry no information (kept, "
                          f"standardised to 0): {constant[:10]}")
             with self.stages.stage("collect"):
-                arrays = prepare.collect_preprocessed(data.frame, features, preprocessor,
-                                                      data.classes, config.id_col,
-                                                      config.label_col)
+                arrays = prepare.collect_preprocessed(
+                    data.frame, features, preprocessor,
+                    data.classes if data.task == prepare.CLASSIFICATION else None,
+                    config.id_col, config.label_col)
                 reference_inputs = prepare.reference_rows(data.frame, features,
                                                           _REFERENCE_ROWS)
                 X_raw_test = (prepare.collect_raw(data.frame, features, config.id_col)
-                              if active.model is not None else None)
+                              if active.model is not None and config.compare_active
+                              and active.model.task == data.task else None)
         finally:
             data.frame.unpersist()
         return _Prepared(preprocessor, constant, arrays, reference_inputs, X_raw_test)
 
-    def train(self, spark: "SparkSession", prepared: _Prepared, n_classes: int
+    def check_network(self, n_features: int, n_outputs: int, task: str) -> None:
+        """The network builds and maps a batch to ``(n, n_outputs)``, and a regression's ends
+        in a linear layer with a bias (its label's scale is folded there); otherwise a
+        :class:`~batch.errors.NetworkError` before any training."""
+        import torch
+
+        from batch.train import regression_output_layer
+        from models.network import output_layer
+
+        name = ("the built-in MLP" if self.network.is_mlp
+                else f"BATCH_MODEL={self.network.factory!r}")
+        try:
+            module = self.network.build(n_features, n_outputs, self.configs[0])
+            module.eval()
+            with torch.inference_mode():
+                out = module(torch.zeros(2, n_features))
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, n_outputs):
+                raise ModelError(f"it maps a (2, {n_features}) batch to "
+                                 f"{getattr(out, 'shape', type(out).__name__)}, expected "
+                                 f"(2, {n_outputs})")
+            if task == prepare.REGRESSION:
+                regression_output_layer(module, n_features)
+            elif not self.network.is_mlp:
+                try:
+                    output_layer(module, n_features)
+                except ModelError as exc:
+                    self.say(f"the speed layer cannot update this network: {exc}")
+        except ModelError as exc:
+            raise NetworkError(f"bad {name} with params {dict(self.network.params)}: "
+                               f"{exc}") from None
+        except Exception as exc:  # a user's module failing on a plain batch
+            raise NetworkError(f"bad {name} with params {dict(self.network.params)}: "
+                               f"{type(exc).__name__}: {exc}") from None
+
+    def train(self, spark: "SparkSession", prepared: _Prepared, data: _Data
               ) -> list[TrainResult]:
         """Every candidate of the search, trained on the training split."""
         import torch
@@ -600,60 +775,82 @@ class _Run:
         config, configs = self.config, self.configs
         X_train, y_train = prepared.arrays[prepare.TRAIN]
         X_val, y_val = prepared.arrays[prepare.VALIDATION]
+        self.check_network(X_train.shape[1], data.n_outputs, data.task)
+        params = ", ".join(f"{k}={v!r}" for k, v in self.network.params.items())
+        network = ("the built-in MLP" if self.network.is_mlp
+                   else f"{self.network.factory}({params})")
         self.say(f"{len(configs)} candidate{'s' if len(configs) > 1 else ''} "
-                 f"({config.search if len(configs) > 1 else 'as configured'}): "
-                 + "; ".join(describe(_params(c)) for c in configs))
+                 f"({config.search if len(configs) > 1 else 'as configured'}) of {network}: "
+                 + "; ".join(describe(_params(c, self.network)) for c in configs))
         with self.stages.stage("train"):
             torch.set_num_threads(config.threads)
             staging = (config.staging_uri
                        or f"{self.settings.registry_uri.rstrip('/')}/_staging")
-            return train_candidates(
-                Arrays(X_train, y_train, X_val, y_val, n_classes), configs,
-                threads=config.threads, parallelism=config.parallelism,
-                distributed=config.distributed, spark=spark,
-                staging_uri=staging if config.distributed else None,
-                storage_options=self.storage, progress=self.say)
+            try:
+                return train_candidates(
+                    Arrays(X_train, y_train, X_val, y_val, data.n_outputs, data.task),
+                    configs, threads=config.threads, parallelism=config.parallelism,
+                    distributed=config.distributed, spark=spark,
+                    staging_uri=staging if config.distributed else None,
+                    storage_options=self.storage, progress=self.say, network=self.network)
+            except ModelError as exc:
+                raise NetworkError(f"cannot train the network: {exc}") from None
 
     def evaluate(self, data: _Data, prepared: _Prepared, results: list[TrainResult],
                  active: _Active) -> _Evaluation:
         """The candidates' validation and test figures, the choice (on validation only), the
         active model on the same test rows, and the policy's decision."""
-        config = self.config
+        config, task, n_outputs = self.config, data.task, data.n_outputs
+        X_train, y_train = prepared.arrays[prepare.TRAIN]
         X_val, y_val = prepared.arrays[prepare.VALIDATION]
         X_test, y_test = prepared.arrays[prepare.TEST]
         unavailable = active.unavailable
         with self.stages.stage("evaluate"):
             reports = []
             for i, (train_config, trained) in enumerate(zip(self.configs, results)):
-                val_loss, val_accuracy = _validation_figures(trained.module, X_val, y_val)
-                test = classification_metrics(y_test, _predict_proba(trained.module, X_test))
+                val_loss, val_accuracy = _validation_figures(trained.module, X_val, y_val,
+                                                             task, n_outputs)
+                test = _test_metrics(task, y_test,
+                                     _outputs(trained.module, X_test, task, n_outputs))
                 reports.append(CandidateReport(
-                    index=i + 1, params=_params(train_config), epochs_run=trained.epochs_run,
-                    stopped=trained.stopped, seconds=round(trained.seconds, 3),
-                    val_loss=val_loss, val_accuracy=val_accuracy, test=test))
+                    index=i + 1, params=_params(train_config, self.network),
+                    epochs_run=trained.epochs_run, stopped=trained.stopped,
+                    seconds=round(trained.seconds, 3), val_loss=val_loss,
+                    val_accuracy=val_accuracy, test=test))
             # The choice uses the validation split only: the test split stays unseen by it.
+            fallback = "rmse" if task == prepare.REGRESSION else "log_loss"
             best = min(range(len(reports)), key=lambda i: (
                 reports[i].val_loss if reports[i].val_loss is not None
-                else reports[i].test["log_loss"], i))
+                else reports[i].test[fallback], i))
             reports[best].chosen = True
             metrics: dict[str, Any] = dict(reports[best].test)
-            baseline = majority_rate(data.counts[prepare.TEST])
-            metrics["baseline_accuracy"] = baseline
+            if task == prepare.REGRESSION:
+                # What predicting without a model gives: the training split's mean.
+                baseline = mean_predictor_rmse(y_test, float(np.mean(y_train)))
+                metrics["baseline_rmse"] = baseline
+            else:
+                baseline = majority_rate(data.counts[prepare.TEST])
+                metrics["baseline_accuracy"] = baseline
             active_metrics: dict[str, float] | None = None
-            if active.model is not None and prepared.X_raw_test is not None:
+            if config.compare_active and active.model is not None and (
+                    prepared.X_raw_test is not None or active.model.task != task):
+                raw_test = (prepared.X_raw_test if prepared.X_raw_test is not None
+                            else np.empty((0, len(data.features))))
                 active_metrics, comparison = _active_on_test(
-                    active.model, list(data.features), data.classes, prepared.X_raw_test,
-                    y_test)
+                    active.model, list(data.features), data.classes, raw_test, y_test, task)
                 if active_metrics is None:
                     unavailable = comparison
                     self.say(f"cannot compare with the active model {active.model.version}: "
                              f"{comparison}")
             decision = evaluate_policy(
-                metrics, baseline, min_accuracy=config.min_accuracy, metric=config.metric,
+                metrics, baseline, min_accuracy=config.min_accuracy, metric=data.metric,
                 active_metrics=active_metrics if config.compare_active else None,
-                active_version=self._active_version(active),
+                active_version=active.version,
                 tolerance=config.compare_tolerance,
-                active_unavailable=unavailable if config.compare_active else None)
+                active_unavailable=unavailable if config.compare_active else None,
+                task=task, active_task=active.task)
+        if task == prepare.REGRESSION and config.min_accuracy:
+            self.say("BATCH_MIN_ACCURACY applies to a classification only: not used")
         if len(reports) > 1:
             self.say(f"chose candidate {best + 1}/{len(reports)} (lowest validation loss)")
         self.say("test metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
@@ -672,22 +869,29 @@ class _Run:
         import torch
 
         from models.loaded import LoadedModel
-        from models.manifest import Manifest, Reference
+        from models.manifest import CLASSIFICATION, REGRESSION, Manifest, Reference
 
         config, best, result = self.config, evaluation.best, evaluation.result
         decision, reports = evaluation.decision, evaluation.reports
         active_version = self._active_version(active)
+        regression = data.task == prepare.REGRESSION
         training = {
             "data": self.data_uri, "id_col": config.id_col, "label_col": config.label_col,
             "rows": data.rows, "window_days": config.window_days,
-            "class_counts": {split: {str(c): n for c, n in sorted(cc.items())}
-                             for split, cc in data.counts.items()},
+            "task": data.task, "task_reason": data.task_reason, "metric": data.metric,
+            **({"label_stats": data.label_stats, "target_mean": result.target_mean,
+                "target_std": result.target_std} if regression else {
+                "class_counts": {split: {str(c): n for c, n in sorted(cc.items())}
+                                 for split, cc in data.counts.items()}}),
             "constant_features": prepared.constant,
+            "network": self.network.factory,
+            **({} if self.network.is_mlp else {"network_params": dict(self.network.params)}),
             "seed": config.seed, "test_fraction": config.test_fraction,
             "val_fraction": config.val_fraction, "epochs": self.configs[best].epochs,
             "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
             "stopped": result.stopped, "batch_size": result.batch_size,
-            "lr": self.configs[best].lr, "optimizer": "adam", "loss": "cross_entropy",
+            "lr": self.configs[best].lr, "optimizer": "adam",
+            "loss": "mse_standardised" if regression else "cross_entropy",
             "train_seconds": round(result.seconds, 3),
             "history": [{k: round(v, 6) for k, v in h.items()} for h in result.history],
             "search": {"method": config.search, "candidates": len(reports),
@@ -703,8 +907,9 @@ class _Run:
         draft = Manifest.draft(
             name=self.model_name, features=list(data.features), classes=list(data.classes),
             preprocessing=prepared.preprocessor.to_dict(),
-            architecture=result.module.architecture(), metrics=evaluation.metrics,
-            training=training, forced=not decision.accepted)
+            architecture=result.architecture, metrics=evaluation.metrics,
+            training=training, forced=not decision.accepted,
+            task=REGRESSION if regression else CLASSIFICATION)
         candidate = LoadedModel(draft, result.module)
         draft.reference = Reference(
             inputs=prepared.reference_inputs.tolist(),
@@ -716,7 +921,8 @@ class _Run:
             rows=data.rows, metrics=evaluation.metrics, training=training, manifest=draft,
             timings=self.stages.timings, candidates=reports, active_version=active_version,
             active_metrics=evaluation.active_metrics, constant_features=prepared.constant,
-            arrays=prepared.arrays if config.keep_arrays else None)
+            arrays=prepared.arrays if config.keep_arrays else None, task=data.task,
+            metric=data.metric)
 
     def publish(self, job: JobResult, module: Any, active: _Active) -> None:
         """Every file, then the manifest; the announcement on the update topic; old
@@ -774,7 +980,7 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
         data = run.clean_and_split(raw, features, rows_read)
         active = run.active_model()
         prepared = run.preprocess(data, active)
-        results = run.train(session, prepared, len(data.classes))
+        results = run.train(session, prepared, data)
         evaluation = run.evaluate(data, prepared, results, active)
         job = run.result(data, prepared, active, evaluation)
         if not evaluation.decision.accepted and not config.force:
@@ -788,6 +994,33 @@ def _run_locked(settings: Settings, config: JobConfig, spark: "SparkSession | No
         run.stop()
 
 
-def _params(config: TrainConfig) -> dict[str, Any]:
-    return {"lr": config.lr, "hidden": list(config.hidden), "dropout": config.dropout,
-            "epochs": config.epochs, "batch_size": config.batch_size}
+def _params(config: TrainConfig, network: Network = Network()) -> dict[str, Any]:
+    """A candidate's hyper-parameters (``hidden`` and ``dropout`` only for the built-in
+    MLP)."""
+    sizing = ({"hidden": list(config.hidden), "dropout": config.dropout} if network.is_mlp
+              else {})
+    return {"lr": config.lr, **sizing, "epochs": config.epochs,
+            "batch_size": config.batch_size}
+
+
+def _metric_of(config: JobConfig, task: str, task_reason: str) -> str:
+    """The metric compared with the active model: ``config.metric``, or for ``auto`` the
+    task's default; one that does not apply to the task is a settings error."""
+    if config.metric == "auto":
+        return default_metric(task)
+    if config.metric not in METRICS[task]:
+        raise SettingsError(f"bad setting BATCH_METRIC={config.metric!r}: a {task} "
+                            f"({task_reason}) is compared on {', '.join(METRICS[task])}")
+    return config.metric
+
+
+def _allowed_factories(settings: Settings, config: JobConfig) -> set[str]:
+    """The model factories this run may build: the one it trains (``BATCH_MODEL``) and those
+    the serving workers are allowed (``MODEL_FACTORIES``, where the settings have it), so the
+    active version loads here when it loads there."""
+    allowed = set() if config.network == MLP_FACTORY else {config.network}
+    serving = getattr(settings, "model_factories", None) or ()
+    if isinstance(serving, str):
+        serving = [part for part in serving.replace(";", ",").split(",")]
+    allowed.update(str(name).strip() for name in serving if str(name).strip())
+    return allowed

@@ -23,10 +23,13 @@ if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
 
 __all__ = [
-    "METADATA_COLUMNS", "SPLIT_COL", "TRAIN", "VALIDATION", "TEST",
-    "feature_columns", "label_kind", "clean", "split_thresholds", "assign_splits",
-    "add_split", "split_class_counts", "feature_statistics", "collect_preprocessed",
-    "reference_rows", "check_splits", "filter_since", "collect_raw", "constant_features",
+    "METADATA_COLUMNS", "SPLIT_COL", "TRAIN", "VALIDATION", "TEST", "CLASSIFICATION",
+    "REGRESSION", "TASKS", "MAX_CLASSES_ALWAYS", "MIN_VALUES_ALWAYS", "DISTINCT_SHARE",
+    "feature_columns", "label_kind", "infer_task", "label_profile", "resolve_task", "clean",
+    "split_thresholds", "assign_splits", "add_split", "split_class_counts",
+    "split_label_stats", "feature_statistics", "collect_preprocessed", "reference_rows",
+    "check_splits", "check_regression_splits", "filter_since", "collect_raw",
+    "constant_features",
 ]
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,18 @@ _SPLITS = (TRAIN, VALIDATION, TEST)
 
 _NUMERIC_RE = re.compile(r"^(tinyint|smallint|int|bigint|float|double|decimal\(\d+,\d+\))$")
 _INTEGRAL = ("tinyint", "smallint", "int", "bigint")
+_FLOATING_RE = re.compile(r"^(float|double|decimal\(\d+,\d+\))$")
+
+#: What a model predicts: a class, or a value.
+CLASSIFICATION, REGRESSION = "classification", "regression"
+TASKS = (CLASSIFICATION, REGRESSION)
+#: BATCH_TASK=auto on an integer label: at most this many distinct values are always classes...
+MAX_CLASSES_ALWAYS = 20
+#: ... more than this many are always a value to regress ...
+MIN_VALUES_ALWAYS = 100
+#: ... and in between, a value when the distinct values are more than this share of the
+#: labelled rows (a class recurs; a measured count rarely repeats).
+DISTINCT_SHARE = 0.05
 # Hash resolution of the split: one part in a million is plenty for fractions like 0.1.
 _SPLIT_BUCKETS = 1_000_000
 # Repeated ids that :func:`clean` deduplicates apart from the other rows (after a broadcast
@@ -69,8 +84,9 @@ def feature_columns(dtypes: Sequence[tuple[str, str]], id_col: str, label_col: s
     Raises
     ------
     DataError
-        The id or label column is absent, the label is neither string nor integer, a candidate
-        feature column is not numeric (the message names it), or nothing is left as a feature.
+        The id or label column is absent, the label is neither a string, a boolean nor a
+        number, a candidate feature column is not numeric (the message names it), or nothing
+        is left as a feature.
     """
     names = [name for name, _ in dtypes]
     for role, col in (("id", id_col), ("label", label_col)):
@@ -79,7 +95,7 @@ def feature_columns(dtypes: Sequence[tuple[str, str]], id_col: str, label_col: s
                             f"(columns: {', '.join(names)})")
     if id_col == label_col:
         raise DataError(f"id and label column are both {id_col!r}")
-    label_kind(dict(dtypes)[label_col], label_col)
+    label_kind(dict(dtypes)[label_col], label_col, task=None)
     features, bad = [], []
     for name, kind in dtypes:
         if name in (id_col, label_col) or name in exclude:
@@ -97,14 +113,104 @@ def feature_columns(dtypes: Sequence[tuple[str, str]], id_col: str, label_col: s
     return features
 
 
-def label_kind(kind: str, label_col: str = "label") -> str:
-    """``"string"`` or ``"integer"``: how class labels of Spark type ``kind`` are kept."""
+def label_kind(kind: str, label_col: str = "label", task: str | None = CLASSIFICATION) -> str:
+    """How labels of Spark type ``kind`` are kept: ``"string"``, ``"integer"`` (booleans are
+    the integers 0 and 1) or ``"float"`` (a regression's label, any numeric type).
+
+    Parameters
+    ----------
+    kind : str
+        The label column's Spark type string.
+    label_col : str
+        Its name, for the error.
+    task : str or None
+        ``classification``, ``regression``, or None for any task (the kind of the label
+        itself: ``"float"`` for floating-point and decimal types).
+
+    Raises
+    ------
+    DataError
+        The label cannot be used for the task: a classification needs string, boolean or
+        integer labels, a regression numeric ones.
+    """
+    if task == REGRESSION:
+        if kind in _INTEGRAL or kind == "boolean" or _FLOATING_RE.match(kind):
+            return "float"
+        raise DataError(f"label column {label_col!r} is {kind}: the label of a regression must "
+                        "be numeric")
     if kind == "string":
         return "string"
-    if kind in _INTEGRAL:
+    if kind in _INTEGRAL or kind == "boolean":
         return "integer"
-    raise DataError(f"label column {label_col!r} is {kind}: class labels must be strings or "
-                    "integers")
+    if task is None and _FLOATING_RE.match(kind):
+        return "float"
+    if task is None:
+        raise DataError(f"label column {label_col!r} is {kind}: labels must be strings, "
+                        "booleans or numbers")
+    raise DataError(f"label column {label_col!r} is {kind}: class labels must be strings, "
+                    "booleans or integers (a floating-point label is a regression's: "
+                    "BATCH_TASK=regression)")
+
+
+def infer_task(kind: str, distinct: int = 0, rows: int = 0) -> tuple[str, str]:
+    """The task ``BATCH_TASK=auto`` chooses for a label, and why.
+
+    A string or boolean label is a classification; a floating-point (or decimal) one a
+    regression. An integer label is a classification when it takes at most
+    :data:`MAX_CLASSES_ALWAYS` (20) distinct values, a regression when it takes more than
+    :data:`MIN_VALUES_ALWAYS` (100), and in between a regression only when its distinct values
+    are more than :data:`DISTINCT_SHARE` (5%) of the labelled rows: classes recur, while counts
+    and amounts seldom repeat. Set ``BATCH_TASK`` where the data may sit near a boundary, so
+    that the task cannot change as the lake grows.
+
+    Parameters
+    ----------
+    kind : str
+        The label column's Spark type string.
+    distinct, rows : int
+        Distinct non-null labels and labelled rows (needed for integer labels only).
+
+    Returns
+    -------
+    (str, str)
+        ``classification`` or ``regression``, and the reason in words.
+    """
+    found = label_kind(kind, task=None)
+    if kind == "string" or kind == "boolean":
+        return CLASSIFICATION, f"{kind} labels are classes"
+    if found == "float":
+        return REGRESSION, f"{kind} labels are values"
+    counted = f"{distinct} distinct integer labels in {rows} labelled rows"
+    if distinct <= MAX_CLASSES_ALWAYS:
+        return CLASSIFICATION, f"{counted} (at most {MAX_CLASSES_ALWAYS}: classes)"
+    if distinct > MIN_VALUES_ALWAYS:
+        return REGRESSION, f"{counted} (over {MIN_VALUES_ALWAYS}: values)"
+    if distinct > DISTINCT_SHARE * rows:
+        return REGRESSION, f"{counted} (over {DISTINCT_SHARE:.0%} of the rows: values)"
+    return CLASSIFICATION, f"{counted} (at most {DISTINCT_SHARE:.0%} of the rows: classes)"
+
+
+def label_profile(df: "DataFrame", label_col: str) -> tuple[int, int]:
+    """``(distinct non-null labels, labelled rows)`` of a DataFrame, in one aggregate."""
+    from pyspark.sql import functions as F
+
+    label = _col(label_col)
+    row = df.where(label.isNotNull()).agg(F.countDistinct(label), F.count(label)).first()
+    assert row is not None  # an aggregate without grouping has exactly one row
+    return int(row[0]), int(row[1])
+
+
+def resolve_task(df: "DataFrame", label_col: str, task: str) -> tuple[str, str]:
+    """The task of a run: ``task`` when it is given (the label checked to fit it), else
+    :func:`infer_task` of the label column (counting its distinct values when it is an integer
+    one)."""
+    kind = dict(df.dtypes)[label_col]
+    if task != "auto":
+        label_kind(kind, label_col, task)
+        return task, "BATCH_TASK"
+    if kind in _INTEGRAL:
+        return infer_task(kind, *label_profile(df, label_col))
+    return infer_task(kind)
 
 
 def _col(name: str) -> "Column":
@@ -120,7 +226,8 @@ MAX_ABS_VALUE = 1e100
 
 
 def clean(df: "DataFrame", features: Sequence[str], id_col: str, label_col: str,
-          ts_col: str | None = "ts", broadcast_keys: int | None = None) -> "DataFrame":
+          ts_col: str | None = "ts", broadcast_keys: int | None = None,
+          task: str = CLASSIFICATION) -> "DataFrame":
     """Normalise missing values, drop unusable rows and duplicate ids.
 
     Parameters
@@ -136,14 +243,18 @@ def clean(df: "DataFrame", features: Sequence[str], id_col: str, label_col: str,
     broadcast_keys : int, optional
         Largest number of repeated ids deduplicated apart from the other rows (default one
         million); see the notes.
+    task : str
+        ``classification`` (labels kept as strings or integers) or ``regression`` (labels as
+        doubles).
 
     Returns
     -------
     pyspark.sql.DataFrame
         Columns: id (string), features (double; ``-999.0``, NaN, +/-inf and values beyond
         +/-``MAX_ABS_VALUE`` become null),
-        label (string or bigint), and ``ts_col`` when present. Rows without id or label are
-        dropped, as are empty string labels; each id appears once.
+        label (string, bigint, or for a regression double), and ``ts_col`` when present. Rows
+        without id or label are dropped, as are empty string labels and a regression's NaN,
+        infinite or beyond +/-``MAX_ABS_VALUE`` labels; each id appears once.
 
     Notes
     -----
@@ -165,9 +276,14 @@ def clean(df: "DataFrame", features: Sequence[str], id_col: str, label_col: str,
         missing = F.isnan(value) | (value == MISSING_MARKER) | (F.abs(value) > MAX_ABS_VALUE)
         columns.append(F.when(missing, F.lit(None).cast("double")).otherwise(value)
                        .alias(name))
-    if label_kind(kinds[label_col], label_col) == "string":
+    kind = label_kind(kinds[label_col], label_col, task)
+    if kind == "string":
         label = F.trim(_col(label_col))
         label = F.when(label == "", F.lit(None).cast("string")).otherwise(label)
+    elif kind == "float":
+        label = _col(label_col).cast("double")
+        unusable = F.isnan(label) | (F.abs(label) > MAX_ABS_VALUE)  # +/-inf included
+        label = F.when(unusable, F.lit(None).cast("double")).otherwise(label)
     else:
         label = _col(label_col).cast("bigint")
     columns.append(label.alias(label_col))
@@ -253,6 +369,41 @@ def split_class_counts(df: "DataFrame", label_col: str) -> dict[str, dict[Any, i
     return counts
 
 
+def split_label_stats(df: "DataFrame", label_col: str) -> dict[str, dict[str, float]]:
+    """``{split: {"n", "mean", "std", "min", "max"}}`` of a regression's label (one small
+    aggregate; ``std`` is the population standard deviation, 0.0 for an empty split)."""
+    from pyspark.sql import functions as F
+
+    stats = {split: {"n": 0, "mean": 0.0, "std": 0.0, "min": 0.0, "max": 0.0}
+             for split in _SPLITS}
+    label = _col(label_col)
+    for row in df.groupBy(SPLIT_COL).agg(
+            F.count(label), F.mean(label), F.stddev_pop(label), F.min(label),
+            F.max(label)).collect():
+        stats[row[0]] = {"n": int(row[1]), "mean": float(row[2]), "std": float(row[3] or 0.0),
+                         "min": float(row[4]), "max": float(row[5])}
+    return stats
+
+
+def check_regression_splits(stats: dict[str, dict[str, float]], label_col: str) -> None:
+    """Check the splits can train and evaluate a regression.
+
+    Raises
+    ------
+    DataError
+        An empty train or test split, or a label with one value only in the training split
+        (nothing to learn, and no scale to standardise it by).
+    """
+    total = sum(int(s["n"]) for s in stats.values())
+    for split in (TRAIN, TEST):
+        if not stats[split]["n"]:
+            raise DataError(f"the {split} split is empty ({total} usable rows): need more data")
+    train = stats[TRAIN]
+    if not train["max"] > train["min"]:
+        raise DataError(f"label column {label_col!r} is constant ({train['min']!r}) in the "
+                        f"{int(train['n'])} training rows: nothing to learn")
+
+
 def check_splits(counts: dict[str, dict[Any, int]], label_col: str) -> list[Any]:
     """Sorted class labels, after checking the splits can train and evaluate a model.
 
@@ -296,25 +447,30 @@ def feature_statistics(df: "DataFrame", features: Sequence[str]
 
 
 def _preprocess_batches(batches: Iterator[pa.RecordBatch], features: list[str],
-                        preprocessing: dict[str, Any], classes: list[Any], id_col: str,
+                        preprocessing: dict[str, Any], classes: list[Any] | None, id_col: str,
                         label_col: str) -> Iterator[pa.RecordBatch]:
     """``mapInArrow`` body: raw feature columns -> preprocessed float32 columns, the class
-    index and the split's index in :data:`_SPLITS`."""
+    index (or, ``classes`` None, the regression's label as a double) and the split's index in
+    :data:`_SPLITS`."""
     preprocessor = Preprocessor.from_dict(preprocessing)
-    class_set = pa.array(classes)
+    class_set = pa.array(classes) if classes is not None else None
     split_set = pa.array(_SPLITS)
     for batch in batches:
         X = np.column_stack([
             batch.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
             for name in features]) if batch.num_rows else np.empty((0, len(features)))
         Xp = preprocessor.transform(X)
-        y = pc.index_in(batch.column(label_col), value_set=class_set)
-        if y.null_count:
-            unknown = pc.unique(pc.filter(batch.column(label_col), pc.is_null(y)))
-            raise DataError(f"labels {unknown.to_pylist()[:5]} are not among the classes "
-                            f"{classes} counted before")
+        if class_set is None:
+            y = batch.column(label_col).cast(pa.float64())
+        else:
+            y = pc.index_in(batch.column(label_col), value_set=class_set)
+            if y.null_count:
+                unknown = pc.unique(pc.filter(batch.column(label_col), pc.is_null(y)))
+                raise DataError(f"labels {unknown.to_pylist()[:5]} are not among the classes "
+                                f"{classes} counted before")
+            y = y.cast(pa.int32())
         split = pc.index_in(batch.column(SPLIT_COL), value_set=split_set).cast(pa.int8())
-        arrays = [batch.column(id_col), split, y.cast(pa.int32())]
+        arrays = [batch.column(id_col), split, y]
         arrays += [pa.array(Xp[:, i]) for i in range(Xp.shape[1])]
         names = ["id", "split", "y"] + [f"x{i}" for i in range(Xp.shape[1])]
         yield pa.RecordBatch.from_arrays(arrays, names=names)
@@ -326,25 +482,27 @@ def _id_order(ids: pa.ChunkedArray) -> np.ndarray:
 
 
 def collect_preprocessed(df: "DataFrame", features: Sequence[str], preprocessor: Preprocessor,
-                         classes: Sequence[Any], id_col: str, label_col: str
+                         classes: Sequence[Any] | None, id_col: str, label_col: str
                          ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Preprocess in Spark, collect through Arrow, and return ``{split: (X, y)}``.
 
-    ``X`` is ``(n, n_features)`` float32, ``y`` the int64 class index into ``classes``. Rows
-    are sorted by id so that training is reproducible whatever the partitioning.
+    ``X`` is ``(n, n_features)`` float32, ``y`` the int64 class index into ``classes``, or
+    with ``classes`` None (a regression) the float64 label. Rows are sorted by id so that
+    training is reproducible whatever the partitioning.
     """
-    from pyspark.sql.types import (ByteType, FloatType, IntegerType, StringType, StructField,
-                                   StructType)
+    from pyspark.sql.types import (ByteType, DoubleType, FloatType, IntegerType, StringType,
+                                   StructField, StructType)
 
     schema = StructType(
         [StructField("id", StringType()), StructField("split", ByteType()),
-         StructField("y", IntegerType())]
+         StructField("y", IntegerType() if classes is not None else DoubleType())]
         + [StructField(f"x{i}", FloatType()) for i in range(len(features))])
     # Positional names: mapInArrow resolves its input columns by name without quoting, so a
     # feature called "a.b" would be read as a struct field.
     names = [f"__f{i}" for i in range(len(features))]
     body = functools.partial(_preprocess_batches, features=names,
-                             preprocessing=preprocessor.to_dict(), classes=list(classes),
+                             preprocessing=preprocessor.to_dict(),
+                             classes=list(classes) if classes is not None else None,
                              id_col="__id", label_col="__label")
     table = df.select(_col(id_col).alias("__id"),
                       *[_col(f).alias(n) for f, n in zip(features, names)],
@@ -354,7 +512,7 @@ def collect_preprocessed(df: "DataFrame", features: Sequence[str], preprocessor:
     # stacked features in one step: the features are in memory at most twice at any time.
     order = _id_order(table.column("id"))
     split = table.column("split").to_numpy()[order]
-    y = table.column("y").to_numpy().astype(np.int64)
+    y = table.column("y").to_numpy().astype(np.int64 if classes is not None else np.float64)
     X = (np.column_stack([table.column(f"x{i}").to_numpy() for i in range(len(features))])
          if len(table) else np.empty((0, len(features)), np.float32))
     del table

@@ -129,8 +129,9 @@ def parse_param(name: str, spec: Any) -> Param:
 
 
 def parse_space(specs: Mapping[str, Any]) -> dict[str, Param]:
-    """:func:`parse_param` for every entry of :data:`PARAMS` in ``specs``."""
-    return {name: parse_param(name, specs[name]) for name in PARAMS}
+    """:func:`parse_param` for every entry of :data:`PARAMS` in ``specs`` (those it lacks are
+    not searched)."""
+    return {name: parse_param(name, specs[name]) for name in PARAMS if name in specs}
 
 
 def candidates(space: Mapping[str, Param], n: int, method: str = "random", seed: int = 0
@@ -177,7 +178,12 @@ def candidates(space: Mapping[str, Param], n: int, method: str = "random", seed:
 
 
 def describe(candidate: Mapping[str, Any]) -> str:
-    """``lr 0.001 hidden 64-32 dropout 0.1 epochs 3 batch 512``: one candidate on one line."""
-    hidden = "-".join(str(h) for h in candidate["hidden"]) or "none"
-    return (f"lr {candidate['lr']:.3g} hidden {hidden} dropout {candidate['dropout']:.2f} "
-            f"epochs {candidate['epochs']} batch {candidate['batch_size']}")
+    """``lr 0.001 hidden 64-32 dropout 0.1 epochs 3 batch 512``: one candidate on one line
+    (without hidden and dropout when the candidate has none: a factory's network)."""
+    parts = [f"lr {candidate['lr']:.3g}"]
+    if "hidden" in candidate:
+        parts.append(f"hidden {'-'.join(str(h) for h in candidate['hidden']) or 'none'}")
+    if "dropout" in candidate:
+        parts.append(f"dropout {candidate['dropout']:.2f}")
+    parts += [f"epochs {candidate['epochs']}", f"batch {candidate['batch_size']}"]
+    return " ".join(parts)

@@ -1,4 +1,14 @@
-"""Training the classifier on the driver: Adam, cross-entropy, mini-batches, early stopping."""
+"""Training a network: Adam, mini-batches, early stopping on the validation loss.
+
+A classification minimises cross-entropy over the class indices. A regression minimises the
+mean squared error of the label standardised with the training rows' mean and standard
+deviation; once trained, that scaling is folded into the network's output layer (weight times
+the deviation, bias times the deviation plus the mean), so the published network outputs the
+value itself, as serving and the speed layer expect.
+
+The network is the built-in :class:`~models.network.MLP` or one a factory builds
+(:class:`Network`).
+"""
 from __future__ import annotations
 
 import copy
@@ -6,31 +16,35 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from models.network import DEFAULT_DROPOUT, DEFAULT_HIDDEN, MLP
+from models.errors import ModelError
+from models.network import DEFAULT_DROPOUT, DEFAULT_HIDDEN, MLP_FACTORY, build_network, output_layer
 
-__all__ = ["Arrays", "TrainConfig", "TrainResult", "train_classifier", "parse_hidden"]
+__all__ = ["Arrays", "Network", "TrainConfig", "TrainResult", "train_network",
+           "train_classifier", "fold_target_scale", "regression_output_layer", "parse_hidden"]
 
 log = logging.getLogger(__name__)
 
-# Fewest optimiser steps an epoch should take (see the batch size cap in train_classifier).
+# Fewest optimiser steps an epoch should take (see the batch size cap in train_network).
 _MIN_STEPS_PER_EPOCH = 50
 
 
 @dataclass
 class Arrays:
-    """Preprocessed training and validation rows (float32 features, int64 class indices)."""
+    """Preprocessed training and validation rows: float32 features, and int64 class indices
+    (classification) or float64 values (regression)."""
 
     X_train: np.ndarray
     y_train: np.ndarray
     X_val: np.ndarray
     y_val: np.ndarray
-    n_classes: int
+    n_outputs: int
+    task: str = "classification"
 
 
 
@@ -80,23 +94,68 @@ class TrainConfig:
             raise ValueError(f"max seconds must be > 0, got {self.max_seconds}")
 
 
+@dataclass(frozen=True)
+class Network:
+    """Which network to train: the built-in MLP (``factory`` is ``"mlp"``), sized by the
+    candidate's ``hidden`` and ``dropout``, or ``factory(n_features, n_outputs, **params)``.
+
+    Plain data, so it travels to worker processes and Spark tasks, which build the same
+    network from it (a factory's module must be importable there).
+    """
+
+    factory: str = MLP_FACTORY
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_mlp(self) -> bool:
+        """True for the built-in network."""
+        return self.factory == MLP_FACTORY
+
+    def architecture(self, n_features: int, n_outputs: int, config: "TrainConfig"
+                     ) -> dict[str, Any]:
+        """The manifest's ``architecture`` object of this network."""
+        if self.is_mlp:
+            return {"type": "mlp", "n_features": n_features, "n_outputs": n_outputs,
+                    "hidden": list(config.hidden), "dropout": config.dropout}
+        return {"type": "factory", "factory": self.factory, "n_features": n_features,
+                "n_outputs": n_outputs, "params": dict(self.params)}
+
+    def build(self, n_features: int, n_outputs: int, config: "TrainConfig") -> nn.Module:
+        """An untrained module (:func:`models.network.build_network`; raises
+        :class:`~models.errors.ModelError` when the factory cannot be imported or fails)."""
+        allowed = () if self.is_mlp else (self.factory,)
+        return build_network(self.architecture(n_features, n_outputs, config), allowed)
+
+
 @dataclass
 class TrainResult:
-    """A trained network and how the training went."""
+    """A trained network and how the training went.
 
-    module: MLP
+    ``architecture`` is the manifest's object the module is rebuilt from; ``target_mean`` and
+    ``target_std`` are a regression's label scaling, already folded into the module."""
+
+    module: nn.Module
+    architecture: dict[str, Any]
     batch_size: int
     epochs_run: float
     best_epoch: int
     stopped: str
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    task: str = "classification"
+    target_mean: float | None = None
+    target_std: float | None = None
 
 
-def _mean_loss(module: nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int = 8192
-               ) -> float:
+def _loss(task: str, reduction: str = "mean") -> nn.Module:
+    return nn.MSELoss(reduction=reduction) if task == "regression" else nn.CrossEntropyLoss(
+        reduction=reduction)
+
+
+def _mean_loss(module: nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int = 8192,
+               task: str = "classification") -> float:
     module.eval()
-    loss = nn.CrossEntropyLoss(reduction="sum")
+    loss = _loss(task, "sum")
     total = 0.0
     with torch.inference_mode():
         for start in range(0, len(X), chunk):
@@ -120,13 +179,45 @@ def _any_process(flag: bool, world: int) -> bool:
     return _global_sum(1.0 if flag else 0.0, world) > 0 if world > 1 else flag
 
 
-def _global_mean_loss(module: nn.Module, X: torch.Tensor, y: torch.Tensor, world: int
-                      ) -> float:
+def _global_mean_loss(module: nn.Module, X: torch.Tensor, y: torch.Tensor, world: int,
+                      task: str = "classification") -> float:
     """Mean loss over the rows of every process (each holds its own share)."""
     if world == 1:
-        return _mean_loss(module, X, y)
-    local = _mean_loss(module, X, y) * len(X)
+        return _mean_loss(module, X, y, task=task)
+    local = _mean_loss(module, X, y, task=task) * len(X)
     return _global_sum(local, world) / max(_global_sum(float(len(X)), world), 1.0)
+
+
+def fold_target_scale(module: nn.Module, n_features: int, mean: float, std: float) -> None:
+    """Make a network trained on ``(y - mean) / std`` output ``y``: its output layer (found by
+    :func:`models.network.output_layer`) gets weight ``* std`` and bias ``* std + mean``.
+
+    Raises
+    ------
+    ModelError
+        The network does not end in a linear layer with a bias.
+    """
+    layer = regression_output_layer(module, n_features)
+    with torch.no_grad():
+        layer.weight.mul_(std)
+        layer.bias.mul_(std).add_(mean)
+
+
+def regression_output_layer(module: nn.Module, n_features: int) -> nn.Linear:
+    """The output layer a regression's label scaling is folded into: the network's last
+    linear layer, which must compute its output and have a bias (to add the mean).
+
+    Raises
+    ------
+    ModelError
+        The network does not end in such a layer.
+    """
+    name, layer = output_layer(module, n_features)
+    if layer.bias is None:
+        raise ModelError(f"{type(module).__name__}'s output layer {name!r} has no bias: a "
+                         "regression's network must end in a linear layer with a bias (the "
+                         "label's mean is added there)")
+    return layer
 
 
 def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
@@ -134,18 +225,29 @@ def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
                      X_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
                      progress: Callable[[str], None] | None = None,
                      distributed: bool = False) -> TrainResult:
-    """Train an :class:`~models.network.MLP` on preprocessed rows.
+    """:func:`train_network` of a classification with the built-in MLP."""
+    return train_network(X_train, y_train, n_classes, config, X_val=X_val, y_val=y_val,
+                         progress=progress, distributed=distributed)
+
+
+def train_network(X_train: np.ndarray, y_train: np.ndarray, n_outputs: int,
+                  config: TrainConfig = TrainConfig(),
+                  X_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
+                  progress: Callable[[str], None] | None = None,
+                  distributed: bool = False, task: str = "classification",
+                  network: Network = Network()) -> TrainResult:
+    """Train a network on preprocessed rows.
 
     Parameters
     ----------
     X_train : numpy.ndarray
         ``(n, n_features)`` float32, already preprocessed.
     y_train : numpy.ndarray
-        ``(n,)`` class indices in ``[0, n_classes)``.
-    n_classes : int
-        Number of classes.
+        ``(n,)`` class indices in ``[0, n_outputs)``, or a regression's values.
+    n_outputs : int
+        Number of classes, or 1 for a regression.
     config : TrainConfig
-        Hyper-parameters.
+        Hyper-parameters (``hidden`` and ``dropout`` size the built-in MLP only).
     X_val, y_val : numpy.ndarray, optional
         Validation rows: the weights of the epoch with the lowest validation loss are kept,
         and training stops after ``config.patience`` epochs without improvement.
@@ -157,11 +259,22 @@ def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
         split between the processes and DDP averages the gradients, so an optimiser step is the
         one single-process training takes on the same batch. Losses and the stopping decisions
         are reduced across processes, so every process stops at the same step.
+    task : str
+        ``classification`` (cross-entropy) or ``regression`` (mean squared error of the
+        standardised label, the scaling folded into the output layer afterwards).
+    network : Network
+        The built-in MLP (default) or a factory's network.
 
     Returns
     -------
     TrainResult
-        The network in eval mode, with per-epoch history.
+        The network in eval mode, with per-epoch history (losses of a regression are in
+        standardised units).
+
+    Raises
+    ------
+    ModelError
+        The network cannot be built, or (regression) does not end in a linear layer.
 
     Notes
     -----
@@ -169,27 +282,45 @@ def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
     """
     if len(X_train) == 0:
         raise ValueError("no training rows")
+    regression = task == "regression"
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     X = torch.from_numpy(np.ascontiguousarray(X_train, dtype=np.float32))
-    y = torch.from_numpy(np.asarray(y_train, dtype=np.int64))
+    mean = std = None
+    if regression:
+        values = np.asarray(y_train, dtype=np.float64)
+        mean, std = float(values.mean()), float(values.std())
+        std = std if std > 0 and math.isfinite(std) else 1.0
+
+        def target(v: np.ndarray) -> torch.Tensor:
+            assert mean is not None and std is not None
+            scaled = (np.asarray(v, dtype=np.float64) - mean) / std
+            return torch.from_numpy(scaled.astype(np.float32).reshape(-1, 1))
+    else:
+        def target(v: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(v, dtype=np.int64))
+    y = target(y_train)
     has_val = X_val is not None and y_val is not None and len(X_val) > 0
     if has_val:
+        assert X_val is not None and y_val is not None
         Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32))
-        yv = torch.from_numpy(np.asarray(y_val, dtype=np.int64))
-    module = MLP(X.shape[1], n_classes, hidden=config.hidden, dropout=config.dropout)
+        yv = target(y_val)
+    # The same seed gives every process the same initial weights.
+    module = network.build(X.shape[1], n_outputs, config)
+    if regression:
+        regression_output_layer(module, X.shape[1])  # fails now, not after training
     rank, world = 0, 1
-    network: torch.nn.Module = module
+    stepper: torch.nn.Module = module
     if distributed:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
         rank, world = dist.get_rank(), dist.get_world_size()
-        network = DistributedDataParallel(module)
+        stepper = DistributedDataParallel(module)
         if has_val:
             Xv, yv = Xv[rank::world], yv[rank::world]
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = _loss(task)
     n = len(X)
     # On a small dataset a large batch leaves a handful of steps per epoch and the network
     # learns nothing; shrink the batch so that every epoch takes enough steps.
@@ -213,7 +344,7 @@ def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
                 # smaller than the world repeats its first row: every process must step).
                 idx = idx[rank::world] if len(idx) > rank else idx[:1]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(network(X[idx]), y[idx])
+            loss = loss_fn(stepper(X[idx]), y[idx])
             loss.backward()
             optimizer.step()
             total += loss.item() * len(idx)
@@ -228,7 +359,7 @@ def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
         record = {"epoch": float(epoch), "train_loss": _global_sum(total, world) / seen,
                   "seconds": time.monotonic() - start}
         if has_val:
-            record["val_loss"] = _global_mean_loss(module, Xv, yv, world)
+            record["val_loss"] = _global_mean_loss(module, Xv, yv, world, task)
         history.append(record)
         score = record.get("val_loss", record["train_loss"])
         if progress and rank == 0:
@@ -250,11 +381,17 @@ def train_classifier(X_train: np.ndarray, y_train: np.ndarray, n_classes: int,
     if has_val and best_state is not None and best_epoch != len(history):
         module.load_state_dict(best_state)
     module.eval()
+    if regression:
+        assert mean is not None and std is not None
+        fold_target_scale(module, X.shape[1], mean, std)
     seconds = time.monotonic() - start
-    log.info("trained %s for %.2f epochs in %.1fs (%s, best epoch %d)",
-             [X.shape[1], *config.hidden, n_classes], epochs_run, seconds, stopped, best_epoch)
-    return TrainResult(module=module, batch_size=bs, epochs_run=round(epochs_run, 3),
-                       best_epoch=best_epoch, stopped=stopped, seconds=seconds, history=history)
+    log.info("trained %s (%s) for %.2f epochs in %.1fs (%s, best epoch %d)",
+             network.factory, task, epochs_run, seconds, stopped, best_epoch)
+    return TrainResult(module=module,
+                       architecture=network.architecture(X.shape[1], n_outputs, config),
+                       batch_size=bs, epochs_run=round(epochs_run, 3), best_epoch=best_epoch,
+                       stopped=stopped, seconds=seconds, history=history, task=task,
+                       target_mean=mean, target_std=std)
 
 
 def parse_hidden(value: str | Sequence[int]) -> tuple[int, ...]:

@@ -1,5 +1,5 @@
-"""Classification figures shared by the batch layer (held-out metrics) and the speed layer
-(live quality), computed by scikit-learn.
+"""Classification and regression figures shared by the batch layer (held-out metrics) and the
+speed layer (live quality), computed by scikit-learn.
 
 Log loss needs a floor under the probability of the true class: a network's float32 softmax
 gives an exact 0 to a class it is sure against, and ``-log 0`` is infinite. Both layers clip
@@ -13,12 +13,14 @@ Examples
 0.75
 >>> round(log_loss(np.array([0, 1]), np.array([[0.5, 0.5], [1.0, 0.0]])), 4)
 8.4056
+>>> regression_metrics(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 4.0]))["mae"]
+0.3333333333333333
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LOG_LOSS_EPS", "clip_probabilities", "log_loss", "roc_auc"]
+__all__ = ["LOG_LOSS_EPS", "clip_probabilities", "log_loss", "roc_auc", "regression_metrics"]
 
 #: Probabilities are clipped to ``[LOG_LOSS_EPS, 1]`` (each row then renormalised) before the
 #: log: one confident mistake costs ``-log(1e-7)``, about 16, not infinity. 1e-7 is about the
@@ -70,3 +72,36 @@ def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
     if y.all() or not y.any():
         return float("nan")
     return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
+
+
+def regression_metrics(y_true: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """Root mean squared error, mean absolute error and R^2 of predicted values.
+
+    Parameters
+    ----------
+    y_true : numpy.ndarray
+        ``(n,)`` true values.
+    predicted : numpy.ndarray
+        ``(n,)`` or ``(n, 1)`` predicted values.
+
+    Returns
+    -------
+    dict
+        ``rmse``, ``mae``, ``r2`` (scikit-learn's: 1 - residual over total sum of squares
+        around the mean of ``y_true``; 0.0 when ``y_true`` is constant and the prediction is
+        not exact) and ``n`` (rows).
+    """
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    y = np.asarray(y_true, dtype=np.float64).reshape(-1)
+    p = np.asarray(predicted, dtype=np.float64)
+    if p.ndim == 2 and p.shape[1] == 1:
+        p = p[:, 0]
+    if p.shape != y.shape:
+        raise ValueError(f"need one predicted value per true value ({len(y)}), got {p.shape}")
+    if len(y) == 0:
+        raise ValueError("no rows to evaluate")
+    return {"rmse": float(np.sqrt(mean_squared_error(y, p))),
+            "mae": float(mean_absolute_error(y, p)),
+            "r2": float(r2_score(y, p)) if len(y) > 1 else 0.0,
+            "n": int(len(y))}

@@ -66,3 +66,33 @@ def test_the_job_publishes_a_distributed_model(
     fs = s3fs.S3FileSystem(**settings.storage_options)
     staging = settings.registry_uri.replace("s3://", "") + "/_staging"
     assert not fs.exists(staging) or fs.find(staging) == []
+
+
+def test_a_factory_s_regression_trains_distributed_as_in_one_process(spark: Any) -> None:
+    """The processes build the factory's network from its name and parameters (models.zoo is
+    importable wherever Stratum is), and each folds the label's scale the same way."""
+    from batch.train import Network, train_network
+
+    rng = np.random.default_rng(4)
+    # 1000 rows: batches of 20 (at least 50 steps an epoch), each split 10/10.
+    X = rng.normal(size=(1000, 5)).astype(np.float32)
+    y = 50.0 + 10.0 * X[:, 0] - 4.0 * X[:, 1] ** 2 + rng.normal(0, 0.5, 1000)
+    Xv = rng.normal(size=(256, 5)).astype(np.float32)
+    yv = 50.0 + 10.0 * Xv[:, 0] - 4.0 * Xv[:, 1] ** 2
+    network = Network("models.zoo:residual_mlp", {"width": 16, "blocks": 1, "dropout": 0.0})
+    config = TrainConfig(epochs=3, batch_size=64, lr=0.01, seed=1)
+    (distributed,) = train_candidates(Arrays(X, y, Xv, yv, 1, "regression"), [config],
+                                      distributed=2, spark=spark, network=network)
+    torch.set_num_threads(1)
+    alone = train_network(X, y, 1, config, X_val=Xv, y_val=yv, task="regression",
+                          network=network)
+    assert type(distributed.module).__name__ == "ResidualMLP"
+    assert distributed.architecture == alone.architecture
+    assert distributed.target_mean == pytest.approx(alone.target_mean)
+    for d, a in zip(distributed.history, alone.history):
+        assert d["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+    with torch.inference_mode():
+        ours = distributed.module(torch.from_numpy(Xv)).numpy()[:, 0]
+        theirs = alone.module(torch.from_numpy(Xv)).numpy()[:, 0]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-2)
+    assert float(np.sqrt(np.mean((ours - yv) ** 2))) < float(np.std(yv))

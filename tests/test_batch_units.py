@@ -34,8 +34,8 @@ def test_a_string_feature_column_is_named_in_the_error() -> None:
 @pytest.mark.parametrize("dtypes, id_col, label_col, reason", [
     (DTYPES, "id", "y", "no label column 'y'"),
     (DTYPES, "key", "label", "no id column 'key'"),
-    ([("id", "string"), ("label", "double"), ("x", "double")], "id", "label",
-     "label column 'label' is double"),
+    ([("id", "string"), ("label", "timestamp"), ("x", "double")], "id", "label",
+     "label column 'label' is timestamp"),
     ([("id", "string"), ("label", "string")], "id", "label", "no feature columns"),
 ])
 def test_feature_columns_reject_unusable_datasets(dtypes, id_col, label_col, reason) -> None:
@@ -286,3 +286,198 @@ def test_schedule_runs_at_cron_times_one_at_a_time_and_survives_failures() -> No
     assert [t.isoformat() for t in started] == [
         "2026-11-23T02:00:00+00:00", "2026-11-25T02:00:00+00:00", "2026-11-26T02:00:00+00:00"]
     assert any("run failed: RuntimeError: S3 down" in line for line in lines)
+
+
+# ---- regression and a user's own network ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, distinct, rows, task", [
+    ("double", 0, 0, "regression"),
+    ("float", 0, 0, "regression"),
+    ("decimal(10,2)", 0, 0, "regression"),
+    ("string", 0, 0, "classification"),
+    ("boolean", 0, 0, "classification"),
+    ("bigint", 2, 10_000, "classification"),
+    ("int", 20, 100, "classification"),        # at most 20 values: classes, however few rows
+    ("bigint", 60, 100_000, "classification"),  # 60 values recurring over many rows
+    ("bigint", 60, 1_000, "regression"),        # 60 values, 6% of the rows distinct
+    ("smallint", 101, 1_000_000, "regression"),  # over 100 values: always a value
+], ids=lambda v: str(v))
+def test_the_task_follows_the_label(kind: str, distinct: int, rows: int, task: str) -> None:
+    found, reason = prepare.infer_task(kind, distinct, rows)
+    assert found == task, reason
+    assert reason
+
+
+def test_an_explicit_task_overrides_the_label_and_is_checked_against_it() -> None:
+    class Frame:  # only the label's type is read when the task is given
+        dtypes = [("id", "string"), ("y", "bigint"), ("s", "string"), ("f", "double")]
+
+    assert prepare.resolve_task(Frame(), "y", "regression") == ("regression", "BATCH_TASK")
+    assert prepare.resolve_task(Frame(), "y", "classification")[0] == "classification"
+    assert prepare.resolve_task(Frame(), "f", "auto")[0] == "regression"
+    assert prepare.resolve_task(Frame(), "s", "auto")[0] == "classification"
+    with pytest.raises(DataError, match="the label of a regression must be numeric"):
+        prepare.resolve_task(Frame(), "s", "regression")
+    with pytest.raises(DataError, match="class labels must be strings, booleans or integers"):
+        prepare.resolve_task(Frame(), "f", "classification")
+
+
+def test_regression_metrics_agree_with_scikit_learn() -> None:
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    from batch.evaluate import mean_predictor_rmse, regression_metrics
+
+    rng = np.random.default_rng(5)
+    y = rng.normal(10.0, 3.0, 400)
+    p = y + rng.normal(0.0, 1.0, 400)
+    m = regression_metrics(y, p[:, None])
+    assert m["rmse"] == pytest.approx(math.sqrt(mean_squared_error(y, p)))
+    assert m["mae"] == pytest.approx(mean_absolute_error(y, p))
+    assert m["r2"] == pytest.approx(r2_score(y, p)) and m["n"] == 400
+    assert mean_predictor_rmse(y, 10.0) == pytest.approx(math.sqrt(np.mean((y - 10.0) ** 2)))
+
+
+def test_a_regression_must_beat_the_training_mean() -> None:
+    good = evaluate_policy({"rmse": 2.0, "mae": 1.5, "r2": 0.6}, 3.0, task="regression")
+    assert good.accepted and "beats always predicting the training mean" in good.reason
+    useless = evaluate_policy({"rmse": 3.0, "mae": 2.5, "r2": 0.0}, 3.0, task="regression")
+    assert not useless.accepted and "does not beat always predicting" in useless.reason
+
+
+@pytest.mark.parametrize("metric, mine, theirs, accepted", [
+    ("rmse", 2.5, 2.0, False), ("rmse", 1.9, 2.0, True), ("rmse", 2.0, 2.0, True),
+    ("mae", 1.6, 1.5, False), ("mae", 1.4, 1.5, True),
+    ("r2", 0.55, 0.60, False), ("r2", 0.65, 0.60, True),
+    ("log_loss", 0.40, 0.35, False), ("auc", 0.91, 0.90, True),
+])
+def test_the_comparison_with_the_active_model_respects_the_metric_direction(
+        metric: str, mine: float, theirs: float, accepted: bool) -> None:
+    regression = metric in ("rmse", "mae", "r2")
+    if regression:
+        candidate, active = {"rmse": 2.0, "mae": 1.5, "r2": 0.6}, {"rmse": 2.0, "mae": 1.5,
+                                                                  "r2": 0.6}
+    else:
+        candidate, active = {"accuracy": 0.8}, {"accuracy": 0.8}
+    candidate, active = {**candidate, metric: mine}, {**active, metric: theirs}
+    decision = evaluate_policy(candidate, 10.0 if regression else 0.5, metric=metric,
+                               active_metrics=active, active_version="v1",
+                               task="regression" if regression else "classification")
+    assert decision.accepted is accepted, decision.reason
+    if accepted:
+        assert "; not worse than the active model v1" in decision.reason
+    else:
+        assert decision.reason.startswith(f"worse than the active model v1: {metric}")
+
+
+def test_a_tolerance_in_the_metric_s_units_lets_a_slightly_worse_rmse_pass() -> None:
+    decision = evaluate_policy({"rmse": 2.04, "mae": 1.0, "r2": 0.5}, 5.0, metric="rmse",
+                               active_metrics={"rmse": 2.0}, tolerance=0.05,
+                               task="regression")
+    assert decision.accepted
+    assert not evaluate_policy({"rmse": 2.06, "mae": 1.0, "r2": 0.5}, 5.0, metric="rmse",
+                               active_metrics={"rmse": 2.0}, tolerance=0.05,
+                               task="regression").accepted
+
+
+def test_an_active_model_of_another_task_rejects_the_candidate() -> None:
+    decision = evaluate_policy({"rmse": 1.0, "mae": 1.0, "r2": 0.9}, 5.0, metric="rmse",
+                               active_version="v7", task="regression",
+                               active_task="classification")
+    assert not decision.accepted
+    assert decision.reason.startswith("the active model v7 is a classification and the "
+                                      "candidate a regression")
+    # Whether or not metrics could be compared: the task decides first.
+    assert not evaluate_policy({"accuracy": 0.9, "log_loss": 0.2}, 0.5, task="classification",
+                               active_task="regression",
+                               active_metrics={"accuracy": 0.1}).accepted
+
+
+def test_training_a_regression_folds_the_label_scale_into_the_output_layer() -> None:
+    from batch.train import train_network
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 3)).astype(np.float32)
+    y = 1000.0 + 250.0 * X[:, 0] - 100.0 * X[:, 1] * X[:, 2] + rng.normal(0, 5.0, 3000)
+    Xv = rng.normal(size=(500, 3)).astype(np.float32)
+    yv = 1000.0 + 250.0 * Xv[:, 0] - 100.0 * Xv[:, 1] * Xv[:, 2]
+    result = train_network(X, y, 1, TrainConfig(hidden=(32,), dropout=0.0, epochs=15,
+                                                batch_size=64, lr=3e-3, patience=3),
+                           X_val=Xv, y_val=yv, task="regression")
+    assert result.task == "regression" and result.architecture["n_outputs"] == 1
+    assert result.target_mean == pytest.approx(float(y.mean()))
+    assert result.target_std == pytest.approx(float(y.std()))
+    with torch.inference_mode():
+        predicted = result.module(torch.from_numpy(Xv)).numpy()[:, 0]
+    # The network itself outputs values in the label's units (no scaling left to apply).
+    assert abs(float(predicted.mean()) - float(yv.mean())) < 15.0
+    residual = float(np.sqrt(np.mean((predicted - yv) ** 2)))
+    assert residual < 0.3 * float(yv.std())
+
+
+def test_a_regression_network_must_end_in_a_linear_layer() -> None:
+    from batch.train import Network, train_network
+    from models.errors import ModelError
+
+    X = np.random.default_rng(1).normal(size=(100, 2)).astype(np.float32)
+    bounded = Network("tests.factories:ends_in_tanh")
+    with pytest.raises(ModelError, match="does not end in a linear layer"):
+        train_network(X, X[:, 0].astype(np.float64), 1, TrainConfig(epochs=1),
+                      task="regression", network=bounded)
+
+
+def test_the_network_settings_are_checked_at_start() -> None:
+    from app.settings import Settings, SettingsError
+
+    assert Settings.from_env({}).batch_model == "mlp"
+    assert JobConfig.from_env({}).network_params == {}
+    config = JobConfig.from_env({"BATCH_MODEL": "models.zoo:residual_mlp",
+                                 "BATCH_MODEL_PARAMS": '{"width": 8, "blocks": 1}',
+                                 "BATCH_HIDDEN": "8|16"})
+    assert config.network == "models.zoo:residual_mlp"
+    assert config.network_params == {"width": 8, "blocks": 1}
+    # hidden and dropout do not size a factory's network: no candidates over them.
+    assert len(config.train_configs()) == 1 and "hidden" not in config.search_space()
+    for env, reason in [
+        ({"BATCH_MODEL_PARAMS": "{width: 8}"}, "BATCH_MODEL_PARAMS='{width: 8}'.*JSON object"),
+        ({"BATCH_MODEL_PARAMS": "[8]"}, "BATCH_MODEL_PARAMS='\\[8\\]'.*got list"),
+        ({"BATCH_MODEL": "zoo"}, "BATCH_MODEL='zoo'.*package.module:function"),
+        ({"BATCH_TASK": "ranking"}, "BATCH_TASK='ranking'"),
+        ({"BATCH_TASK": "regression", "BATCH_METRIC": "auc"},
+         "BATCH_METRIC='auc'.*a regression is compared on rmse, mae, r2"),
+    ]:
+        with pytest.raises(SettingsError, match=reason):
+            JobConfig.from_env(env)
+    with pytest.raises(SettingsError, match="option --network-params='7'"):
+        JobConfig.from_env({}, network_params="7")
+    with pytest.raises(SettingsError, match="option --metric.*does not apply to a "
+                                            "classification"):
+        JobConfig.from_env({"BATCH_TASK": "classification"}, metric="rmse")
+
+
+def test_a_factory_that_cannot_be_imported_stops_the_run_before_it_starts() -> None:
+    from app.settings import Settings
+    from batch.errors import NetworkError
+    from batch.job import run_job
+
+    # Nothing is listed or locked: the store named here does not exist.
+    settings = Settings.from_env({"REGISTRY_URI": "s3://nowhere/models",
+                                  "S3_ENDPOINT_URL": "http://127.0.0.1:9"})
+    for name, reason in [("no_such_package.nets:build", "cannot import 'no_such_package.nets'"),
+                         ("models.zoo:no_such_function", "has no function 'no_such_function'")]:
+        with pytest.raises(NetworkError, match=f"bad BATCH_MODEL='{name}': .*{reason}"):
+            run_job(settings, JobConfig(network=name))
+
+
+def test_command_line_takes_the_task_metric_and_network() -> None:
+    args = build_parser().parse_args(["run", "--task", "regression", "--metric", "mae",
+                                      "--network", "models.zoo:residual_mlp",
+                                      "--network-params", '{"width": 8}'])
+    assert (args.task, args.metric, args.network, args.network_params) == (
+        "regression", "mae", "models.zoo:residual_mlp", '{"width": 8}')
+    from app.settings import Settings
+    from batch.__main__ import job_config
+
+    config = job_config(args, Settings.from_env({}))
+    assert (config.task, config.metric, config.network, config.network_params) == (
+        "regression", "mae", "models.zoo:residual_mlp", {"width": 8})
