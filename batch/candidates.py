@@ -11,7 +11,10 @@ its module must be importable there too):
   where there are enough cores for more than one (a process each: torch's intra-op threads
   are per process, and Python threads would fight over the GIL);
 * each candidate data-parallel over ``distributed`` Spark barrier tasks
-  (:mod:`batch.distributed`).
+  (:mod:`batch.distributed`);
+* on a cluster master (not ``local[...]``), with more than one candidate and no
+  ``distributed``: each candidate in a Spark task of its own on the executors
+  (:mod:`batch.executors`).
 """
 from __future__ import annotations
 
@@ -74,10 +77,12 @@ def train_candidates(arrays: Arrays, configs: Sequence[TrainConfig], *, threads:
     distributed : int
         When > 0, train each candidate with TorchDistributor on this many Spark tasks.
     spark : pyspark.sql.SparkSession, optional
-        Needed when ``distributed`` > 0.
+        Needed when ``distributed`` > 0; on a cluster master, the candidates train on its
+        executors.
     staging_uri : str, optional
-        Where the distributed path stages the arrays for its tasks (see
-        :func:`batch.distributed.train_distributed`).
+        Where the Spark paths stage the arrays for their tasks (see
+        :func:`batch.distributed.train_distributed`, :func:`batch.executors.train_on_executors`);
+        without it a search on a cluster trains in the driver's processes.
     storage_options : dict, optional
         fsspec options for ``staging_uri``.
     progress : callable, optional
@@ -96,6 +101,13 @@ def train_candidates(arrays: Arrays, configs: Sequence[TrainConfig], *, threads:
                                   storage_options=storage_options, progress=tagged[i],
                                   network=network)
                 for i, config in enumerate(configs)]
+    from batch.executors import runs_on_executors, train_on_executors
+
+    if not distributed and runs_on_executors(spark, len(configs)) and staging_uri is not None:
+        assert spark is not None
+        return train_on_executors(spark, arrays, configs, staging_uri=staging_uri,
+                                  storage_options=storage_options, network=network,
+                                  progress=say)
     processes, each = plan_parallelism(len(configs), threads, parallelism)
     if processes == 1:
         import torch

@@ -39,14 +39,15 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 
-__all__ = ["train_distributed", "process_call", "ARRAY_NAMES"]
+__all__ = ["train_distributed", "process_call", "ARRAY_NAMES", "stage_arrays", "unstage_arrays"]
 
 log = logging.getLogger(__name__)
 
 ARRAY_NAMES = ("X_train", "y_train", "X_val", "y_val")
 
 
-def _stage(arrays: Arrays, uri: str, storage_options: Mapping[str, Any] | None) -> None:
+def stage_arrays(arrays: Arrays, uri: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Write the arrays as ``.npy`` files under ``uri`` for tasks to read."""
     from models.storage import ensure_bucket, filesystem
 
     fs, path = filesystem(uri, storage_options)
@@ -62,7 +63,8 @@ def _stage(arrays: Arrays, uri: str, storage_options: Mapping[str, Any] | None) 
                            f"{type(exc).__name__}: {exc}") from exc
 
 
-def _unstage(uri: str, storage_options: Mapping[str, Any] | None) -> None:
+def unstage_arrays(uri: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Remove what :func:`stage_arrays` wrote (best effort)."""
     from models.storage import filesystem
 
     try:
@@ -183,7 +185,7 @@ def train_distributed(spark: "SparkSession", arrays: Arrays, config: TrainConfig
         cleanup_dir = tempfile.mkdtemp(prefix="stratum-staging-")
         staging_uri = f"file://{cleanup_dir}"
     uri = f"{staging_uri.rstrip('/')}/{secrets.token_hex(8)}"
-    _stage(arrays, uri, storage_options)
+    stage_arrays(arrays, uri, storage_options)
     loopback = is_loopback(spark.conf.get("spark.driver.host", None) or driver_addresses()[0])
     share_local_credentials(spark, storage_options)
     say(f"training on {processes} Spark tasks with TorchDistributor (gloo, 1 thread each)")
@@ -199,7 +201,7 @@ def train_distributed(spark: "SparkSession", arrays: Arrays, config: TrainConfig
         raise TrainingError(f"distributed training on {processes} processes failed: "
                             f"{spark_error_reason(exc)}") from exc
     finally:
-        _unstage(uri, storage_options)
+        unstage_arrays(uri, storage_options)
         if cleanup_dir is not None:
             import shutil
 

@@ -791,7 +791,7 @@ class _Run:
                     Arrays(X_train, y_train, X_val, y_val, data.n_outputs, data.task),
                     configs, threads=config.threads, parallelism=config.parallelism,
                     distributed=config.distributed, spark=spark,
-                    staging_uri=staging if config.distributed else None,
+                    staging_uri=staging,
                     storage_options=self.storage, progress=self.say, network=self.network)
             except ModelError as exc:
                 raise NetworkError(f"cannot train the network: {exc}") from None

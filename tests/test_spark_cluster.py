@@ -146,3 +146,50 @@ def test_the_batch_job_reads_and_trains_on_a_standalone_cluster(
     assert proba.shape == (1000, 2)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
     assert roc_auc(fresh["Label"].to_numpy() == "s", proba[:, model.classes.index("s")]) > 0.6
+
+
+def test_a_search_on_the_cluster_trains_each_candidate_in_an_executor_task(
+        spark_cluster: Any, spark: Any, settings_env: Callable[..., dict[str, str]]) -> None:
+    """Four candidates, four Spark tasks on the executors, and the same candidate chosen as a
+    local run of the same data and seed chooses."""
+    from app.settings import Settings
+    from batch.job import JobConfig, run_job
+    from demo.data import write_lake
+    from models.registry import Registry
+
+    search = dict(BATCH_CANDIDATES="4", BATCH_HIDDEN="16|32", BATCH_LR="0.0003:0.03",
+                  BATCH_EPOCHS="2", BATCH_DROPOUT="0.1", BATCH_BATCH_SIZE="128",
+                  BATCH_SEED="11")
+    env = settings_env(SPARK_MASTER=spark_cluster.master_url, **search)
+    settings = Settings.from_env(env)
+    write_lake(settings.lake_uri, settings.storage_options, 3000, seed=4)
+    workers = spark_cluster.worker_dirs()
+    apps_before = [{p.name for p in w.iterdir()} for w in workers]
+
+    run = subprocess.run([sys.executable, "-m", "batch", "run"], cwd=REPO, timeout=600,
+                         env={**os.environ, **env}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "training 4 candidates as 4 Spark tasks on the executors of spark://" in run.stdout
+    apps = [{p.name for p in w.iterdir()} - before for w, before in zip(workers, apps_before)]
+    logs = "\n".join(_executor_logs(w, app_ids) for w, app_ids in zip(workers, apps))
+    for k in range(1, 5):
+        assert f"[candidate {k}/4] training on" in logs, k
+        assert f"[candidate {k}/4] epoch 2/2" in logs, k
+    # Each worker's executor trained some of them.
+    assert all("[candidate " in _executor_logs(w, a) for w, a in zip(workers, apps))
+
+    registry = Registry(settings.registry_uri, settings.storage_options)
+    ref = registry.latest(settings.model_name)
+    assert ref is not None
+    on_cluster = registry.load_ref(ref).manifest.training["search"]
+
+    local_env = settings_env(MODEL_NAME="search-local", LAKE_URI=settings.lake_uri, **search)
+    local_settings = Settings.from_env(local_env)
+    local = run_job(local_settings, JobConfig.from_settings(local_settings, announce=False),
+                    spark=spark)
+    assert local.published
+    in_driver = local.training["search"]
+    assert [r["params"] for r in in_driver["results"]] == [
+        r["params"] for r in on_cluster["results"]]
+    assert in_driver["chosen"] == on_cluster["chosen"]
+    assert len({str(r["params"]) for r in on_cluster["results"]}) == 4
