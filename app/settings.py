@@ -383,14 +383,15 @@ class BatchSettings(_Section):
     """Id column of the batch input."""
     batch_label_col: str = "label"
     """Label column of the batch input."""
-    batch_epochs: str = "3"
-    """Maximum training epochs (or alternatives/range to search)."""
-    batch_hidden: str = "500,1000,500"
-    """Hidden layer sizes, e.g. 500,1000,500 (alternatives with '|')."""
-    batch_dropout: str = "0.4"
-    """Dropout (or alternatives/range to search)."""
-    batch_batch_size: str = "512"
-    """Mini-batch rows (or alternatives/range to search)."""
+    batch_epochs: str = "auto"
+    """Maximum training epochs (or alternatives/range to search); auto: fitted to the rows."""
+    batch_hidden: str = "auto"
+    """Hidden layer sizes, e.g. 500,1000,500 (alternatives with '|'); auto: fitted to the
+    rows."""
+    batch_dropout: str = "auto"
+    """Dropout (or alternatives/range to search); auto: fitted to the rows."""
+    batch_batch_size: str = "auto"
+    """Mini-batch rows (or alternatives/range to search); auto: fitted to the rows."""
     batch_lr: str = "0.001"
     """Adam learning rate (or alternatives/range, searched log-uniformly)."""
     batch_seed: Annotated[int, Field(ge=0)] = 0
@@ -409,8 +410,9 @@ class BatchSettings(_Section):
     """Share of the rows held out for the test metrics."""
     batch_val_fraction: float = 0.1
     """Share of the rows for early stopping and candidate choice."""
-    batch_patience: Annotated[int, Field(ge=0)] = 2
-    """Epochs without a better validation loss before stopping; 0 = never."""
+    batch_patience: Annotated[int, Field(ge=0)] | None = None
+    """Epochs without a better validation loss before stopping; 0 = never; unset: fitted to
+    the rows."""
     batch_window_days: Annotated[int, Field(ge=0)] = 0
     """Train on the last N days of the lake only; 0 = all history."""
     batch_task: Literal["auto", "classification", "regression"] = "auto"

@@ -58,12 +58,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--network-params", metavar="JSON",
                         help="keyword parameters of the network's factory, a JSON object "
                              "(BATCH_MODEL_PARAMS)")
-    parser.add_argument("--epochs", help=f"maximum epochs: {spec} (BATCH_EPOCHS, default 3)")
+    parser.add_argument("--epochs", help=f"maximum epochs: {spec} (BATCH_EPOCHS, default auto)")
     parser.add_argument("--hidden", metavar="SIZES",
                         help="hidden layer sizes, e.g. 500,1000,500; alternatives 64,32|128 "
-                             "(BATCH_HIDDEN)")
-    parser.add_argument("--dropout", help=f"dropout: {spec} (BATCH_DROPOUT, default 0.4)")
-    parser.add_argument("--batch-size", help=f"mini-batch rows: {spec} (BATCH_BATCH_SIZE)")
+                             "(BATCH_HIDDEN, default auto)")
+    parser.add_argument("--dropout", help=f"dropout: {spec} (BATCH_DROPOUT, default auto)")
+    parser.add_argument("--batch-size", help=f"mini-batch rows: {spec} (BATCH_BATCH_SIZE, default auto)")
     parser.add_argument("--lr", help=f"Adam learning rate: {spec} (BATCH_LR, default 1e-3)")
     parser.add_argument("--seed", type=int, help="seed of split, search and training "
                                                  "(BATCH_SEED)")

@@ -18,6 +18,7 @@ import numpy as np
 
 from app.settings import FACTORY_NAME, METRICS, Settings, SettingsError
 from batch import prepare
+from batch.defaults import AUTO, fitted, is_auto
 from batch.errors import DataError, NetworkError, StorageError
 from batch.evaluate import (Decision, classification_metrics, default_metric, evaluate_policy,
                             majority_rate, mean_predictor_rmse, regression_metrics)
@@ -68,13 +69,14 @@ class JobConfig:
         Columns that are metadata, not features.
     hidden, dropout, epochs, batch_size, lr : value or str
         Hyper-parameters: a value, or a search specification of :mod:`batch.search`
-        (``"64,32|128"``, ``"0.0003:0.01"``, ...).
+        (``"64,32|128"``, ``"0.0003:0.01"``, ...); ``"auto"`` (the default of all but ``lr``):
+        fitted to the training rows (:mod:`batch.defaults`).
     seed : int
         Seed of the split, the search, initialisation and shuffling.
     max_train_seconds : float or None
         Training time budget per candidate (None: none).
-    patience : int
-        Early-stopping patience in epochs (0: never stop early).
+    patience : int or None
+        Early-stopping patience in epochs (0: never stop early; None: fitted to the rows).
     test_fraction, val_fraction : float
         Held-out test share and validation share (early stopping, candidate choice).
     threads : int
@@ -129,15 +131,15 @@ class JobConfig:
     id_col: str = "id"
     label_col: str = "label"
     exclude_cols: tuple[str, ...] = prepare.METADATA_COLUMNS
-    # Training defaults are TrainConfig's own, so the two cannot drift apart.
-    hidden: Any = TrainConfig.hidden
-    dropout: Any = TrainConfig.dropout
-    epochs: Any = TrainConfig.epochs
-    batch_size: Any = TrainConfig.batch_size
+    # "auto" (and patience None): fitted to the training rows (batch.defaults).
+    hidden: Any = AUTO
+    dropout: Any = AUTO
+    epochs: Any = AUTO
+    batch_size: Any = AUTO
     lr: Any = TrainConfig.lr
     seed: int = TrainConfig.seed
     max_train_seconds: float | None = TrainConfig.max_seconds
-    patience: int = TrainConfig.patience
+    patience: int | None = None
     test_fraction: float = 0.2
     val_fraction: float = 0.1
     threads: int = 2
@@ -217,7 +219,8 @@ class JobConfig:
             where = (f"option --{name.replace('_', '-')}" if name in given
                      else f"setting BATCH_{name.upper()}")
             try:
-                parse_param(name, values[name])
+                if not is_auto(values[name]):
+                    parse_param(name, values[name])
             except ValueError as exc:
                 raise SettingsError(f"bad {where}={values[name]!r}: {exc}") from None
         if isinstance(values["network_params"], str):
@@ -246,27 +249,44 @@ class JobConfig:
         """The :class:`~batch.train.Network` to train."""
         return Network(self.network, dict(self.network_params))
 
-    def search_space(self) -> dict[str, Any]:
+    def search_space(self, rows: int | None = None) -> dict[str, Any]:
         """The :func:`batch.search.parse_space` of the hyper-parameters (without ``hidden``
-        and ``dropout`` for a factory's network: they do not size it)."""
+        and ``dropout`` for a factory's network: they do not size it), ``"auto"`` ones fitted
+        to ``rows`` training rows (before the data is read, to a large dataset's)."""
         from batch.search import parse_space
 
+        fit = fitted(rows if rows is not None else 100_000)
         specs = {"lr": self.lr, "hidden": self.hidden, "dropout": self.dropout,
                  "epochs": self.epochs, "batch_size": self.batch_size}
+        specs = {name: fit[name] if is_auto(spec) else spec for name, spec in specs.items()}
         if self.network != MLP_FACTORY:
             del specs["hidden"], specs["dropout"]
         return parse_space(specs)
 
-    def train_configs(self) -> list[TrainConfig]:
-        """One :class:`~batch.train.TrainConfig` per search candidate."""
+    def fitted_params(self, rows: int) -> dict[str, Any]:
+        """The hyper-parameters fitted to ``rows`` training rows that this run uses: those
+        left at ``"auto"`` (patience: unset)."""
+        fit = fitted(rows)
+        chosen = {name: fit[name] for name in ("hidden", "dropout", "epochs", "batch_size")
+                  if is_auto(getattr(self, name))
+                  and (self.network == MLP_FACTORY or name not in ("hidden", "dropout"))}
+        if self.patience is None:
+            chosen["patience"] = fit["patience"]
+        return chosen
+
+    def train_configs(self, rows: int | None = None) -> list[TrainConfig]:
+        """One :class:`~batch.train.TrainConfig` per search candidate, for ``rows`` training
+        rows (``"auto"`` hyper-parameters are fitted to them)."""
         from batch.search import candidates
 
+        patience = (self.patience if self.patience is not None
+                    else fitted(rows if rows is not None else 100_000)["patience"])
         return [TrainConfig(hidden=tuple(c.get("hidden", TrainConfig.hidden)),
                             dropout=c.get("dropout", TrainConfig.dropout),
                             epochs=c["epochs"], batch_size=c["batch_size"], lr=c["lr"],
-                            seed=self.seed, patience=self.patience,
+                            seed=self.seed, patience=patience,
                             max_seconds=self.max_train_seconds)
-                for c in candidates(self.search_space(), self.candidates, self.search,
+                for c in candidates(self.search_space(rows), self.candidates, self.search,
                                     seed=self.seed)]
 
     def train_config(self) -> TrainConfig:
@@ -563,7 +583,9 @@ class _Run:
                                  factories=_allowed_factories(settings, config))
         self.spark = spark
         self.own_session = spark is None
+        # Checked now, fitted to the training rows once they are known (train).
         self.configs = config.train_configs()
+        self.fitted: dict[str, Any] = {}
 
     def list_files(self) -> tuple[list[str], "datetime | None"]:
         """The dataset's files (within the window); listing fails fast, before Spark starts,
@@ -772,9 +794,14 @@ class _Run:
         from batch.candidates import train_candidates
         from batch.search import describe
 
-        config, configs = self.config, self.configs
+        config = self.config
         X_train, y_train = prepared.arrays[prepare.TRAIN]
         X_val, y_val = prepared.arrays[prepare.VALIDATION]
+        self.fitted = config.fitted_params(len(X_train))
+        if self.fitted:
+            self.say(f"fitted to {len(X_train)} training rows: " + ", ".join(
+                f"{name} {_fitted_text(value)}" for name, value in self.fitted.items()))
+        self.configs = configs = config.train_configs(rows=len(X_train))
         self.check_network(X_train.shape[1], data.n_outputs, data.task)
         params = ", ".join(f"{k}={v!r}" for k, v in self.network.params.items())
         network = ("the built-in MLP" if self.network.is_mlp
@@ -894,6 +921,8 @@ class _Run:
             "loss": "mse_standardised" if regression else "cross_entropy",
             "train_seconds": round(result.seconds, 3),
             "history": [{k: round(v, 6) for k, v in h.items()} for h in result.history],
+            "fitted": {name: list(v) if isinstance(v, tuple) else v
+                       for name, v in self.fitted.items()},
             "search": {"method": config.search, "candidates": len(reports),
                        "chosen": best + 1,
                        "results": [{"params": r.params, "val_loss": r.val_loss,
@@ -1016,11 +1045,15 @@ def _metric_of(config: JobConfig, task: str, task_reason: str) -> str:
 
 def _allowed_factories(settings: Settings, config: JobConfig) -> set[str]:
     """The model factories this run may build: the one it trains (``BATCH_MODEL``) and those
-    the serving workers are allowed (``MODEL_FACTORIES``, where the settings have it), so the
-    active version loads here when it loads there."""
+    the serving workers are allowed (``MODEL_FACTORIES``), so the active version loads here
+    when it loads there."""
     allowed = set() if config.network == MLP_FACTORY else {config.network}
-    serving = getattr(settings, "model_factories", None) or ()
-    if isinstance(serving, str):
-        serving = [part for part in serving.replace(";", ",").split(",")]
-    allowed.update(str(name).strip() for name in serving if str(name).strip())
+    allowed.update(settings.model_factories)
     return allowed
+
+
+def _fitted_text(value: Any) -> str:
+    """A fitted hyper-parameter as the run reports it (layer sizes as ``256-128``)."""
+    if isinstance(value, tuple):
+        return "-".join(str(v) for v in value)
+    return str(value)
