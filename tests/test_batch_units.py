@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from app.settings import Settings
 from batch import prepare
 from batch.__main__ import build_parser
 from batch.errors import DataError
@@ -481,3 +482,44 @@ def test_command_line_takes_the_task_metric_and_network() -> None:
     config = job_config(args, Settings.from_env({}))
     assert (config.task, config.metric, config.network, config.network_params) == (
         "regression", "mae", "models.zoo:residual_mlp", {"width": 8})
+
+
+def test_auto_hyper_parameters_are_fitted_to_the_training_rows() -> None:
+    from batch.defaults import fitted
+
+    small, middle, large = fitted(300), fitted(5_000), fitted(700_000)
+    assert small["hidden"] == (128,) and small["dropout"] == 0.1 and small["patience"] == 10
+    assert middle["hidden"] == (256, 128) and middle["batch_size"] == 128
+    assert large["hidden"] == (500, 1000, 500) and large["dropout"] == 0.4
+    assert large["batch_size"] == 512 and large["patience"] == 3
+    # Small data: many passes (capped), large data: few (each holds many steps).
+    assert small["epochs"] == 200 and 3 <= large["epochs"] < fitted(60_000)["epochs"] <= 20
+    for rows in (1, 50, 999, 10_000, 10**7):
+        f = fitted(rows)
+        assert 32 <= f["batch_size"] <= 512 and f["batch_size"] & (f["batch_size"] - 1) == 0
+
+
+def test_a_run_fits_only_what_is_left_at_auto() -> None:
+    config = JobConfig(hidden="auto", dropout=0.3, epochs="auto", batch_size="auto")
+    assert config.fitted_params(400) == {"hidden": (128,), "epochs": 200, "batch_size": 32,
+                                         "patience": 10}
+    (small,) = config.train_configs(rows=400)
+    assert (small.hidden, small.dropout, small.epochs, small.patience) == ((128,), 0.3, 200, 10)
+    (large,) = config.train_configs(rows=200_000)
+    assert large.hidden == (500, 1000, 500) and large.epochs <= 20 and large.patience == 3
+    given = JobConfig(hidden="64", dropout=0.0, epochs=5, batch_size=16, patience=1)
+    assert given.fitted_params(400) == {}
+    (one,) = given.train_configs(rows=400)
+    assert (one.hidden, one.epochs, one.batch_size, one.patience) == ((64,), 5, 16, 1)
+    # A factory's network is not sized by hidden and dropout: they are not fitted.
+    factory = JobConfig(network="models.zoo:residual_mlp")
+    assert set(factory.fitted_params(400)) == {"epochs", "batch_size", "patience"}
+
+
+def test_the_shipped_hyper_parameter_settings_are_auto() -> None:
+    settings = Settings.from_env({})
+    assert (settings.batch_hidden, settings.batch_dropout, settings.batch_epochs,
+            settings.batch_batch_size, settings.batch_patience) == ("auto",) * 4 + (None,)
+    config = JobConfig.from_settings(settings)
+    assert config.patience is None and config.epochs == "auto"
+    assert JobConfig.from_settings(Settings.from_env({"BATCH_PATIENCE": "4"})).patience == 4

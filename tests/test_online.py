@@ -337,3 +337,44 @@ def test_a_regression_learner_refits_its_one_output_and_serving_applies_it() -> 
     assert head.predict(X_test[:2]) == [float(v) for v in head.outputs(X_test[:2])[:, 0]]
     with pytest.raises(ModelError, match="finite numbers"):
         learner.add(X[:2], np.array([1.0, np.nan]))
+
+
+def test_the_speed_layer_updates_a_users_own_network_through_its_last_linear_layer() -> None:
+    """A factory's network (models.zoo.residual_mlp): the learner refits its ``head`` on the
+    activations that feed it, and the update serves with every other layer shared."""
+    from models.zoo import residual_mlp
+
+    torch.manual_seed(3)
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(1500, len(FEATURES)))
+    y = (X[:, 0] - X[:, 2] > 0).astype(np.int64)
+    preprocessor = fit_preprocessor(FEATURES, X)
+    params = {"width": 16, "blocks": 1, "dropout": 0.0}
+    module = residual_mlp(len(FEATURES), len(CLASSES), **params).eval()
+    manifest = msgspec.structs.replace(Manifest.draft(
+        name="default", features=FEATURES, classes=CLASSES,
+        preprocessing=preprocessor.to_dict(),
+        architecture={"type": "factory", "factory": "models.zoo:residual_mlp",
+                      "n_features": len(FEATURES), "n_outputs": len(CLASSES), "params": params},
+        metrics={"accuracy": 0.5, "log_loss": 0.69, "auc": 0.5},
+        reference={"inputs": [[0.0] * 4], "outputs": [[0.5, 0.5]], "atol": 0.5}),
+        version="20261201T000000Z-fac700")
+    base = LoadedModel(manifest, module)
+    assert base.output_layer()[0] == "head"
+
+    learner = OutputLayerLearner(base, capacity=2000, half_life=1e9)
+    learner.add(X, y)
+    update = learner.fit(base, seq=1)
+    assert update.weight.shape == (2, 16)
+    fit = update.extra["fit"]
+    assert fit["log_loss_after"] < fit["log_loss_before"]
+    assert fit["accuracy_after"] > 0.8 > fit["accuracy_before"]
+
+    served = apply_update(base, update)
+    assert served.version == f"{base.version}+1"
+    assert served.module.project is base.module.project
+    assert served.module.blocks is base.module.blocks
+    assert base.module.head is not served.module.head
+    accuracy = float(np.mean(served.outputs(X).argmax(axis=1) == y))
+    assert accuracy == pytest.approx(fit["accuracy_after"], abs=0.02)
+    assert float(np.mean(base.outputs(X).argmax(axis=1) == y)) < 0.8
