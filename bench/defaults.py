@@ -40,12 +40,11 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
 from app.settings import Settings  # noqa: E402
 from batch import prepare  # noqa: E402
 from batch.job import JobConfig, JobResult, run_job  # noqa: E402
-from devstack.harness import scratch_dir  # noqa: E402
+from devstack.harness import scratch_dir, write_dataset  # noqa: E402
 from devstack.stack import LocalStack  # noqa: E402
 
 #: The fixed defaults the job had before they were fitted to the data.
@@ -88,15 +87,9 @@ DATASETS: dict[str, Callable[[int], tuple[np.ndarray, np.ndarray, list[str]]]] =
 
 def write(settings: Settings, name: str, X: np.ndarray, y: np.ndarray,
           features: list[str]) -> str:
-    import s3fs
-
-    uri = f"{settings.lake_uri.rstrip('/')}-{name}"
-    table = pa.table({"id": [f"{name}-{i}" for i in range(len(y))],
-                      **{f: X[:, i] for i, f in enumerate(features)}, "label": y})
-    fs = s3fs.S3FileSystem(**settings.storage_options)
-    with fs.open(f"{uri}/part-0.parquet", "wb") as out:
-        pq.write_table(table, out)
-    return uri
+    return write_dataset(settings, name, pa.table(
+        {"id": [f"{name}-{i}" for i in range(len(y))],
+         **{f: X[:, i] for i, f in enumerate(features)}, "label": y}))
 
 
 def sklearn_accuracy(result: JobResult) -> float:

@@ -267,3 +267,27 @@ def produce_records(bootstrap: str, topic: str,
     if left or failed:
         raise RuntimeError(f"{left} records not delivered; {failed[:5]}")
     return [p for p in placed if p is not None]
+
+
+def poll(read: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 60.0) -> Any:
+    """Call ``read`` until ``ok(value)`` holds; return the value (fail after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not ok(value):
+        assert time.monotonic() < deadline, f"condition not met after {timeout}s: {value!r}"
+        time.sleep(0.2)
+        value = read()
+    return value
+
+
+def write_dataset(settings: Settings, name: str, table: Any) -> str:
+    """Write a pyarrow ``table`` as one Parquet file of the dataset ``name``, next to the
+    deployment's lake (``<lake's parent>/datasets/<name>/``); return the dataset's URI."""
+    import pyarrow.parquet as pq
+    import s3fs
+
+    uri = f"{settings.lake_uri.rsplit('/lake/', 1)[0]}/datasets/{name}"
+    fs = s3fs.S3FileSystem(**settings.storage_options)
+    with fs.open(f"{uri}/part-0.parquet", "wb") as out:
+        pq.write_table(table, out)
+    return uri

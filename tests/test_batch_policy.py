@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import s3fs
 
@@ -24,7 +23,7 @@ from app.settings import Settings
 from devstack.stack import DEFAULT_CACHE_DIR, LocalStack, free_port
 from batch.job import EXIT_REJECTED, JobConfig, run_job
 from models.registry import Registry
-from devstack.harness import announce, consume_until, publish_small_model, run
+from devstack.harness import announce, consume_until, publish_small_model, run, write_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +39,6 @@ def xor_table(n: int = 3000, seed: int = 0) -> pa.Table:
     return pa.table({"id": [f"e{i}" for i in range(n)], "x": x, "y": y, "hint": hint,
                      "label": label})
 
-
-def write_dataset(settings: Settings, name: str, table: pa.Table) -> str:
-    uri = f"{settings.lake_uri.rsplit('/lake/', 1)[0]}/datasets/{name}"
-    fs = s3fs.S3FileSystem(**settings.storage_options)
-    with fs.open(f"{uri}/part-0.parquet", "wb") as out:
-        pq.write_table(table, out)
-    return uri
 
 
 GOOD = dict(hidden=(32, 16), dropout=0.0, epochs=25, batch_size=64, lr=0.01, patience=5)

@@ -11,14 +11,13 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import s3fs
 
 from app.settings import Settings
 from batch import prepare
 from batch.errors import NetworkError
 from batch.job import EXIT_REJECTED, JobConfig, run_job
+from devstack.harness import write_dataset
 from models.errors import ArtifactError
 from models.registry import Registry
 
@@ -45,20 +44,13 @@ def friedman(n: int = 2500, seed: int = 0, offset: float = 500.0, scale: float =
                      **{f"x{i}": X[:, i] for i in range(X.shape[1])}, "target": y})
 
 
-def write(settings: Settings, name: str, table: pa.Table) -> str:
-    uri = f"{settings.lake_uri.rsplit('/lake/', 1)[0]}/datasets/{name}"
-    fs = s3fs.S3FileSystem(**settings.storage_options)
-    with fs.open(f"{uri}/part-0.parquet", "wb") as out:
-        pq.write_table(table, out)
-    return uri
-
 
 def test_a_float_label_publishes_a_regression_whose_network_outputs_the_value(
         spark: Any, settings_env: Callable[..., dict[str, str]],
         capsys: pytest.CaptureFixture[str]) -> None:
     settings = Settings.from_env(settings_env())
     table = friedman()
-    uri = write(settings, "friedman", table)
+    uri = write_dataset(settings, "friedman", table)
     lines: list[str] = []
     result = run_job(settings, JobConfig(data_uri=uri, id_col="row", label_col="target",
                                          announce=False, keep_arrays=True, **SMALL),
@@ -108,7 +100,7 @@ def test_the_policy_compares_regressions_by_rmse_and_refuses_a_change_of_task(
         spark: Any, settings_env: Callable[..., dict[str, str]], kafka_broker: Any) -> None:
     settings = Settings.from_env(settings_env())
     table = friedman(2000, seed=1)
-    uri = write(settings, "friedman", table)
+    uri = write_dataset(settings, "friedman", table)
     base = JobConfig(data_uri=uri, id_col="row", label_col="target", **SMALL)
     first = run_job(settings, base, spark=spark)
     assert first.published and first.active_version is None
@@ -135,7 +127,7 @@ def test_the_policy_compares_regressions_by_rmse_and_refuses_a_change_of_task(
 
     # The same rows with a class label: a classification may not replace a regression.
     labels = np.where(np.nan_to_num(table.column("target").to_numpy(), nan=0.0) > 600, "hi", "lo")
-    classes = write(settings, "classes", table.drop_columns(["target"]).append_column(
+    classes = write_dataset(settings, "classes", table.drop_columns(["target"]).append_column(
         "target", pa.array(labels)))
     other = run_job(settings, dataclasses.replace(base, data_uri=classes, announce=False),
                     spark=spark)
@@ -162,7 +154,7 @@ def test_an_integer_label_with_many_values_is_a_regression_unless_told(
     assert prepare.resolve_task(df, "band", "auto")[0] == "classification"
     assert prepare.resolve_task(df, "visits", "classification")[0] == "classification"
 
-    uri = write(settings, "visits", pa.table({"id": np.arange(1500), "x": x,
+    uri = write_dataset(settings, "visits", pa.table({"id": np.arange(1500), "x": x,
                                               "visits": counts}))
     told = run_job(settings, JobConfig(data_uri=uri, label_col="visits", task="regression",
                                        announce=False, compare_active=False, **SMALL),
@@ -174,7 +166,7 @@ def test_an_integer_label_with_many_values_is_a_regression_unless_told(
 def test_a_factory_network_trains_publishes_and_loads_where_it_is_allowed(
         spark: Any, settings_env: Callable[..., dict[str, str]]) -> None:
     settings = Settings.from_env(settings_env())
-    uri = write(settings, "friedman", friedman(2000, seed=2))
+    uri = write_dataset(settings, "friedman", friedman(2000, seed=2))
     params = {"width": 16, "blocks": 1, "dropout": 0.0}
     lines: list[str] = []
     # Two candidates side by side in worker processes: each builds the factory's network.
@@ -204,7 +196,7 @@ def test_a_factory_network_trains_publishes_and_loads_where_it_is_allowed(
 def test_a_factory_that_fails_or_does_not_fit_the_task_stops_before_training(
         spark: Any, settings_env: Callable[..., dict[str, str]]) -> None:
     settings = Settings.from_env(settings_env())
-    uri = write(settings, "friedman", friedman(600, seed=4))
+    uri = write_dataset(settings, "friedman", friedman(600, seed=4))
     base = JobConfig(data_uri=uri, id_col="row", label_col="target", announce=False,
                      compare_active=False, **SMALL)
     for network, params, reason in [

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 
 from app.settings import Settings
-from devstack.harness import (WorkerProcess, announce, consume_until, http, produce,
+from devstack.harness import (WorkerProcess, announce, consume_until, http, poll, produce,
                               publish_small_model, run)
 from models.loaded import LoadedModel
 from models.online import ModelUpdate, apply_update
@@ -115,15 +114,6 @@ def same_values(got: list[Any], expected: list[float]) -> bool:
         np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64),
         rtol=1e-5, atol=1e-6)
 
-
-def poll(read: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    value = read()
-    while not ok(value):
-        assert time.monotonic() < deadline, f"condition not met after {timeout}s: {value!r}"
-        time.sleep(0.2)
-        value = read()
-    return value
 
 
 def test_a_regression_predicts_numbers_on_the_stream_and_over_http(

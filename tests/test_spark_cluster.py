@@ -101,33 +101,42 @@ def _executor_logs(worker_dir: Path, app_ids: set[str]) -> str:
                      for path in sorted((worker_dir / app).glob("*/std*")))
 
 
+def _run_on_cluster(spark_cluster: Any, env: dict[str, str], rows: int, seed: int,
+                    timeout: float) -> tuple[Any, subprocess.CompletedProcess[str], list[str]]:
+    """Write ``rows`` demo events to the lake ``env`` names and run ``python -m batch run``
+    on the cluster; return the settings, the finished run and each worker's executor logs of
+    the run's application."""
+    from app.settings import Settings
+    from demo.data import write_lake
+
+    settings = Settings.from_env(env)
+    write_lake(settings.lake_uri, settings.storage_options, rows, seed=seed)
+    workers = spark_cluster.worker_dirs()
+    apps_before = [{p.name for p in w.iterdir()} for w in workers]
+    run = subprocess.run([sys.executable, "-m", "batch", "run"], cwd=REPO, timeout=timeout,
+                         env={**os.environ, **env}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    apps = [{p.name for p in w.iterdir()} - before for w, before in zip(workers, apps_before)]
+    # The application got an executor on each worker.
+    assert apps[0] and apps[0] == apps[1], apps
+    return settings, run, [_executor_logs(w, app_ids) for w, app_ids in zip(workers, apps)]
+
+
 def test_the_batch_job_reads_and_trains_on_a_standalone_cluster(
         spark_cluster: Any, settings_env: Callable[..., dict[str, str]]) -> None:
-    from app.settings import Settings
     from batch.active import read_update_state
-    from demo.data import FEATURES, generate, write_lake
+    from demo.data import FEATURES, generate
     from batch.evaluate import roc_auc
     from models.registry import Registry
 
     env = settings_env(SPARK_MASTER=spark_cluster.master_url, BATCH_DISTRIBUTED="2",
                        BATCH_HIDDEN="32", BATCH_EPOCHS="2", BATCH_DROPOUT="0.1",
                        BATCH_LR="0.005", BATCH_BATCH_SIZE="128")
-    settings = Settings.from_env(env)
-    write_lake(settings.lake_uri, settings.storage_options, 3000, seed=8)
-    workers = spark_cluster.worker_dirs()
-    apps_before = [{p.name for p in w.iterdir()} for w in workers]
-
-    run = subprocess.run([sys.executable, "-m", "batch", "run"], cwd=REPO, timeout=420,
-                         env={**os.environ, **env}, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    settings, run, logs = _run_on_cluster(spark_cluster, env, 3000, seed=8, timeout=420)
     assert "read 3000 rows" in run.stdout
     assert "training on 2 Spark tasks with TorchDistributor" in run.stdout
 
-    # The application got an executor on each worker, and the two training processes ran
-    # there as barrier tasks, one per executor.
-    apps = [{p.name for p in w.iterdir()} - before for w, before in zip(workers, apps_before)]
-    assert apps[0] and apps[0] == apps[1], apps
-    logs = [_executor_logs(w, app_ids) for w, app_ids in zip(workers, apps)]
+    # The two training processes ran on the executors as barrier tasks, one per executor.
     ranks = [{rank for rank in (0, 1)
               if f"[distributed rank {rank}] joined a gloo group of 2 processes" in text}
              for text in logs]
@@ -154,29 +163,19 @@ def test_a_search_on_the_cluster_trains_each_candidate_in_an_executor_task(
     local run of the same data and seed chooses."""
     from app.settings import Settings
     from batch.job import JobConfig, run_job
-    from demo.data import write_lake
     from models.registry import Registry
 
     search = dict(BATCH_CANDIDATES="4", BATCH_HIDDEN="16|32", BATCH_LR="0.0003:0.03",
                   BATCH_EPOCHS="2", BATCH_DROPOUT="0.1", BATCH_BATCH_SIZE="128",
                   BATCH_SEED="11")
     env = settings_env(SPARK_MASTER=spark_cluster.master_url, **search)
-    settings = Settings.from_env(env)
-    write_lake(settings.lake_uri, settings.storage_options, 3000, seed=4)
-    workers = spark_cluster.worker_dirs()
-    apps_before = [{p.name for p in w.iterdir()} for w in workers]
-
-    run = subprocess.run([sys.executable, "-m", "batch", "run"], cwd=REPO, timeout=600,
-                         env={**os.environ, **env}, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    settings, run, logs = _run_on_cluster(spark_cluster, env, 3000, seed=4, timeout=600)
     assert "training 4 candidates as 4 Spark tasks on the executors of spark://" in run.stdout
-    apps = [{p.name for p in w.iterdir()} - before for w, before in zip(workers, apps_before)]
-    logs = "\n".join(_executor_logs(w, app_ids) for w, app_ids in zip(workers, apps))
     for k in range(1, 5):
-        assert f"[candidate {k}/4] training on" in logs, k
-        assert f"[candidate {k}/4] epoch 2/2" in logs, k
+        assert f"[candidate {k}/4] training on" in "\n".join(logs), k
+        assert f"[candidate {k}/4] epoch 2/2" in "\n".join(logs), k
     # Each worker's executor trained some of them.
-    assert all("[candidate " in _executor_logs(w, a) for w, a in zip(workers, apps))
+    assert all("[candidate " in text for text in logs)
 
     registry = Registry(settings.registry_uri, settings.storage_options)
     ref = registry.latest(settings.model_name)

@@ -11,11 +11,10 @@ import base64
 import json
 import math
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -33,7 +32,7 @@ from models.online import ModelUpdate
 from models.registry import Registry
 from devstack.stack import free_port
 from devstack.harness import (WorkerProcess, announce, consume_until, deploy_small_model, http,
-                              produce, publish_small_model, run)
+                              poll, produce, publish_small_model, run)
 from transport import protocol
 from tests.test_online import make_model, make_regression_model, make_update
 
@@ -766,16 +765,6 @@ def test_the_learner_moves_to_another_worker_and_the_chain_goes_on_without_a_rep
         for w in workers:
             w.stop()
 
-
-def poll(read: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 60.0) -> Any:
-    """Call ``read`` until ``ok(value)`` holds; return the value (fail after ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    value = read()
-    while not ok(value):
-        assert time.monotonic() < deadline, f"condition not met after {timeout}s: {value!r}"
-        time.sleep(0.2)
-        value = read()
-    return value
 
 
 async def test_the_summaries_keep_the_newest_versions(test_app: Any,
