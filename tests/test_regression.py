@@ -259,3 +259,31 @@ def test_a_factory_network_is_refused_unless_listed_and_served_once_it_is(
                            [{"id": f"f{i}", "features": x.tolist()} for i, x in enumerate(X)])
     assert status == 200 and [p["predicted"] for p in body] == [p["predicted"]
                                                                  for p in served]
+
+    # Hot swap to another version of the user's network, with no restart, and the speed layer
+    # updates it through its last linear layer: the served versions become <version>+<seq>.
+    swapped = d.publish("factory-2", task="regression", factory=FACTORY,
+                        params={"width": 8, "blocks": 1}, seed=5)
+    d.announce(swapped)
+    poll(lambda: d.models()["active"], lambda v: v == swapped.version)
+    run(produce(d.bootstrap, d.settings.events_topic,
+                events("teach", rows(200, seed=50), labelled=True)))
+    values = run(consume_until(
+        d.bootstrap, d.settings.updates_topic,
+        lambda vs: any(v.get("type") == "UP" and v.get("base_version") == swapped.version
+                       for v in vs), timeout=90))
+    update = next(ModelUpdate.from_message(v) for v in values
+                  if v.get("type") == "UP" and v.get("base_version") == swapped.version)
+    assert update.weight.shape == (1, 8)
+    assert update.extra["fit"]["rmse_after"] < update.extra["fit"]["rmse_before"]
+    poll(lambda: d.models()["active"], lambda v: v.startswith(f"{swapped.version}+"))
+    X = rows(10, seed=60)
+    run(produce(d.bootstrap, d.settings.events_topic, events("updated", X)))
+    base = Registry(d.settings.registry_uri, d.settings.storage_options,
+                    factories=[FACTORY]).load_ref(swapped)
+    for p in d.predictions("updated", 10):
+        version = p["model_version"]
+        assert version.startswith(f"{swapped.version}+"), version
+        if version == update.version:
+            x = X[int(p["id"].split("-")[1])]
+            assert same_values([p["predicted"]], apply_update(base, update).predict(x[None, :]))
