@@ -44,8 +44,7 @@ import pyarrow as pa  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from batch import prepare  # noqa: E402
 from batch.job import JobConfig, JobResult, run_job  # noqa: E402
-from devstack.harness import scratch_dir, write_dataset  # noqa: E402
-from devstack.stack import LocalStack  # noqa: E402
+from devstack.harness import batch_deployment, write_dataset  # noqa: E402
 
 #: The fixed defaults the job had before they were fitted to the data.
 FIXED = {"hidden": (500, 1000, 500), "dropout": 0.4, "epochs": 3, "batch_size": 512,
@@ -166,19 +165,10 @@ def main() -> int:
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     say(f"load average {load_average()} on {os.cpu_count()} cores")
     figures: dict[str, Any] = {}
-    with scratch_dir("stratum-bench-defaults-", args.keep) as work, \
-            LocalStack(data_dir=work / "stack", s3_buckets=["bench"]) as stack:
-        settings = Settings.from_env({**stack.environment("bench"),
-                                      "UPDATES_TOPIC": "bench-model-updates"})
-        from batch.spark import get_session
-
-        spark = get_session(app_name="stratum-bench-defaults")
-        try:
-            for name in names:
-                figures[name] = run_dataset(name, settings, spark, args.seeds, args.demo_rows,
-                                            args.threads, args.demo_seeds)
-        finally:
-            spark.stop()
+    with batch_deployment("defaults", args.keep) as (settings, spark):
+        for name in names:
+            figures[name] = run_dataset(name, settings, spark, args.seeds, args.demo_rows,
+                                        args.threads, args.demo_seeds)
     print(f"{'dataset':<14} {'rows':>7} {'fitted':>8} {'fixed':>8} {'sklearn':>8} "
           f"{'fitted-sklearn':>15}")
     for name, f in figures.items():

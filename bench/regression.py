@@ -51,8 +51,7 @@ import pyarrow as pa  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from batch import prepare  # noqa: E402
 from batch.job import JobConfig, JobResult, run_job  # noqa: E402
-from devstack.harness import scratch_dir, write_dataset  # noqa: E402
-from devstack.stack import LocalStack  # noqa: E402
+from devstack.harness import batch_deployment, write_dataset  # noqa: E402
 
 
 def say(message: str) -> None:
@@ -215,18 +214,9 @@ def main() -> int:
         parser.error(f"unknown datasets {sorted(unknown)}")
     say(f"load average {load_average()} on {os.cpu_count()} cores")
     figures: dict[str, dict[str, Any]] = {}
-    with scratch_dir("stratum-bench-regression-", args.keep) as work, \
-            LocalStack(data_dir=work / "stack", s3_buckets=["bench"]) as stack:
-        settings = Settings.from_env({**stack.environment("bench"),
-                                      "UPDATES_TOPIC": "bench-model-updates"})
-        from batch.spark import get_session
-
-        spark = get_session(app_name="stratum-bench-regression")
-        try:
-            for name in names:
-                figures[name] = run_dataset(name, settings, spark, args.threads, args.also)
-        finally:
-            spark.stop()
+    with batch_deployment("regression", args.keep) as (settings, spark):
+        for name in names:
+            figures[name] = run_dataset(name, settings, spark, args.threads, args.also)
     print_table(figures)
     print(json.dumps({"datasets": figures, "also": args.also}))
     return 0

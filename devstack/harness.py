@@ -291,3 +291,23 @@ def write_dataset(settings: Settings, name: str, table: Any) -> str:
     with fs.open(f"{uri}/part-0.parquet", "wb") as out:
         pq.write_table(table, out)
     return uri
+
+
+@contextlib.contextmanager
+def batch_deployment(name: str, keep: bool = False) -> Iterator[tuple[Settings, Any]]:
+    """A scratch directory, a local stack (Kafka and S3 on free ports, bucket ``bench``) and
+    a local SparkSession: the settings of a deployment on them and the session, for benchmarks
+    that run the batch job; everything is stopped (and the directory removed unless
+    ``keep``) on leaving."""
+    from batch.spark import get_session
+    from devstack.stack import LocalStack
+
+    with scratch_dir(f"stratum-bench-{name}-", keep) as work, \
+            LocalStack(data_dir=work / "stack", s3_buckets=["bench"]) as stack:
+        settings = Settings.from_env({**stack.environment("bench"),
+                                      "UPDATES_TOPIC": "bench-model-updates"})
+        spark = get_session(app_name=f"stratum-bench-{name}")
+        try:
+            yield settings, spark
+        finally:
+            spark.stop()
