@@ -30,11 +30,16 @@ def read_topic(settings: Settings, topic: str, from_beginning: bool = False,
     config = {**client_config(settings, "stratum-cli"),
               # Needed by librdkafka's consumer; never joined (partitions are assigned).
               "group.id": f"stratum-cli-{os.getpid()}-{uuid.uuid4().hex[:8]}",
-              "enable.auto.commit": False, "enable.partition.eof": False}
+              "enable.auto.commit": False, "enable.partition.eof": False,
+              # Reading a topic never creates it (one the broker created would have one
+              # partition).
+              "allow.auto.create.topics": False}
     consumer = Consumer(config)
     try:
         try:
-            metadata = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+            # Every topic's metadata: asking for the one topic may create it on a broker
+            # with auto.create.topics.enable.
+            metadata = consumer.list_topics(timeout=METADATA_TIMEOUT_S)
         except KafkaException as exc:
             raise CliError(f"cannot read topic {topic!r} from {settings.bootstrap_servers}: "
                            f"{exc.args[0].str() if exc.args else exc}") from None

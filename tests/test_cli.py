@@ -347,7 +347,9 @@ def test_predict_from_a_file_equals_post_predict(in_deployment: Deployment, tmp_
         without_ts(expected[:5])
 
 
-def test_tail_reads_predictions_and_dead_letters(in_deployment: Deployment) -> None:
+def test_tail_reads_predictions_and_dead_letters(in_deployment: Deployment,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     d = in_deployment
     s = d.settings
     malformed = [b"not json", b'{"id": "d-1"}', b'{"id": "d-2", "features": [1, 2]}']
@@ -376,6 +378,15 @@ def test_tail_reads_predictions_and_dead_letters(in_deployment: Deployment) -> N
 
     status, out = stratum("tail", "predictions", "--from-beginning", "-n", "2")
     assert status == 0 and len(out.splitlines()) == 2 and "predicted=" in out
+
+    # A topic that does not exist is an error, and reading it does not create it.
+    missing = f"{s.predictions_topic}-missing"
+    monkeypatch.setenv("PREDICTIONS_TOPIC", missing)
+    assert stratum("tail", "predictions", "-n", "1") == (1, "")
+    assert capsys.readouterr().err == (f"stratum: error: cannot read topic {missing!r} from "
+                                       f"{s.bootstrap_servers}: no such topic\n")
+    assert stratum("tail", "predictions", "-n", "1")[0] == 1
+    capsys.readouterr()
 
     # Without --from-beginning only new messages: keep producing until the tail has 3.
     tail = subprocess.Popen([sys.executable, "-m", "stratum_cli", "tail", "predictions",
