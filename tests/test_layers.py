@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
     {"lake"},       # the archive writer and the reader the batch job uses
     {"serving", "batch"},
     {"speed"},
+    {"stratum_cli"},  # the `stratum` command: talks to workers over HTTP, reads topics
 ]
 RANK = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}
 #: Development tooling and the demo: never imported by the product.
