@@ -375,3 +375,35 @@ async def test_an_announcement_pointing_at_another_versions_manifest_is_refused(
     assert batch_view(history, registry) == expected
     # What serves is kept by generation clean-up, whatever the topic names.
     assert first.version in update_state(history, MODEL, registry.load_ref).protected()
+
+
+async def test_serving_loads_the_candidate_routes_to_it_and_swaps_on_promotion(
+        registry: Registry) -> None:
+    v1, v2, v3 = (publish_small_model(registry, MODEL, FEATURES, CLASSES, seed=i)
+                  for i in range(3))
+    manager = ModelManager()
+    manager.registry = registry
+
+    async def feed(offset: int, message: dict[str, Any]) -> None:
+        if manager._record(json.dumps(message).encode(), offset):
+            await manager._converge()
+
+    await feed(0, v1.to_message())
+    await feed(1, {**v2.to_message(), "rollout": {"mode": "canary", "share": 0.3}})
+    routing = manager.routing()
+    assert routing.model.version == v1.version and routing.candidate is not None
+    assert (routing.candidate.version, routing.mode, routing.share) == (v2.version, "canary",
+                                                                         0.3)
+    rollout = manager.describe()["rollout"]
+    assert rollout["candidate"] == v2.version and rollout["loaded"] and "decision" not in rollout
+    candidate = routing.candidate
+    await feed(2, decision("PROMOTE", v2.version))
+    assert manager.active is candidate and manager.routing().candidate is None  # no reload
+    assert manager.describe()["rollout"]["decision"]["type"] == "PROMOTE"
+    # The next rollout is aborted: the candidate is dropped, the promoted version serves on.
+    await feed(3, {**v3.to_message(), "rollout": {"mode": "shadow"}})
+    assert manager.routing().mode == "shadow"
+    await feed(4, decision("ABORT", v3.version, by="operator"))
+    assert manager.active is candidate and manager.routing().candidate is None
+    assert manager.describe()["rollout"]["candidate"] is None
+    assert manager.ledger.topic.aborted == {v3.version: "test"}

@@ -72,3 +72,43 @@ def test_regression_compares_squared_errors_with_welch() -> None:
     assert promote.action == "promote" and promote.figures["test"] == "welch-squared-error"
     assert promote.figures["mse_candidate"] < promote.figures["mse_serving"]
     assert decide(serving, worse, "regression", **SETTINGS).action == "abort"
+
+
+# -- serving ------------------------------------------------------------------------------------
+
+def test_shadow_scores_every_event_with_both_and_canary_splits_by_id() -> None:
+    from serving.scoring import split_rows
+
+    ids = [f"id-{i}" for i in range(5000)]
+    served, tried = split_rows(ids, "shadow", 0.1)
+    assert served.tolist() == tried.tolist() == list(range(5000))
+    served, tried = split_rows(ids, None, 0.1)
+    assert len(served) == 5000 and len(tried) == 0
+    served, tried = split_rows(ids, "canary", 0.2)
+    assert sorted(served.tolist() + tried.tolist()) == list(range(5000))
+    assert abs(len(tried) - 1000) < 120  # 4 standard deviations
+    # The same id goes to the same side in any micro-batch, at any position.
+    again_ids = ids[::-1][:2000]
+    _, again = split_rows(again_ids, "canary", 0.2)
+    assert {again_ids[k] for k in again.tolist()} == {ids[k] for k in tried.tolist()
+                                                      if ids[k] in set(again_ids)}
+
+
+def test_a_shadow_summary_counts_nothing_but_carries_the_labelled_events() -> None:
+    from transport.summary import parse_summary, summary_messages
+
+    class Model:
+        version = base_version = "v2"
+        classes = ["no", "yes"]
+        task = "classification"
+
+    outputs = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]], dtype=np.float32)
+    raw = summary_messages(Model(), ["no", "yes", "yes"], ["a", "b", "c"], ["no", None, "no"],
+                           np.zeros((3, 2)), outputs, [1, 2, 3], shadow=True)
+    summary = parse_summary(raw[0])
+    assert summary.shadow and summary.scored == 0 and summary.classes == {}
+    assert summary.labelled is not None and summary.labelled.correct.tolist() == [True, False]
+    served = parse_summary(summary_messages(Model(), ["no", "yes", "yes"], ["a", "b", "c"],
+                                            ["no", None, "no"], np.zeros((3, 2)), outputs,
+                                            [1, 2, 3])[0])
+    assert not served.shadow and served.scored == 3
