@@ -35,7 +35,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-__all__ = ["canary_position", "to_candidate", "Quality", "Verdict", "decide", "normal_sf"]
+__all__ = ["canary_position", "to_candidate", "Quality", "Verdict", "decide", "normal_sf",
+           "Tracker"]
 
 
 def canary_position(id_: str) -> float:
@@ -127,3 +128,41 @@ def decide(serving: Quality, candidate: Quality, task: str, *, min_events: int,
         return Verdict("promote", f"candidate not worse by the margin {margin:g} "
                        f"(p={p_fine:.3g})", figures)
     return Verdict("wait", "no significant difference yet", figures)
+
+
+class Tracker:
+    """The policy's figures for one rollout: the serving version's and the candidate's
+    :class:`Quality` on the labelled events each predicted since the rollout began (the
+    serving version's with any of its updates). Starts afresh when the rollout changes."""
+
+    def __init__(self) -> None:
+        self.key: tuple[str, int] | None = None
+        self.serving_base: str | None = None
+        self.task: str | None = None
+        self.serving = Quality()
+        self.candidate = Quality()
+        #: The rollout a decision was published for (none is published twice).
+        self.decided: tuple[str, int] | None = None
+
+    def follow(self, candidate: str | None, since: int | None, serving_base: str | None
+               ) -> None:
+        """Track the rollout of ``candidate`` (announced at offset ``since``) against
+        ``serving_base``; a different one starts afresh."""
+        key = (candidate, since) if candidate is not None and since is not None else None
+        if key != self.key or serving_base != self.serving_base:
+            self.key, self.serving_base = key, serving_base
+            self.task = None
+            self.serving, self.candidate = Quality(), Quality()
+
+    def observe(self, base_version: str, task: str, losses: np.ndarray) -> None:
+        """Count one labelled batch predicted by ``base_version`` (per-event losses: a miss
+        of a classification, a squared error of a regression)."""
+        if self.key is None or (self.task is not None and task != self.task):
+            return
+        if base_version == self.key[0]:
+            self.candidate.add(losses)
+        elif base_version == self.serving_base:
+            self.serving.add(losses)
+        else:
+            return
+        self.task = task
