@@ -54,7 +54,7 @@ A version is refused when its artifact does not verify: the manifest is missing 
 differs from the announcement, the manifest names another version than the announcement (a
 MODEL-REF ``v9`` pointing at ``v3``'s manifest is refused, not served as ``v3``), a file's
 sha256 differs from the manifest, the weights do not reproduce the reference rows. The topic
-does not carry refusals: serving writes nothing to it but operators' PINs, as in Oryx, where
+does not carry refusals: serving writes nothing to it but operators' PINs and decisions, as in Oryx, where
 the update topic flows from the batch and speed layers to serving only. Instead every reader
 verifies for itself, with the same registry check (:meth:`models.registry.Registry.load_ref`),
 and folds what it found into its ledger with :func:`refuse`. :func:`settle` does exactly that
