@@ -46,7 +46,8 @@ returns a new ledger and never touches the one it was given; a record at an offs
 folded changes nothing, so a re-delivered record is harmless.
 
 What serves is a function of the ledger alone, :func:`should_serve`: the pinned version if it
-was announced and is not refused, else the newest announced version that is not refused.
+was announced and is neither refused nor aborted, else the newest announced version that is
+neither refused nor held by a rollout (see Rollouts).
 
 Refusals
 --------
@@ -54,14 +55,14 @@ A version is refused when its artifact does not verify: the manifest is missing 
 differs from the announcement, the manifest names another version than the announcement (a
 MODEL-REF ``v9`` pointing at ``v3``'s manifest is refused, not served as ``v3``), a file's
 sha256 differs from the manifest, the weights do not reproduce the reference rows. The topic
-does not carry refusals: serving writes nothing to it but operators' PINs and decisions, as in Oryx, where
-the update topic flows from the batch and speed layers to serving only. Instead every reader
-verifies for itself, with the same registry check (:meth:`models.registry.Registry.load_ref`),
-and folds what it found into its ledger with :func:`refuse`. :func:`settle` does exactly that
-for the version :func:`should_serve` names, until one verifies or none is left; serving
-workers refuse a version when loading it fails, the batch layer settles its ledger before it
-compares with or prunes around the active version. Since the artifact is immutable and the
-check is the same, both reach the same refusals.
+does not carry refusals: serving writes nothing to it but operators' PINs and decisions, as in
+Oryx, where the update topic flows from the batch and speed layers to serving only. Instead
+every reader verifies for itself, with the same registry check
+(:meth:`models.registry.Registry.load_ref`), and folds what it found into its ledger with
+:func:`refuse`. :func:`settle` does exactly that for the version :func:`should_serve` names,
+until one verifies or none is left; serving workers refuse a version when loading it fails, the
+batch layer settles its ledger before it compares with or prunes around the active version.
+Since the artifact is immutable and the check is the same, both reach the same refusals.
 
 Two refusals stay local to a worker, because they depend on more than the topic and the
 artifact: a version whose features or classes differ from what that worker is serving at that
