@@ -34,7 +34,7 @@ EMBEDDED_S3_CREDENTIALS = ("S3RVER", "S3RVER")
 
 #: Fields KAFKA_PREFIX is put in front of: every topic and consumer group derives from these.
 PREFIXED_FIELDS = ("app_id", "events_topic", "predictions_topic", "dlq_topic", "updates_topic",
-                   "metrics_topic")
+                   "metrics_topic", "shadow_topic")
 #: A model factory as MODEL_FACTORIES names it: ``package.module:function``.
 _FACTORY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 #: Characters Kafka allows in a topic name.
@@ -153,6 +153,8 @@ class KafkaSettings(_Section):
     """Model update topic (MODEL-REF and UP messages)."""
     metrics_topic: str = "metrics"
     """Topic where runtime metrics are broadcast."""
+    shadow_topic: str = "predictions-shadow"
+    """Topic of a shadow rollout's candidate predictions."""
     kafka_prefix: str = ""
     """Put before every topic name and STRATUM_APP_ID (so before every consumer group and
     changelog), so that several deployments share one cluster."""
@@ -359,6 +361,18 @@ class SpeedSettings(_Section):
     """Recency half-life of an example's weight, in examples."""
     speed_min_examples: Annotated[int, Field(ge=1)] = 100
     """New labelled examples needed before the next update."""
+    rollout_mode: Literal["immediate", "shadow", "canary"] = "immediate"
+    """How a new base version goes live when its MODEL-REF names no rollout."""
+    rollout_canary_share: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    """Share of ids a canary candidate serves when its MODEL-REF names none."""
+    rollout_min_events: Annotated[int, Field(ge=2)] = 500
+    """Labelled events of the candidate (and of the serving version) before the policy
+    decides."""
+    rollout_margin: Annotated[float, Field(ge=0)] = 0.01
+    """How much worse the candidate may be and still be promoted (accuracy points, or a
+    fraction of the serving MSE)."""
+    rollout_alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
+    """Significance level of the rollout policy's one-sided tests."""
 
 
 class ArchiveSettings(_Section):

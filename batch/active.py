@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from app.settings import Settings
-from transport.protocol import (Ledger, ModelRef, Record, protected, replay, settle,
+from transport.protocol import (Ledger, ModelRef, Record, Rollout, protected, replay, settle,
                                 should_serve)
 
 __all__ = ["UpdateState", "update_state", "read_update_state"]
@@ -63,7 +63,8 @@ class UpdateState:
 
 
 def update_state(records: Iterable[Record], model: str,
-                 verify: Callable[[ModelRef], Any] | None = None) -> UpdateState:
+                 verify: Callable[[ModelRef], Any] | None = None,
+                 rollout: Rollout | None = None) -> UpdateState:
     """The :class:`UpdateState` of ``model`` from the update topic's records.
 
     Parameters
@@ -76,8 +77,12 @@ def update_state(records: Iterable[Record], model: str,
     verify : callable, optional
         Checks a version's artifact and raises when it does not verify (the registry's
         ``load_ref``); without it nothing is refused.
+    rollout : Rollout, optional
+        How an announcement without a ``rollout`` goes live (``ROLLOUT_MODE``): a candidate
+        in rollout is not the active version (see :func:`transport.protocol.candidate`).
     """
-    ledger: Ledger = replay(sorted(records, key=lambda r: r.offset), model)
+    start = Ledger(model, rollout=rollout) if rollout is not None else Ledger(model)
+    ledger: Ledger = replay(sorted(records, key=lambda r: r.offset), model, start)
     keep = protected(ledger)
     if verify is not None:
         ledger = settle(ledger, verify)
@@ -157,7 +162,8 @@ def read_update_state(settings: Settings, model: str, timeout_s: float = 20.0,
         log.warning("cannot read %r (%s); using the registry's newest version as the active "
                     "one", settings.updates_topic, reason)
     else:
-        return update_state(records, model, verify)
+        return update_state(records, model, verify, Rollout(
+            mode=settings.rollout_mode, share=settings.rollout_canary_share))
     if registry is None:
         return UpdateState(active=None, pinned=None, source="registry")
     return UpdateState(active=registry.latest(model), pinned=None, source="registry")

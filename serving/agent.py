@@ -44,8 +44,8 @@ from lake.rows import BatchRows
 from transport.lease import worker_lease
 from serving.metrics import (BATCH_SECONDS, BATCH_SIZE, EVENTS_DEAD_LETTERED, count_flush,
                              count_scored)
-from serving.model_manager import model_manager
-from serving.scoring import encode_predictions
+from serving.model_manager import Routing, model_manager
+from serving.scoring import encode_predictions, split_rows
 from transport.summary import summary_messages
 from transport.topics import ensure_topics, scored_topic_name
 from serving.tables import LATEST_CHANGELOG, record_changelog_offsets, store_latest
@@ -121,6 +121,12 @@ class MicroBatch:
     ends: dict[int, int]
     scoring: asyncio.Future[np.ndarray] | None = None
     delivery: Delivery | None = None
+    #: The models of the micro-batch (the candidate's during a rollout).
+    routing: Routing | None = None
+    #: Positions into ``rows`` the serving model answers, and those the candidate scores.
+    served: np.ndarray | None = None
+    tried: np.ndarray | None = None
+    candidate_scoring: asyncio.Future[np.ndarray] | None = None
 
 
 class ServingService(Service):
@@ -315,8 +321,26 @@ class ServingService(Service):
         if len(rows):
             features = columns.features if len(rows) == len(columns) else \
                 columns.features[rows]
-            batch.scoring = asyncio.get_running_loop().run_in_executor(
-                scoring_executor, model.outputs, features)
+            loop = asyncio.get_running_loop()
+            routing = model_manager.routing()
+            candidate = routing.candidate
+            if candidate is None or routing.model is not model:
+                batch.scoring = loop.run_in_executor(scoring_executor, model.outputs,
+                                                     features)
+                return batch
+            # A rollout: the serving version and the candidate split (canary) or both
+            # score (shadow) the micro-batch.
+            ids = [columns.ids[k] for k in rows.tolist()]
+            served, tried = split_rows(ids, routing.mode, routing.share)
+            batch.routing, batch.served, batch.tried = routing, served, tried
+            if len(served):
+                batch.scoring = loop.run_in_executor(
+                    scoring_executor, model.outputs,
+                    features if len(served) == len(rows) else features[served])
+            if len(tried):
+                batch.candidate_scoring = loop.run_in_executor(
+                    scoring_executor, candidate.outputs,
+                    features if len(tried) == len(rows) else features[tried])
         return batch
 
     def _feed_archive(self, model: LoadedModel, columns: EventColumns,
@@ -343,29 +367,26 @@ class ServingService(Service):
         assert self.producer is not None
         s = self.settings
         delivery = self.producer.delivery()
-        columns, model = batch.columns, batch.model
+        columns = batch.columns
         rows = batch.rows.tolist()
-        if rows:
+        if rows and batch.routing is None:
             assert batch.scoring is not None
-            outputs = await batch.scoring
-            everything = len(rows) == len(columns)
-            ids = columns.ids if everything else [columns.ids[k] for k in rows]
-            values, predicted = encode_predictions(model, ids, outputs, int(time.time() * 1000))
-            keys = [i.encode() for i in ids]
-            produce = delivery.produce
-            topic = s.predictions_topic
-            for key, value in zip(keys, values):
-                produce(topic, value, key)
-            self._write_latest(delivery, batch, rows, keys, values)
-            labels = columns.labels if everything else [columns.labels[k] for k in rows]
-            features = columns.features if everything else columns.features[rows]
-            ts = columns.ts if everything else [columns.ts[k] for k in rows]
-            # The counts, and the labelled events with what was predicted before anything
-            # learns from them, for the count and quality tables and the speed layer.
-            for value in summary_messages(model, predicted, ids, labels, features, outputs,
-                                          ts):
-                produce(SCORED_TOPIC, value, None, 0)
-            count_scored(model.version, len(rows))
+            self._send_scored(delivery, batch, batch.model, rows, await batch.scoring)
+        elif rows:
+            routing = batch.routing
+            assert routing is not None and routing.candidate is not None
+            assert batch.served is not None and batch.tried is not None
+            if len(batch.served):
+                assert batch.scoring is not None
+                self._send_scored(delivery, batch, batch.model,
+                                  [rows[k] for k in batch.served.tolist()],
+                                  await batch.scoring)
+            if len(batch.tried):
+                assert batch.candidate_scoring is not None
+                self._send_scored(delivery, batch, routing.candidate,
+                                  [rows[k] for k in batch.tried.tolist()],
+                                  await batch.candidate_scoring,
+                                  shadow=routing.mode == "shadow")
         for i, reason in batch.rejected:
             partition, offset = batch.partitions[i], batch.offsets[i]
             log.warning("dead-lettered %s[%s]@%s: %s", s.events_topic, partition, offset,
@@ -380,6 +401,34 @@ class ServingService(Service):
         while len(self._in_flight) > MAX_BATCHES_IN_FLIGHT:
             await self._wait_stored(self._in_flight[0])
             self._settle()
+
+    def _send_scored(self, delivery: Delivery, batch: MicroBatch, model: LoadedModel,
+                     rows: list[int], outputs: np.ndarray, shadow: bool = False) -> None:
+        """Queue what ``model``'s ``outputs`` for ``rows`` (of ``batch.columns``) produce: the
+        predictions and their ``latest_predictions`` rows, or for a shadow candidate its
+        predictions on the shadow topic only; and the summary for the speed layer (a
+        shadow's counts nothing as scored, its labelled events measure its quality)."""
+        columns = batch.columns
+        everything = len(rows) == len(columns)
+        ids = columns.ids if everything else [columns.ids[k] for k in rows]
+        values, predicted = encode_predictions(model, ids, outputs, int(time.time() * 1000))
+        keys = [i.encode() for i in ids]
+        produce = delivery.produce
+        topic = self.settings.shadow_topic if shadow else self.settings.predictions_topic
+        for key, value in zip(keys, values):
+            produce(topic, value, key)
+        if not shadow:
+            self._write_latest(delivery, batch, rows, keys, values)
+        labels = columns.labels if everything else [columns.labels[k] for k in rows]
+        features = columns.features if everything else columns.features[rows]
+        ts = columns.ts if everything else [columns.ts[k] for k in rows]
+        # The counts, and the labelled events with what was predicted before anything
+        # learns from them, for the count and quality tables and the speed layer.
+        for value in summary_messages(model, predicted, ids, labels, features, outputs, ts,
+                                      shadow=shadow):
+            produce(SCORED_TOPIC, value, None, 0)
+        if not shadow:
+            count_scored(model.version, len(rows))
 
     def _write_latest(self, delivery: Delivery, batch: MicroBatch, rows: list[int],
                       keys: list[bytes], values: list[bytes]) -> None:

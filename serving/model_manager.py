@@ -18,6 +18,13 @@ gives every worker, restarted or new, the same state. Its messages:
 ``PIN``
     An operator's choice (``POST /models/pin`` or ``/models/rollback``): serve this version,
     whatever is announced later, until a PIN with ``"version": null`` lifts it.
+``PROMOTE``, ``ABORT``
+    The end of a rollout. A ``MODEL-REF`` in ``shadow`` or ``canary`` mode (its own
+    ``rollout``, else ``ROLLOUT_MODE``) does not replace what serves: the worker loads it as
+    the *candidate* (verified as above, and compatible with the serving base) and serving
+    routes to it alongside the serving version (:meth:`ModelManager.routing`) until a
+    ``PROMOTE`` makes it the serving version or an ``ABORT`` drops it. A candidate gets no
+    ``UP`` updates while in rollout.
 
 Anything else is logged, counted and shown as a refusal in ``GET /models/``.
 
@@ -45,11 +52,12 @@ from models.errors import ModelError
 from models.registry import Registry
 from models.loaded import LoadedModel
 from transport import protocol
-from transport.protocol import ModelRef, ModelUpdate, Record
+from transport.protocol import Candidate, ModelRef, ModelUpdate, Record
 
 settings = app.settings
 
-__all__ = ["ModelManager", "model_manager", "SwapRecord", "pin_message"]
+__all__ = ["ModelManager", "model_manager", "SwapRecord", "pin_message", "Routing",
+           "default_ledger"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,23 @@ def pin_message(version: str | None, *, rollback_from: str | None = None) -> dic
     """The update-topic message that pins ``version`` for every worker (None lifts the pin)."""
     return protocol.pin_message(settings.model_name, version, at=int(time.time() * 1000),
                                 rollback_from=rollback_from)
+
+
+def default_ledger() -> protocol.Ledger:
+    """An empty ledger of this worker's model, with the settings' default rollout."""
+    return protocol.Ledger(settings.model_name, rollout=protocol.Rollout(
+        mode=settings.rollout_mode, share=settings.rollout_canary_share))
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a micro-batch is scored with: the serving model and, during a rollout whose
+    candidate this worker loaded, the candidate with its ``mode`` and canary ``share``."""
+
+    model: LoadedModel
+    candidate: LoadedModel | None = None
+    mode: str | None = None
+    share: float = 0.0
 
 
 @dataclass
@@ -84,8 +109,7 @@ class ModelLedger:
     """What the manager knows; only the event loop changes it."""
 
     #: The update topic folded so far, with the versions this worker refused.
-    topic: protocol.Ledger = field(
-        default_factory=lambda: protocol.Ledger(settings.model_name))
+    topic: protocol.Ledger = field(default_factory=default_ledger)
     #: What serves now: the base version, or the base with its newest applied update.
     active: LoadedModel | None = None
     #: The base version of :attr:`active`, without updates.
@@ -95,6 +119,9 @@ class ModelLedger:
     last_refusal: SwapRecord | None = None
     refusals: int = 0
     updates_applied: int = 0
+    #: The rollout's candidate as loaded and verified here, with the rollout it belongs to.
+    candidate: LoadedModel | None = None
+    rollout: Candidate | None = None
 
     @property
     def announced(self) -> Mapping[str, ModelRef]:
@@ -151,6 +178,15 @@ class ModelManager(Service):
     def latest_update(self, base_version: str) -> ModelUpdate | None:
         """The newest valid update seen for ``base_version``."""
         return self.ledger.updates.get(base_version)
+
+    def routing(self) -> Routing:
+        """The models a micro-batch is scored with now (one consistent snapshot)."""
+        active = self.ledger.active
+        assert active is not None
+        rollout, candidate = self.ledger.rollout, self.ledger.candidate
+        if rollout is None or candidate is None:
+            return Routing(active)
+        return Routing(active, candidate, rollout.mode, rollout.share)
 
     async def wait_ready(self) -> LoadedModel:
         """Wait until a model is active and return it."""
@@ -264,6 +300,18 @@ class ModelManager(Service):
             self._check_pin()
         elif note.kind == "announced" and note.version == ledger.pinned:
             self._check_pin()
+        elif note.kind == "candidate":
+            current = ledger.candidate
+            log.warning("version %s announced in %s rollout%s", note.version,
+                        current.mode if current else "?",
+                        f" (canary share {current.share:g})" if current and
+                        current.mode == protocol.CANARY else "")
+        elif note.kind in ("promoted", "aborted"):
+            decision = note.message
+            log.warning("candidate %s %s by %s: %s", note.version, note.kind,
+                        getattr(decision, "by", "?"), getattr(decision, "reason", ""))
+        elif note.kind == "stale-decision":
+            log.info("ignored %s of %s: %s", note.message_type, note.version, note.reason)
         return note.changed
 
     def _check_pin(self) -> None:
@@ -293,6 +341,39 @@ class ModelManager(Service):
             if version is None or await self._serve_base(version):
                 break
         await self._apply_update()
+        await self._load_candidate()
+
+    async def _load_candidate(self) -> None:
+        """Load the rollout's candidate (verified, and compatible with the serving base), or
+        drop it when the rollout ended; a candidate that fails is refused, and serving goes
+        on with the serving version alone."""
+        while True:
+            rollout = protocol.candidate(self.ledger.topic)
+            loaded = self.ledger.candidate
+            if rollout is None or self.ledger.base is None:
+                if loaded is not None:
+                    log.info("rollout of %s ended", loaded.version)
+                self.ledger.candidate, self.ledger.rollout = None, None
+                return
+            if loaded is not None and loaded.version == rollout.version:
+                self.ledger.rollout = rollout
+                return
+            ref = self.ledger.announced[rollout.version]
+            try:
+                model = await asyncio.get_running_loop().run_in_executor(
+                    None, self.registry.load_ref, ref)
+            except Exception as exc:  # as for a version to serve: refuse it
+                self._refuse(rollout.version, protocol.describe_error(exc), remember=True)
+                continue
+            incompatible = _incompatibility(self.ledger.base, model)
+            if incompatible:
+                self._refuse(rollout.version, incompatible, remember=True)
+                continue
+            self.ledger.candidate, self.ledger.rollout = model, rollout
+            record = SwapRecord(model.version, time.time(), kind=f"candidate {rollout.mode}")
+            self.ledger.history.append(record)
+            log.info("candidate %s loaded for a %s rollout", model.version, rollout.mode)
+            return
 
     async def _serve_base(self, version: str) -> bool:
         """Switch the base to ``version`` (loaded and verified off the event loop); False, with
@@ -302,13 +383,17 @@ class ModelManager(Service):
             return True
         ref = self.ledger.announced[version]
         started = time.monotonic()
-        try:
-            # load_ref: the manifest must be the version the announcement names.
-            model = await asyncio.get_running_loop().run_in_executor(
-                None, self.registry.load_ref, ref)
-        except Exception as exc:  # ModelError, S3 unreachable...: refuse, keep serving
-            self._refuse(version, protocol.describe_error(exc), remember=True)
-            return False
+        promoted = self.ledger.candidate
+        if promoted is not None and promoted.version == version:
+            model = promoted  # a promoted candidate: loaded and verified already
+        else:
+            try:
+                # load_ref: the manifest must be the version the announcement names.
+                model = await asyncio.get_running_loop().run_in_executor(
+                    None, self.registry.load_ref, ref)
+            except Exception as exc:  # ModelError, S3 unreachable...: refuse, keep serving
+                self._refuse(version, protocol.describe_error(exc), remember=True)
+                return False
         incompatible = _incompatibility(current, model)
         if incompatible:
             self._refuse(version, incompatible, remember=True)
@@ -382,7 +467,25 @@ class ModelManager(Service):
             "updates_applied": ledger.updates_applied,
             "updates_dropped": ledger.updates_dropped,
             "history": [r.as_dict() for r in ledger.history],
+            "rollout": self.describe_rollout(),
         }
+
+    def describe_rollout(self) -> dict[str, Any] | None:
+        """The rollout in ``GET /models/``: the candidate, its mode, canary share, the offset
+        of its announcement (``since``), whether this worker loaded it, and the last decision;
+        None when there never was one."""
+        topic = self.ledger.topic
+        current = topic.candidate
+        last = topic.decisions[-1].to_message() if topic.decisions else None
+        if current is None and last is None:
+            return None
+        out: dict[str, Any] = current.as_dict() if current is not None else {
+            "candidate": None, "mode": None, "share": None, "since": None}
+        out["loaded"] = (self.ledger.candidate is not None and current is not None
+                         and self.ledger.candidate.version == current.version)
+        if last is not None:
+            out["decision"] = last
+        return out
 
 
 def _incompatibility(current: LoadedModel | None, new: LoadedModel) -> str | None:

@@ -11,12 +11,13 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import orjson
 
+from transport.rollout import to_candidate
 from transport.schemas import (CLASSIFICATION, REGRESSION, InvalidEvent, ValidEvent, parse_event,
                                predicted_values, prediction_message, rounded_probabilities,
                                validate_event, value_prediction_message)
 
 __all__ = ["SourceMessage", "Rejected", "Scorer", "triage", "score", "class_counts",
-           "encode_predictions"]
+           "encode_predictions", "split_rows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,3 +128,21 @@ def encode_predictions(model: Scorer, ids: Sequence[str], outputs: np.ndarray,
     encoded = [dumps({"id": i, "model_version": version, "predicted": c, "probabilities": r,
                       "ts": now_ms}) for i, c, r in zip(ids, predicted, rows)]
     return encoded, predicted
+
+
+def split_rows(ids: Sequence[str], mode: str | None, share: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """During a rollout, which of a micro-batch's events each model scores: the positions
+    (into ``ids``) the serving version answers, and those the candidate scores.
+
+    ``shadow``: both score every event (the candidate's predictions go to the shadow topic
+    only); ``canary``: the ids whose stable hash falls below ``share`` are answered by the
+    candidate, the others by the serving version; otherwise the serving version scores all.
+    """
+    everything = np.arange(len(ids), dtype=np.int64)
+    if mode == "shadow":
+        return everything, everything
+    if mode == "canary":
+        mask = to_candidate(ids, share)
+        return np.flatnonzero(~mask), np.flatnonzero(mask)
+    return everything, np.empty(0, dtype=np.int64)

@@ -28,6 +28,7 @@ from serving.agent import scoring_executor, serving
 from serving.tables import (CLASS_WINDOW_S, LATEST_CHANGELOG, latest_prediction,
                            latest_predictions, table_rows, table_size)
 from app import app
+from transport import protocol
 from transport.schemas import InvalidEvent, ValidEvent, validate_value
 
 settings = app.settings
@@ -257,6 +258,61 @@ class Rollback(AdminView):
             return self.error(409, "nothing to roll back to: no version was announced "
                               "before the one serving" if base else "no model is serving")
         return await self.publish_pin(target, rollback_from=base.version)
+
+
+class Decide(AdminView):
+    """End the rollout in progress on every worker: ``PROMOTE`` or ``ABORT`` its candidate
+    (``by`` ``"operator"``). The body may name the candidate (``{"version": ...}``, refused
+    with 409 when it is not the one in rollout) and a ``reason``."""
+
+    kind = protocol.PROMOTE
+
+    async def post(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        try:
+            payload = orjson.loads(raw) if raw.strip() else {}
+        except orjson.JSONDecodeError as exc:
+            return self.error(400, f"body is not JSON: {exc}")
+        if not isinstance(payload, dict):
+            return self.error(400, 'body must be {"version": "<candidate>", "reason": "..."} '
+                              "or empty")
+        version, reason = payload.get("version"), payload.get("reason", "")
+        if (version is not None and not isinstance(version, str)) or \
+                not isinstance(reason, str):
+            return self.error(400, "version and reason must be strings")
+        rollout = protocol.candidate(model_manager.ledger.topic)
+        if rollout is None:
+            return self.error(409, "no rollout in progress")
+        if version is not None and version != rollout.version:
+            return self.error(409, f"version {version!r} is not the candidate in rollout "
+                              f"({rollout.version!r})")
+        message = protocol.decision_message(
+            self.kind, settings.model_name, rollout.version, "operator",
+            reason or f"{self.kind.lower()} requested by an operator",
+            at=int(time.time() * 1000))
+        sent = await app.producer.send_and_wait(
+            settings.updates_topic, None, orjson.dumps(message), partition=0, timestamp=None,
+            headers=None)
+        handled = await model_manager.wait_for_offset(sent.offset, timeout=PIN_WAIT_S)
+        body = model_manager.describe()
+        if not handled:
+            return self.error(504, f"{self.kind} published at offset {sent.offset} but not "
+                              f"handled within {PIN_WAIT_S}s; see GET /models/", **body)
+        return self.json(body)
+
+
+@app.page("/models/promote")
+class Promote(Decide):
+    """Promote the candidate in rollout: it serves on every worker from now on."""
+
+    kind = protocol.PROMOTE
+
+
+@app.page("/models/abort")
+class Abort(Decide):
+    """Abort the rollout: its candidate never serves (unless announced again)."""
+
+    kind = protocol.ABORT
 
 
 @app.page("/predict")

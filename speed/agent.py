@@ -10,6 +10,10 @@ exactly one worker keeps the counts, learns and numbers the chain of updates. It
 * keeps the ``quality_by_version`` table: per model version, the labelled events it predicted,
   their accuracy and log loss (a regression's: RMSE, MAE and R²) overall and as a rolling
   (exponentially weighted) figure;
+* during a rollout (:mod:`transport.rollout`), measures the candidate's and the serving
+  version's live quality since the rollout began (a shadow candidate's from the summaries of
+  its unserved predictions) and, on the worker that holds the scored partition, publishes
+  the policy's ``PROMOTE`` or ``ABORT`` (:class:`RolloutPolicy`);
 * when ``SPEED_LAYER`` is on, buffers the examples of the serving base version and, every
   ``SPEED_WINDOW_S`` with at least ``SPEED_MIN_EXAMPLES`` new ones, refits the output layer in a
   process of its own (:func:`models.online.refit`, so that a refit never holds the serving
@@ -59,7 +63,9 @@ from typing import Any, Sequence
 import numpy as np
 import orjson
 
+from transport import protocol
 from transport.lease import worker_lease
+from transport.rollout import Tracker, Verdict, decide
 from serving.model_manager import model_manager
 from serving.tables import SUMMARY_CHANGELOG_CONFIG, count_scored
 from app import app
@@ -75,7 +81,7 @@ settings = app.settings
 
 __all__ = ["SCORED_TOPIC", "scored_topic", "quality_by_version", "update_quality",
            "update_regression_quality", "log_loss_sum", "record_quality", "summarize_scored",
-           "SpeedLayer", "speed_layer"]
+           "SpeedLayer", "speed_layer", "RolloutPolicy", "rollout_policy", "batch_losses"]
 
 log = logging.getLogger(__name__)
 
@@ -443,6 +449,76 @@ class SpeedLayer:
 
 
 
+def batch_losses(batch: LabelledBatch) -> np.ndarray:
+    """Per-event loss the rollout policy compares: a miss (1.0) or hit (0.0) of a
+    classification, the squared error of a regression."""
+    if batch.task == REGRESSION:
+        losses: np.ndarray = np.square(batch.errors)
+        return losses
+    return (~batch.correct).astype(np.float64)
+
+
+class RolloutPolicy:
+    """The automatic end of a rollout, run where the quality is measured: by the worker that
+    holds the scored partition (the speed layer's learner), so one worker decides.
+
+    After ``ROLLOUT_MIN_EVENTS`` labelled events of the candidate and of the serving version
+    since the rollout began, :func:`transport.rollout.decide` promotes a candidate that is not
+    worse by more than ``ROLLOUT_MARGIN`` and aborts one that is significantly worse (level
+    ``ROLLOUT_ALPHA``); the decision goes on the update topic with its figures (``by``
+    ``"policy"``). The figures live in memory: a new holder of the partition starts counting
+    afresh."""
+
+    def __init__(self) -> None:
+        self.tracker = Tracker()
+        self.published: list[dict[str, Any]] = []
+
+    def observe(self, batches: Sequence[LabelledBatch]) -> None:
+        """Count ``batches`` for the rollout the update topic names now."""
+        rollout = protocol.candidate(model_manager.ledger.topic)
+        base = model_manager.base
+        self.tracker.follow(rollout.version if rollout else None,
+                            rollout.since if rollout else None,
+                            base.base_version if base is not None else None)
+        for batch in batches:
+            self.tracker.observe(batch.base_version, batch.task, batch_losses(batch))
+
+    def verdict(self) -> Verdict | None:
+        """The policy's verdict on the rollout in progress, None when there is none."""
+        tracker = self.tracker
+        if tracker.key is None or tracker.task is None:
+            return None
+        return decide(tracker.serving, tracker.candidate, tracker.task,
+                      min_events=settings.rollout_min_events, margin=settings.rollout_margin,
+                      alpha=settings.rollout_alpha)
+
+    async def step(self, batches: Sequence[LabelledBatch]) -> dict[str, Any] | None:
+        """Count ``batches``; on the learner, publish a decision once there is one. Returns
+        the message published, or None."""
+        self.observe(batches)
+        tracker = self.tracker
+        if not speed_layer.learner or tracker.key is None or tracker.decided == tracker.key:
+            return None
+        verdict = self.verdict()
+        if verdict is None or verdict.action == "wait":
+            return None
+        if not worker_lease.held:
+            return None
+        kind = protocol.PROMOTE if verdict.action == "promote" else protocol.ABORT
+        message = protocol.decision_message(
+            kind, settings.model_name, tracker.key[0], "policy", verdict.reason,
+            {**verdict.figures, "serving": tracker.serving_base},
+            at=int(time.time() * 1000))
+        await app.producer.send_and_wait(
+            settings.updates_topic, settings.model_name.encode(), orjson.dumps(message),
+            partition=0, timestamp=None, headers=None)
+        tracker.decided = tracker.key
+        self.published.append(message)
+        log.warning("rollout of %s: %s (%s)", tracker.key[0], kind, verdict.reason)
+        return message
+
+
+rollout_policy = RolloutPolicy()
 speed_layer = SpeedLayer()
 # Receivers run before the consumer rejoins the group (Faust awaits them), as serving's do.
 # (Faust's signal type asks for a ``signal`` keyword parameter; receivers get it in **kwargs.)
@@ -463,11 +539,16 @@ async def summarize_scored(stream: Any) -> None:
             log.error("skipped %s[%s]@%s: %s", message.topic, message.partition,
                       message.offset, exc)
             continue
-        count_scored(summary.version, summary.scored, summary.classes)
+        if not summary.shadow:
+            count_scored(summary.version, summary.scored, summary.classes)
         if summary.labelled is not None:
             record_quality([summary.labelled], event.message.partition,
                            int(time.time() * 1000))
-            if settings.speed_layer:
+            try:
+                await rollout_policy.step([summary.labelled])
+            except Exception:  # a failed send: the next labelled batch tries again
+                log.exception("publishing the rollout policy's decision failed")
+            if settings.speed_layer and not summary.shadow:
                 speed_layer.collect([summary.labelled], model_manager.base)
 
 

@@ -159,6 +159,110 @@ def test_should_serve_the_pin_unless_refused_else_the_newest_not_refused() -> No
     assert protocol.protected(ledger) == {"v1", "v3"}
 
 
+
+# -- rollouts -----------------------------------------------------------------------------------
+
+def rolled(version: str, mode: str, share: float = 0.25) -> dict[str, Any]:
+    return {**ref(version), "rollout": {"mode": mode, "share": share}}
+
+
+def decision(kind: str, version: str, by: str = "policy") -> dict[str, Any]:
+    return protocol.decision_message(kind, MODEL, version, by, reason="test",
+                                     figures={"n_candidate": 500}, at=1)
+
+
+def test_rollout_and_decision_messages_round_trip_and_are_validated() -> None:
+    message = rolled("v2", "canary", 0.1)
+    decoded = decode(json.dumps(message).encode())
+    assert isinstance(decoded, ModelRef) and decoded.rollout == protocol.Rollout(
+        mode="canary", share=0.1)
+    assert json.loads(encode(decoded)) == message
+    assert "rollout" not in ModelRef.from_message(ref("v1")).to_message()
+    for kind in (protocol.PROMOTE, protocol.ABORT):
+        d = decode(json.dumps(decision(kind, "v2", "operator")))
+        assert isinstance(d, protocol.Decision) and (d.kind, d.version, d.by) == (
+            kind, "v2", "operator")
+        assert json.loads(encode(d)) == decision(kind, "v2", "operator")
+    for bad, field in [({**ref("v2"), "rollout": {"mode": "blue-green"}}, "rollout"),
+                       ({**ref("v2"), "rollout": {"mode": "canary", "share": 1.5}}, "rollout"),
+                       ({**decision("PROMOTE", "v2"), "by": "someone"}, "by"),
+                       ({**decision("ABORT", "v2"), "version": "../x"}, "version"),
+                       ({k: v for k, v in decision("ABORT", "v2").items() if k != "model"},
+                        "model"),
+                       ({**decision("PROMOTE", "v2"), "figures": [1]}, "figures")]:
+        with pytest.raises(MessageError, match=field):
+            decode(json.dumps(bad))
+    # A malformed decision on the topic is a note, not an exception, and changes nothing.
+    ledger, note = step(Ledger(MODEL), Record(0, json.dumps({**decision("ABORT", "v"),
+                                                             "by": 3})))
+    assert note.kind == "malformed" and note.message_type == "ABORT"
+
+
+@pytest.mark.parametrize("mode", ["shadow", "canary"])
+def test_a_candidate_is_held_until_promoted_and_the_ledger_replays_it(mode: str) -> None:
+    history = records(ref("v1"), up("v1", 1), rolled("v2", mode))
+    ledger = replay(history, MODEL)
+    assert should_serve(ledger) == "v1" and list(ledger.announced) == ["v1", "v2"]
+    current = protocol.candidate(ledger)
+    assert current is not None and (current.version, current.mode, current.share,
+                                     current.since) == ("v2", mode, 0.25, 2)
+    assert protocol.protected(ledger) == {"v1", "v2"}
+    # A decision about another version than the candidate changes nothing.
+    same, note = step(ledger, Record(3, json.dumps(decision("PROMOTE", "v1"))))
+    assert note.kind == "stale-decision" and not note.changed
+    assert protocol.candidate(same) == current and should_serve(same) == "v1"
+    promoted = replay(records(ref("v1"), up("v1", 1), rolled("v2", mode),
+                              decision("PROMOTE", "v2")), MODEL)
+    assert should_serve(promoted) == "v2" and promoted.candidate is None
+    assert [d.kind for d in promoted.decisions] == ["PROMOTE"]
+    # Replayed from scratch, or folded on from where a reader stopped: the same ledger.
+    tail = Record(3, json.dumps(decision("PROMOTE", "v2")).encode())
+    folded = fold(ledger, tail)
+    assert [(list(x.announced), x.held, x.candidate, x.decisions, x.position)
+            for x in (folded, promoted)] == 2 * [(list(promoted.announced), promoted.held,
+                                                  None, promoted.decisions, 4)]
+
+
+def test_an_aborted_candidate_never_serves_until_announced_again() -> None:
+    ledger = replay(records(ref("v1"), rolled("v2", "shadow"), decision("ABORT", "v2")),
+                    MODEL)
+    assert should_serve(ledger) == "v1" and protocol.candidate(ledger) is None
+    assert ledger.aborted == {"v2": "test"}
+    # Promoting it later, or pinning it, does not make it serve.
+    later = replay(records(decision("PROMOTE", "v2"), pin("v2")), MODEL, ledger=ledger)
+    assert should_serve(later) == "v1"
+    # Refusing the serving version falls back past the aborted one.
+    assert should_serve(refuse(ledger, "v1", "bad")) is None
+    # Announced again: a new rollout (here the default, immediate: it serves).
+    again = fold(ledger, Record(3, json.dumps(ref("v2"))))
+    assert should_serve(again) == "v2" and again.aborted == {}
+    restarted = fold(ledger, Record(3, json.dumps(rolled("v2", "canary"))))
+    assert should_serve(restarted) == "v1" and restarted.candidate is not None
+
+
+def test_the_default_rollout_applies_and_the_first_version_serves_at_once() -> None:
+    shadowing = Ledger(MODEL, rollout=protocol.Rollout(mode="shadow"))
+    first = replay(records(ref("v1")), MODEL, ledger=shadowing)
+    assert should_serve(first) == "v1" and first.candidate is None  # nothing to compare with
+    second = replay(records(ref("v1"), ref("v2")), MODEL, ledger=shadowing)
+    assert should_serve(second) == "v1" and second.candidate is not None
+    assert second.candidate.mode == "shadow"
+    # The announcement's own rollout wins over the default.
+    third = fold(second, Record(2, json.dumps({**ref("v3"),
+                                                "rollout": {"mode": "immediate"}})))
+    assert should_serve(third) == "v3" and third.candidate is None
+    # v2's rollout ended with the newer announcement: v2 stays held.
+    assert should_serve(refuse(third, "v3", "bad")) == "v1"
+
+
+def test_a_pin_or_a_refusal_suspends_the_candidate() -> None:
+    ledger = replay(records(ref("v1"), rolled("v2", "canary")), MODEL)
+    pinned = fold(ledger, Record(2, json.dumps(pin("v1"))))
+    assert should_serve(pinned) == "v1" and protocol.candidate(pinned) is None
+    lifted = fold(pinned, Record(3, json.dumps(pin(None))))
+    assert protocol.candidate(lifted) is not None
+    assert protocol.candidate(refuse(ledger, "v2", "bad")) is None
+
 def test_settle_refuses_what_does_not_verify_until_one_does() -> None:
     ledger = replay(records(ref("v1"), ref("v2"), ref("v3")), MODEL)
     tried: list[str] = []
@@ -271,3 +375,35 @@ async def test_an_announcement_pointing_at_another_versions_manifest_is_refused(
     assert batch_view(history, registry) == expected
     # What serves is kept by generation clean-up, whatever the topic names.
     assert first.version in update_state(history, MODEL, registry.load_ref).protected()
+
+
+async def test_serving_loads_the_candidate_routes_to_it_and_swaps_on_promotion(
+        registry: Registry) -> None:
+    v1, v2, v3 = (publish_small_model(registry, MODEL, FEATURES, CLASSES, seed=i)
+                  for i in range(3))
+    manager = ModelManager()
+    manager.registry = registry
+
+    async def feed(offset: int, message: dict[str, Any]) -> None:
+        if manager._record(json.dumps(message).encode(), offset):
+            await manager._converge()
+
+    await feed(0, v1.to_message())
+    await feed(1, {**v2.to_message(), "rollout": {"mode": "canary", "share": 0.3}})
+    routing = manager.routing()
+    assert routing.model.version == v1.version and routing.candidate is not None
+    assert (routing.candidate.version, routing.mode, routing.share) == (v2.version, "canary",
+                                                                         0.3)
+    rollout = manager.describe()["rollout"]
+    assert rollout["candidate"] == v2.version and rollout["loaded"] and "decision" not in rollout
+    candidate = routing.candidate
+    await feed(2, decision("PROMOTE", v2.version))
+    assert manager.active is candidate and manager.routing().candidate is None  # no reload
+    assert manager.describe()["rollout"]["decision"]["type"] == "PROMOTE"
+    # The next rollout is aborted: the candidate is dropped, the promoted version serves on.
+    await feed(3, {**v3.to_message(), "rollout": {"mode": "shadow"}})
+    assert manager.routing().mode == "shadow"
+    await feed(4, decision("ABORT", v3.version, by="operator"))
+    assert manager.active is candidate and manager.routing().candidate is None
+    assert manager.describe()["rollout"]["candidate"] is None
+    assert manager.ledger.topic.aborted == {v3.version: "test"}

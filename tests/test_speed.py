@@ -798,3 +798,88 @@ def test_live_and_batch_log_loss_agree_for_the_same_predictions() -> None:
     assert live == pytest.approx(offline, rel=1e-12)
     picked = probabilities[np.arange(300), labels].astype(np.float64)
     assert live == pytest.approx(-np.mean(np.log(np.maximum(picked, LOG_LOSS_EPS))), rel=1e-5)
+
+
+class DecisionProducer:
+    """Records the decisions the rollout policy publishes."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    async def send_and_wait(self, topic: str, key: bytes, value: bytes, **kwargs: Any) -> None:
+        assert topic == speed.settings.updates_topic and kwargs["partition"] == 0
+        self.sent.append(json.loads(value))
+
+
+def outcome(version: str, accuracy: float, n: int, seed: int) -> scored_summary.LabelledBatch:
+    """``n`` labelled events ``version`` predicted right a share ``accuracy`` of the time."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    right = rng.random(n) < accuracy
+    predicted = np.where(right, y, 1 - y)
+    P = np.eye(2, dtype=np.float32)[predicted] * 0.8 + 0.1
+    return scored_summary.LabelledBatch(version, version.split("+")[0], y.astype(np.int64),
+                                        np.zeros((n, len(FEATURES))), P)
+
+
+@pytest.mark.parametrize("candidate_accuracy, expected", [(0.9, "PROMOTE"), (0.5, "ABORT")])
+async def test_the_rollout_policy_publishes_its_decision_once_on_the_learner(
+        test_app: Any, monkeypatch: pytest.MonkeyPatch, candidate_accuracy: float,
+        expected: str) -> None:
+    from transport.lease import worker_lease
+
+    base = make_model(version="v1")
+    sha = "a" * 64
+    refs = [{"type": "MODEL-REF", "model": app.settings.model_name, "version": v,
+             "manifest": f"s3://b/m/{v}/manifest.json", "sha256": sha} for v in ("v1", "v2")]
+    refs[1]["rollout"] = {"mode": "shadow"}
+    ledger = protocol.replay([protocol.Record(i, json.dumps(r).encode())
+                              for i, r in enumerate(refs)], app.settings.model_name)
+    monkeypatch.setattr(model_manager.ledger, "base", base)
+    monkeypatch.setattr(model_manager.ledger, "topic", ledger)
+    monkeypatch.setattr(speed, "settings", speed.settings.replace(
+        rollout_min_events=300, rollout_margin=0.01, rollout_alpha=0.05))
+    producer = DecisionProducer()
+    monkeypatch.setattr(app, "_producer", producer)
+    worker_lease.confirmed()
+    policy = speed.RolloutPolicy()
+    monkeypatch.setattr(speed.speed_layer, "learner", True)
+    # Not enough events yet: nothing is decided.
+    assert await policy.step([outcome("v1+3", 0.75, 200, 1), outcome("v2", candidate_accuracy,
+                                                                      200, 2)]) is None
+    # Another rollout's or version's events count for nothing.
+    await policy.step([outcome("v0", 0.0, 500, 3)])
+    assert (policy.tracker.serving.n, policy.tracker.candidate.n) == (200, 200)
+    sent = await policy.step([outcome("v1+4", 0.75, 300, 4), outcome("v2", candidate_accuracy,
+                                                                       300, 5)])
+    assert sent is not None and producer.sent == [sent]
+    assert (sent["type"], sent["version"], sent["by"]) == (expected, "v2", "policy")
+    figures = sent["figures"]
+    assert figures["test"] == "two-proportion-z" and figures["n_candidate"] == 500
+    assert figures["serving"] == "v1" and figures["accuracy_serving"] == pytest.approx(
+        0.75, abs=0.05)
+    # The decision is published once, and folds into the ledger like any other.
+    assert await policy.step([outcome("v2", candidate_accuracy, 100, 6)]) is None
+    folded = protocol.fold(ledger, protocol.Record(2, json.dumps(sent).encode()))
+    assert folded.candidate is None
+    assert protocol.should_serve(folded) == ("v2" if expected == "PROMOTE" else "v1")
+
+
+async def test_a_worker_without_the_scored_partition_decides_nothing(
+        test_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    sha = "a" * 64
+    refs = [{"type": "MODEL-REF", "model": app.settings.model_name, "version": v,
+             "manifest": f"s3://b/m/{v}/manifest.json", "sha256": sha,
+             "rollout": {"mode": "canary", "share": 0.5}} for v in ("v1", "v2")]
+    ledger = protocol.replay([protocol.Record(i, json.dumps(r).encode())
+                              for i, r in enumerate(refs)], app.settings.model_name)
+    monkeypatch.setattr(model_manager.ledger, "base", make_model(version="v1"))
+    monkeypatch.setattr(model_manager.ledger, "topic", ledger)
+    monkeypatch.setattr(speed, "settings", speed.settings.replace(rollout_min_events=10))
+    producer = DecisionProducer()
+    monkeypatch.setattr(app, "_producer", producer)
+    monkeypatch.setattr(speed.speed_layer, "learner", False)
+    policy = speed.RolloutPolicy()
+    assert await policy.step([outcome("v1", 0.5, 400, 1), outcome("v2", 0.99, 400, 2)]) is None
+    assert producer.sent == [] and policy.verdict() is not None
+    assert policy.verdict().action == "promote"  # type: ignore[union-attr]

@@ -11,6 +11,25 @@ Every message is one UTF-8 JSON object with a ``"type"`` (formats in the project
     An operator's choice: serve ``version`` whatever is announced later, until a PIN with
     ``"version": null``. A PIN names its model like every other message; one without
     ``"model"`` is malformed.
+``PROMOTE`` and ``ABORT`` (:class:`Decision`)
+    The end of a rollout (see below): the candidate in rollout serves from now on, or never
+    serves (until it is announced again). ``by`` says who decided (``"policy"``, the speed
+    layer's, or ``"operator"``), with the ``reason`` and the ``figures`` it decided on.
+
+Rollouts
+--------
+A ``MODEL-REF`` may carry ``"rollout": {"mode": "shadow"|"canary"|"immediate", "share": s}``;
+without one the ledger's default (``ROLLOUT_MODE``, ``ROLLOUT_CANARY_SHARE``) applies. An
+``immediate`` version is the newest announced and serves, as it always did. A ``shadow`` or
+``canary`` version becomes the ledger's :attr:`Ledger.candidate` instead, *held* from
+:func:`should_serve` (the version serving goes on serving) until a ``PROMOTE`` of it (it then
+counts as the newest announcement, so it serves) or an ``ABORT`` (it stays held: it never
+serves, unless a ``MODEL-REF`` announces it again, which starts a new rollout). A decision
+about any other version than the candidate changes nothing. A rollout needs a version to
+compare with: when no announced version could serve (the first announcement), the version
+serves at once. A newer announcement ends the rollout in progress (the old candidate stays
+held). :func:`candidate` names the version in rollout that serving should route to: none while
+a pin holds or when the candidate was refused.
 
 :func:`decode` validates a message into its typed struct (msgspec), or raises
 :class:`MessageError` naming the field; :func:`encode` is the inverse. A message of another
@@ -27,7 +46,8 @@ returns a new ledger and never touches the one it was given; a record at an offs
 folded changes nothing, so a re-delivered record is harmless.
 
 What serves is a function of the ledger alone, :func:`should_serve`: the pinned version if it
-was announced and is not refused, else the newest announced version that is not refused.
+was announced and is neither refused nor aborted, else the newest announced version that is
+neither refused nor held by a rollout (see Rollouts).
 
 Refusals
 --------
@@ -35,14 +55,14 @@ A version is refused when its artifact does not verify: the manifest is missing 
 differs from the announcement, the manifest names another version than the announcement (a
 MODEL-REF ``v9`` pointing at ``v3``'s manifest is refused, not served as ``v3``), a file's
 sha256 differs from the manifest, the weights do not reproduce the reference rows. The topic
-does not carry refusals: serving writes nothing to it but operators' PINs, as in Oryx, where
-the update topic flows from the batch and speed layers to serving only. Instead every reader
-verifies for itself, with the same registry check (:meth:`models.registry.Registry.load_ref`),
-and folds what it found into its ledger with :func:`refuse`. :func:`settle` does exactly that
-for the version :func:`should_serve` names, until one verifies or none is left; serving
-workers refuse a version when loading it fails, the batch layer settles its ledger before it
-compares with or prunes around the active version. Since the artifact is immutable and the
-check is the same, both reach the same refusals.
+does not carry refusals: serving writes nothing to it but operators' PINs and decisions, as in
+Oryx, where the update topic flows from the batch and speed layers to serving only. Instead
+every reader verifies for itself, with the same registry check
+(:meth:`models.registry.Registry.load_ref`), and folds what it found into its ledger with
+:func:`refuse`. :func:`settle` does exactly that for the version :func:`should_serve` names,
+until one verifies or none is left; serving workers refuse a version when loading it fails, the
+batch layer settles its ledger before it compares with or prunes around the active version.
+Since the artifact is immutable and the check is the same, both reach the same refusals.
 
 Two refusals stay local to a worker, because they depend on more than the topic and the
 artifact: a version whose features or classes differ from what that worker is serving at that
@@ -60,7 +80,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
-from typing import Annotated, Any, Callable, Iterable, Literal, Mapping, NamedTuple, Union
+from typing import Annotated, Any, Callable, Final, Iterable, Literal, Mapping, NamedTuple, Union
 
 import msgspec
 import numpy as np
@@ -68,8 +88,10 @@ import numpy as np
 from app.errors import StratumError
 
 __all__ = [
-    "MODEL_REF", "UP", "PIN", "TYPES", "MANIFEST_FILE", "MessageError", "UnknownType",
-    "ModelRef", "Up", "ModelUpdate", "Pin", "Message", "pin_message",
+    "MODEL_REF", "UP", "PIN", "PROMOTE", "ABORT", "TYPES", "MANIFEST_FILE", "MessageError",
+    "UnknownType", "IMMEDIATE", "SHADOW", "CANARY", "MODES", "Rollout", "Candidate",
+    "ModelRef", "Up", "ModelUpdate", "Pin", "Decision", "Message", "pin_message",
+    "decision_message", "candidate",
     "decode", "decode_message", "encode",
     "Record", "Note", "Ledger", "step", "fold", "replay", "refuse", "should_serve",
     "fallback", "protected", "settle",
@@ -81,8 +103,17 @@ MODEL_REF = "MODEL-REF"
 UP = "UP"
 #: ``"type"`` of an operator's pin (or, with a null version, its release).
 PIN = "PIN"
+#: ``"type"`` of a rollout's promotion of its candidate.
+PROMOTE = "PROMOTE"
+#: ``"type"`` of a rollout's abort: the candidate never serves.
+ABORT = "ABORT"
 #: Every type this protocol knows.
-TYPES = (MODEL_REF, UP, PIN)
+TYPES = (MODEL_REF, UP, PIN, PROMOTE, ABORT)
+#: Rollout modes of a new base version.
+IMMEDIATE: Final = "immediate"
+SHADOW: Final = "shadow"
+CANARY: Final = "canary"
+MODES = (IMMEDIATE, SHADOW, CANARY)
 #: File name a MODEL-REF's manifest URI ends with.
 MANIFEST_FILE = "manifest.json"
 #: The only layer an update replaces today.
@@ -111,6 +142,14 @@ class UnknownType(MessageError):
 
 # -- messages -----------------------------------------------------------------------------------
 
+class Rollout(msgspec.Struct, frozen=True, kw_only=True):
+    """How a new base version goes live: ``mode`` (``immediate``, ``shadow`` or ``canary``)
+    and, for a canary, the ``share`` of ids (0 < share < 1) its candidate serves."""
+
+    mode: Literal["immediate", "shadow", "canary"] = IMMEDIATE
+    share: Annotated[float, msgspec.Meta(gt=0.0, lt=1.0)] = 0.1
+
+
 class ModelRef(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=MODEL_REF):
     """A pointer to one published model version, as the ``MODEL-REF`` message announces it.
 
@@ -131,10 +170,15 @@ class ModelRef(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=
     manifest_uri: str = msgspec.field(name="manifest")
     sha256: Sha256
     metrics: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: How the version goes live; None: the reader's default (``ROLLOUT_MODE``).
+    rollout: Union[Rollout, None] = None
 
     def to_message(self) -> dict[str, Any]:
-        """The contract's ``MODEL-REF`` message (a JSON-ready dict)."""
+        """The contract's ``MODEL-REF`` message (a JSON-ready dict); ``rollout`` only when
+        set."""
         message: dict[str, Any] = msgspec.to_builtins(self)
+        if self.rollout is None:
+            message.pop("rollout", None)
         return message
 
     @classmethod
@@ -177,6 +221,43 @@ def pin_message(model: str, version: str | None, *, at: int | None = None,
                 rollback_from: str | None = None) -> dict[str, Any]:
     """The ``PIN`` message that pins ``version`` of ``model`` (None lifts the pin)."""
     return Pin(model=model, version=version, at=at, rollback_from=rollback_from).to_message()
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """The end of a rollout: ``PROMOTE`` (``kind``) the candidate ``version``, or ``ABORT``
+    it; ``by`` ``"policy"`` (the speed layer) or ``"operator"``, with the ``reason`` and the
+    ``figures`` decided on, and ``at`` (epoch ms) when it was sent."""
+
+    kind: Literal["PROMOTE", "ABORT"] = msgspec.field(name="type")
+    model: Segment
+    version: Segment
+    by: Literal["policy", "operator"]
+    reason: str = ""
+    figures: dict[str, Any] = msgspec.field(default_factory=dict)
+    at: Union[int, None] = None
+
+    def to_message(self) -> dict[str, Any]:
+        """The ``PROMOTE`` or ``ABORT`` message (a JSON-ready dict)."""
+        message: dict[str, Any] = msgspec.to_builtins(self)
+        return message
+
+    @classmethod
+    def from_message(cls, message: Any) -> "Decision":
+        """Validate a decoded ``PROMOTE`` or ``ABORT``; :class:`MessageError` names what is
+        wrong."""
+        kind = message.get("type") if isinstance(message, Mapping) else None
+        decision: Decision = _convert(message, cls, kind if kind in (PROMOTE, ABORT)
+                                      else PROMOTE, _DECISION_REASONS)
+        return decision
+
+
+def decision_message(kind: str, model: str, version: str, by: str, reason: str = "",
+                     figures: Mapping[str, Any] | None = None,
+                     at: int | None = None) -> dict[str, Any]:
+    """A ``PROMOTE`` or ``ABORT`` message (validated: :class:`MessageError` when malformed)."""
+    message = {"type": kind, "model": model, "version": version, "by": by, "reason": reason,
+               "figures": dict(figures or {}), "at": at}
+    return Decision.from_message(message).to_message()
 
 
 class Up(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=UP):
@@ -287,10 +368,11 @@ class ModelUpdate:
 
 
 #: A decoded update-topic message.
-Message = Union[ModelRef, ModelUpdate, Pin]
+Message = Union[ModelRef, ModelUpdate, Pin, Decision]
 
 _DECODERS: dict[str, Callable[[Any], Message]] = {
-    MODEL_REF: ModelRef.from_message, UP: ModelUpdate.from_message, PIN: Pin.from_message}
+    MODEL_REF: ModelRef.from_message, UP: ModelUpdate.from_message, PIN: Pin.from_message,
+    PROMOTE: Decision.from_message, ABORT: Decision.from_message}
 
 
 def _parse(raw: bytes | str | Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -371,6 +453,15 @@ _REF_REASONS: dict[str, Callable[[Any], str]] = {
     "manifest": _fixed("MODEL-REF field 'manifest' must be a non-empty string"),
     "sha256": _fixed("MODEL-REF sha256 must be 64 lowercase hex digits"),
     "metrics": _fixed("MODEL-REF metrics must be an object"),
+    "rollout": _got('MODEL-REF rollout must be {"mode": "immediate"|"shadow"|"canary", '
+                    '"share": 0 < share < 1}'),
+}
+_DECISION_REASONS: dict[str, Callable[[Any], str]] = {
+    "model": _segment("decision", "model"), "version": _segment("decision", "version"),
+    "by": _got("decision field 'by' must be \"policy\" or \"operator\""),
+    "reason": _got("decision field 'reason' must be a string"),
+    "figures": _got("decision field 'figures' must be an object"),
+    "at": _got("decision field 'at' must be an integer (epoch ms) or null"),
 }
 _PIN_REASONS: dict[str, Callable[[Any], str]] = {
     "model": _segment(PIN, "model"), "version": _pin_version,
@@ -448,7 +539,10 @@ class Note:
     ``kind`` is ``"announced"``, ``"pinned"``, ``"update"`` (kept as the newest of its base),
     ``"stale"`` (an update not newer than the one kept), ``"other-model"``, ``"unknown"`` (not
     a message of a known type: ignored), ``"malformed"`` (a known type that does not validate;
-    ``message_type`` says which), or ``"seen"`` (an offset already folded). ``changed`` is True
+    ``message_type`` says which), ``"candidate"`` (an announcement that starts a rollout),
+    ``"promoted"`` and ``"aborted"`` (a decision that ended it), ``"stale-decision"`` (a
+    decision about another version than the candidate: ignored), or ``"seen"`` (an offset
+    already folded). ``changed`` is True
     when what should serve, or the update to apply, may differ.
     """
 
@@ -484,6 +578,18 @@ class Ledger:
         The newest valid update of each base version.
     stale : int
         Updates dropped because they were not newer than the one kept.
+    rollout : Rollout
+        How an announcement without a ``rollout`` goes live (the reader's default; every
+        reader of a deployment has the same settings).
+    candidate : Candidate or None
+        The version in rollout, None when no rollout is in progress.
+    held : frozenset of str
+        Versions announced under a rollout and not promoted: never what
+        :func:`should_serve` names (the candidate, aborted ones, superseded ones).
+    aborted : mapping of version to reason
+        Versions an ``ABORT`` ended the rollout of (until announced again).
+    decisions : tuple of Decision
+        The decisions folded, oldest first (the last few only).
     """
 
     model: str
@@ -493,6 +599,32 @@ class Ledger:
     refused: Mapping[str, str] = field(default_factory=lambda: _frozen({}))
     updates: Mapping[str, ModelUpdate] = field(default_factory=lambda: _frozen({}))
     stale: int = 0
+    rollout: Rollout = field(default_factory=Rollout)
+    candidate: "Candidate | None" = None
+    held: frozenset[str] = frozenset()
+    aborted: Mapping[str, str] = field(default_factory=lambda: _frozen({}))
+    decisions: tuple[Decision, ...] = ()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The version in rollout: its ``mode`` and canary ``share``, the offset of the
+    announcement that started the rollout (``since``) and its producer timestamp
+    (``since_ms``, for display only)."""
+
+    version: str
+    mode: str
+    share: float
+    since: int
+    since_ms: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"candidate": self.version, "mode": self.mode, "share": self.share,
+                "since": self.since, "since_ms": self.since_ms}
+
+
+#: Decisions a ledger keeps for display.
+_DECISIONS_KEPT = 10
 
 
 def step(ledger: Ledger, record: Record) -> tuple[Ledger, Note]:
@@ -524,10 +656,9 @@ def step(ledger: Ledger, record: Record) -> tuple[Ledger, Note]:
         return moved, Note("malformed", version=str(version) if version is not None else "?",
                            message_type=kind, reason=str(exc))
     if isinstance(message, ModelRef):
-        announced = {v: r for v, r in ledger.announced.items() if v != message.version}
-        announced[message.version] = message
-        return (dataclasses.replace(moved, announced=_frozen(announced)),
-                Note("announced", True, message.version, MODEL_REF, message=message))
+        return _announce(ledger, moved, message, record)
+    if isinstance(message, Decision):
+        return _decide(moved, message)
     if isinstance(message, Pin):
         return (dataclasses.replace(moved, pinned=message.version),
                 Note("pinned", True, message.version, PIN, message=message))
@@ -539,6 +670,50 @@ def step(ledger: Ledger, record: Record) -> tuple[Ledger, Note]:
     updates = {**ledger.updates, message.base_version: message}
     return (dataclasses.replace(moved, updates=_frozen(updates)),
             Note("update", True, message.version, UP, message=message))
+
+
+def _announce(ledger: Ledger, moved: Ledger, message: ModelRef,
+              record: Record) -> tuple[Ledger, Note]:
+    version = message.version
+    announced = {v: r for v, r in ledger.announced.items() if v != version}
+    announced[version] = message
+    rollout = message.rollout or ledger.rollout
+    # A version announced again starts afresh: its abort and hold are forgotten.
+    held = ledger.held - {version}
+    aborted = {v: r for v, r in ledger.aborted.items() if v != version}
+    # Something to compare with: a version the topic lets serve (refusals are local).
+    incumbent = any(v not in held for v in ledger.announced if v != version)
+    candidate: Candidate | None = None
+    if rollout.mode != IMMEDIATE and incumbent:
+        candidate = Candidate(version, rollout.mode, rollout.share, record.offset,
+                              record.timestamp)
+        held = held | {version}
+    # A newer announcement ends the rollout in progress; its candidate stays held.
+    return (dataclasses.replace(moved, announced=_frozen(announced), held=held,
+                                aborted=_frozen(aborted), candidate=candidate),
+            Note("announced" if candidate is None else "candidate", True, version, MODEL_REF,
+                 message=message))
+
+
+def _decide(moved: Ledger, message: Decision) -> tuple[Ledger, Note]:
+    current = moved.candidate
+    if current is None or current.version != message.version:
+        return moved, Note("stale-decision", False, message.version, message.kind,
+                           reason="not the candidate in rollout", message=message)
+    decisions = (moved.decisions + (message,))[-_DECISIONS_KEPT:]
+    version = message.version
+    if message.kind == PROMOTE:
+        # Promoted: it counts as the newest announcement, so it serves.
+        announced = {v: r for v, r in moved.announced.items() if v != version}
+        announced[version] = moved.announced[version]
+        return (dataclasses.replace(moved, announced=_frozen(announced),
+                                    held=moved.held - {version}, candidate=None,
+                                    decisions=decisions),
+                Note("promoted", True, version, PROMOTE, message=message))
+    aborted = {**moved.aborted, version: message.reason or f"aborted by {message.by}"}
+    return (dataclasses.replace(moved, aborted=_frozen(aborted), candidate=None,
+                                decisions=decisions),
+            Note("aborted", True, version, ABORT, message=message))
 
 
 def fold(ledger: Ledger, record: Record) -> Ledger:
@@ -562,26 +737,42 @@ def refuse(ledger: Ledger, version: str, reason: str) -> Ledger:
 
 
 def fallback(ledger: Ledger) -> str | None:
-    """The newest announced version that is not refused: what serves when nothing is pinned."""
+    """The newest announced version that is not refused nor held by a rollout: what serves
+    when nothing is pinned."""
     for version in reversed(list(ledger.announced)):
-        if version not in ledger.refused:
+        if version not in ledger.refused and version not in ledger.held:
             return str(version)
     return None
 
 
 def should_serve(ledger: Ledger) -> str | None:
-    """The version that should serve: the pinned one if it was announced and is not refused,
-    else :func:`fallback`; None when no version qualifies."""
+    """The version that should serve: the pinned one if it was announced and is neither
+    refused nor aborted, else :func:`fallback`; None when no version qualifies. The candidate
+    of a rollout is never named here (see :func:`candidate`)."""
     pinned = ledger.pinned
-    if pinned is not None and pinned in ledger.announced and pinned not in ledger.refused:
+    if pinned is not None and pinned in ledger.announced and pinned not in ledger.refused \
+            and pinned not in ledger.aborted:
         return pinned
     return fallback(ledger)
 
 
+def candidate(ledger: Ledger) -> Candidate | None:
+    """The rollout serving routes to alongside :func:`should_serve`: the candidate, unless a
+    pin holds (the operator's choice serves alone) or the candidate was refused."""
+    current = ledger.candidate
+    if current is None or current.version in ledger.refused:
+        return None
+    if ledger.pinned is not None and should_serve(ledger) == ledger.pinned:
+        return None
+    return current
+
+
 def protected(ledger: Ledger) -> frozenset[str]:
-    """Versions generation clean-up must keep: the one that should serve, the pinned one, and
-    the one that serves once the pin is lifted."""
-    return frozenset(v for v in (should_serve(ledger), ledger.pinned, fallback(ledger)) if v)
+    """Versions generation clean-up must keep: the one that should serve, the pinned one, the
+    one that serves once the pin is lifted, and the candidate in rollout."""
+    rolling = ledger.candidate.version if ledger.candidate is not None else None
+    return frozenset(v for v in (should_serve(ledger), ledger.pinned, fallback(ledger),
+                                 rolling) if v)
 
 
 def settle(ledger: Ledger, verify: Callable[[ModelRef], Any]) -> Ledger:

@@ -32,7 +32,7 @@ LABELLED_PER_MESSAGE = 512
 
 def summary_messages(model: Any, predicted: Sequence[Any], ids: Sequence[str],
                      labels: Sequence[Any], features: np.ndarray, outputs: np.ndarray,
-                     ts: Sequence[int | None]) -> list[bytes]:
+                     ts: Sequence[int | None], shadow: bool = False) -> list[bytes]:
     """What serving tells the rest of the worker group about a scored micro-batch: how many
     events each class was predicted for, and the labelled events with what was predicted.
 
@@ -70,7 +70,7 @@ def summary_messages(model: Any, predicted: Sequence[Any], ids: Sequence[str],
     regression = task == REGRESSION
     base_version = getattr(model, "base_version", model.version)
     labelled = [i for i, label in enumerate(labels) if label is not None]
-    counts: dict[str, int] = {} if regression else Counter(map(str, predicted))
+    counts: dict[str, int] = {} if regression or shadow else Counter(map(str, predicted))
     if regression:
         def label_of(i: int) -> Any:
             return float(labels[i])
@@ -86,11 +86,14 @@ def summary_messages(model: Any, predicted: Sequence[Any], ids: Sequence[str],
         first = start == 0
         message = {
             "task": task, "version": model.version, "base_version": base_version,
-            "scored": len(predicted) if first else 0, "classes": counts if first else {},
+            "scored": len(predicted) if first and not shadow else 0,
+            "classes": counts if first else {},
             "ids": [ids[i] for i in chunk], "ts": [ts[i] for i in chunk],
             "labels": [label_of(i) for i in chunk],
             "n_features": int(features.shape[1]),
             "features": _b64(features[chunk], "<f8")}
+        if shadow:
+            message["shadow"] = True
         if regression:
             message["predicted"] = _b64(outputs[chunk, 0], "<f4")
         else:
@@ -156,6 +159,8 @@ class ScoredSummary:
     classes: dict[str, int]
     #: Its labelled events, or None when it had none.
     labelled: LabelledBatch | None
+    #: A shadow rollout candidate's predictions (not served; counted nowhere).
+    shadow: bool = False
 
 
 def parse_summary(raw: bytes | None) -> ScoredSummary:
@@ -173,6 +178,7 @@ def parse_summary(raw: bytes | None) -> ScoredSummary:
         regression = task == REGRESSION
         outputs = base64.b64decode(m["predicted" if regression else "probabilities"],
                                    validate=True)
+        shadow = m.get("shadow", False) is True
     except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError) as exc:
         raise ValueError(f"not a summary of scored events: {exc}") from None
     if not (task in TASKS and isinstance(version, str) and isinstance(base_version, str)
@@ -183,7 +189,7 @@ def parse_summary(raw: bytes | None) -> ScoredSummary:
             and type(n_features) is int and n_features >= 1):
         raise ValueError("not a summary of scored events: bad field types")
     if not labels:
-        return ScoredSummary(version, scored, classes, None)
+        return ScoredSummary(version, scored, classes, None, shadow)
     n = len(labels)
     if len(features) != 8 * n * n_features or len(outputs) % (4 * n) or (
             regression and len(outputs) != 4 * n):
@@ -198,7 +204,7 @@ def parse_summary(raw: bytes | None) -> ScoredSummary:
         if P.shape[1] < 2 or y.min() < 0 or y.max() >= P.shape[1]:
             raise ValueError("not a summary of scored events: a label is not a class index")
     return ScoredSummary(version, scored, classes,
-                         LabelledBatch(version, base_version, y, X, P, task))
+                         LabelledBatch(version, base_version, y, X, P, task), shadow)
 
 
 def _is_number(value: Any) -> bool:

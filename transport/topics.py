@@ -65,6 +65,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.events_topic, n),
         # Keyed by id, so the owner of an id's prediction is the owner of its table row.
         TopicSpec(settings.predictions_topic, n),
+        # A shadow rollout's candidate predictions, keyed by id like the predictions.
+        TopicSpec(settings.shadow_topic, n),
         TopicSpec(settings.dlq_topic, n),
         # One partition keeps announcements totally ordered; kept forever so a worker that
         # starts reads the whole history and lands on the newest announced version.
