@@ -70,6 +70,18 @@ def _load_static() -> dict[str, tuple[bytes, str]]:
 STATIC = _load_static()
 
 
+def _dashboard_page() -> str:
+    """``dashboard.html`` with each file it names as ``/static/<name>?v=<its hash>``: a
+    browser caches the files, and fetches them again once the worker serves other ones."""
+    page = STATIC["dashboard.html"][0].decode()
+    for name, (_, etag) in STATIC.items():
+        page = page.replace(f'"/static/{name}"', f'"/static/{name}?v={etag.strip(chr(34))}"')
+    return page
+
+
+DASHBOARD_PAGE = _dashboard_page()
+
+
 class StratumView(web.View):
     """A view whose unexpected failures answer JSON, logged with the request path."""
 
@@ -107,8 +119,7 @@ class Home(StratumView):
     every 2 seconds by the page's own script (``serving/static/dashboard.html``)."""
 
     async def get(self, request: web.Request) -> web.Response:
-        return self.html(STATIC["dashboard.html"][0].decode(),
-                         headers={"Cache-Control": "no-cache"})
+        return self.html(DASHBOARD_PAGE, headers={"Cache-Control": "no-cache"})
 
 
 @app.page("/plain")

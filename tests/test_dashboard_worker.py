@@ -133,6 +133,7 @@ def test_dashboard_json_tells_what_the_tables_and_models_tell(deployment: Deploy
     # The page and its files.
     status, page, ctype = http("GET", f"{d.url}/")
     assert status == 200 and ctype.startswith("text/html") and "/dashboard.json" in page
+    assert re.search(r'"/static/dashboard\.js\?v=[0-9a-f]{16}"', page)  # a new file, a new URL
     status, script, ctype = http("GET", f"{d.url}/static/uPlot.iife.min.js")
     assert status == 200 and ctype.startswith("text/javascript") and "uPlot" in script
     assert http("GET", f"{d.url}/static/nope.js")[0] == 404

@@ -75,6 +75,7 @@ function plot(id, t, named, opts) {
   let chart = charts[id];
   if (chart && chart.key === key) {
     chart.plot.setData(data);
+    padX(chart.plot, t, opts.xPad);
     return;
   }
   if (chart) chart.plot.destroy();
@@ -82,16 +83,22 @@ function plot(id, t, named, opts) {
     label: n, stroke: opts.colors && opts.colors[n] || COLORS[i % COLORS.length],
     width: opts.widths && opts.widths[n] || 1.5, spanGaps: false,
     dash: opts.dashed && opts.dashed[n] ? [6, 4] : undefined,
-    paths: opts.bars ? uPlot.paths.bars({size: [0.8, 40]}) : undefined,
-    fill: opts.bars ? (COLORS[i % COLORS.length] + "55") : undefined,
     points: {show: opts.points || false},
   })));
+  const scales = {x: {time: true}};
+  if (opts.fromZero) scales.y = {range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1]};
   const plot = new uPlot({
-    width: width, height: 240, series: series, scales: {x: {time: true}},
+    width: width, height: 240, series: series, scales: scales,
     axes: [{}, {label: opts.yLabel, size: 60}],
     plugins: opts.marks ? [markersPlugin(() => timelineMarks)] : [],
   }, data, el);
   charts[id] = {key: key, plot: plot};
+  padX(plot, t, opts.xPad);
+}
+
+// Widens the x range by `pad` seconds each side (one window alone would span a day).
+function padX(plot, t, pad) {
+  if (pad && t.length) plot.setScale("x", {min: t[0] - pad, max: t[t.length - 1] + pad});
 }
 
 function render(d) {
@@ -119,10 +126,11 @@ function render(d) {
   const rate = d.predictions_per_s;
   plot("chart-rate", rate.t, Object.assign({}, rate.series, {"all workers": rate.total}),
        {yLabel: "predictions/s", widths: {"all workers": 2}, colors: {"all workers": "#222"},
-        dashed: {"all workers": true}});
+        dashed: {"all workers": true}, fromZero: true});
 
   const mix = d.class_mix;
-  plot("chart-classes", mix.t, mix.series, {yLabel: "predictions", bars: true});
+  plot("chart-classes", mix.t, mix.series, {yLabel: "predictions", points: true,
+                                           fromZero: true, xPad: mix.window_s || 60});
   if (mix.window_s) {
     $("classes-note").textContent = "Predictions per class in " + mix.window_s +
       "-second windows (table class_counts), the last hour.";
