@@ -26,8 +26,9 @@ from urllib.parse import quote, urlsplit
 __all__ = ["FuzzRequest", "FuzzAnswer", "FuzzReport", "make_requests", "send", "fuzz"]
 
 #: Routes of serving/web.py, with ``{name}`` and ``{id}`` filled in by the generator.
-ROUTES = ["/", "/ready", "/tables/", "/tables/{name}/", "/predictions/{id}/", "/predict",
-          "/models/", "/models/rollback", "/models/pin", "/metrics"]
+ROUTES = ["/", "/plain", "/dashboard.json", "/static/{name}", "/ready", "/tables/",
+          "/tables/{name}/", "/predictions/{id}/", "/predict", "/models/", "/models/rollback",
+          "/models/pin", "/metrics"]
 TABLES = ["latest_predictions", "class_counts", "scored_by_version", "quality_by_version"]
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 #: Rarer methods aiohttp's HTTP parser knows.

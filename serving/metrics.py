@@ -22,7 +22,7 @@ settings = app.settings
 
 __all__ = ["REGISTRY", "EVENTS_SCORED", "EVENTS_DEAD_LETTERED", "BATCH_SECONDS",
            "BATCH_SIZE", "MODEL_REFUSALS", "SPEED_LEARNER", "MODEL_REFUSAL_REASONS", "snapshot",
-           "prometheus_text", "count_scored", "METRIC_MAX_VERSIONS", "record_model_state", "count_flush"]
+           "prometheus_text", "count_scored", "scored_total", "keeps_summaries", "METRIC_MAX_VERSIONS", "record_model_state", "count_flush"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ SPEED_LEARNER = Gauge("stratum_speed_learner",
 #: and in Prometheus.
 METRIC_MAX_VERSIONS = 20
 _scored_versions: OrderedDict[str, None] = OrderedDict()
+#: Events scored by this worker since it started, every version (the series above drop old
+#: versions, and their counts with them).
+_scored_total = 0
 
 
 def count_flush(flush: Flush) -> None:
@@ -69,6 +72,8 @@ def count_flush(flush: Flush) -> None:
 
 def count_scored(version: str, n: int) -> None:
     """Count ``n`` events scored by ``version``, keeping series for the newest versions."""
+    global _scored_total
+    _scored_total += n
     EVENTS_SCORED.labels(version).inc(n)
     _scored_versions[version] = None
     _scored_versions.move_to_end(version)
@@ -85,6 +90,11 @@ _STARTED = time.time()
 _model_state: dict[str, Any] = {"active": None, "refusals": 0}
 
 
+def scored_total() -> int:
+    """Events scored by this worker since it started, whatever version scored them."""
+    return _scored_total
+
+
 def record_model_state(active_version: str | None, refusals: int) -> None:
     """The model manager's report whenever the serving version or its refusal count changes."""
     _model_state.update(active=active_version, refusals=refusals)
@@ -94,10 +104,15 @@ def record_model_state(active_version: str | None, refusals: int) -> None:
         ACTIVE_MODEL.labels(settings.model_name, active_version).set(1)
 
 
+def keeps_summaries() -> bool:
+    """Whether this worker holds the scored-summary partition: it keeps ``class_counts``,
+    ``scored_by_version`` and ``quality_by_version`` and runs the speed layer's learner."""
+    return any(tp.topic == _SCORED_TOPIC for tp in app.assignor.assigned_actives())
+
+
 def prometheus_text() -> bytes:
     """The metrics in Prometheus exposition format."""
-    SPEED_LEARNER.set(int(any(tp.topic == _SCORED_TOPIC
-                              for tp in app.assignor.assigned_actives())))
+    SPEED_LEARNER.set(int(keeps_summaries()))
     return generate_latest(REGISTRY)
 
 

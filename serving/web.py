@@ -5,12 +5,14 @@ Bad requests get a 4xx with a JSON ``{"error": ...}``; nothing answers with a st
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import html
 import json
 import logging
 import re
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -21,6 +23,7 @@ from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestPayloadError
 from faust import web
 
+from serving.dashboard import aggregate, local_snapshot
 from serving.metrics import prometheus_text
 from serving.model_manager import model_manager, pin_message
 from serving.scoring import feature_matrix, predictions_from
@@ -48,6 +51,36 @@ PEER_HEADER = "X-Stratum-Peer"
 WORKER_HEADER = "X-Stratum-Worker"
 #: How long a lookup waits for the other workers.
 PEER_TIMEOUT_S = 5.0
+#: How long ``/dashboard.json`` waits for the other workers' shares (the page asks every 2 s).
+DASHBOARD_PEER_TIMEOUT_S = 1.5
+STATIC_DIR = Path(__file__).with_name("static")
+STATIC_TYPES = {"js": "text/javascript", "css": "text/css", "html": "text/html"}
+STATIC_MAX_AGE_S = 3600
+
+
+def _load_static() -> dict[str, tuple[bytes, str]]:
+    """``serving/static/``'s files, read once: name -> (bytes, ETag)."""
+    files = {}
+    for path in sorted(STATIC_DIR.iterdir()):
+        if path.suffix.lstrip(".") in STATIC_TYPES:
+            body = path.read_bytes()
+            files[path.name] = (body, f'"{hashlib.sha256(body).hexdigest()[:16]}"')
+    return files
+
+
+STATIC = _load_static()
+
+
+def _dashboard_page() -> str:
+    """``dashboard.html`` with each file it names as ``/static/<name>?v=<its hash>``: a
+    browser caches the files, and fetches them again once the worker serves other ones."""
+    page = STATIC["dashboard.html"][0].decode()
+    for name, (_, etag) in STATIC.items():
+        page = page.replace(f'"/static/{name}"', f'"/static/{name}?v={etag.strip(chr(34))}"')
+    return page
+
+
+DASHBOARD_PAGE = _dashboard_page()
 
 
 class StratumView(web.View):
@@ -83,10 +116,50 @@ class StratumView(web.View):
 # match (two HEAD / routes: the web server would not start).
 @app.page("/")
 class Home(StratumView):
-    """A plain HTML view of the serving tables; refreshes itself every 2 seconds."""
+    """The dashboard: charts and tables of the whole group, read from ``/dashboard.json``
+    every 2 seconds by the page's own script (``serving/static/dashboard.html``)."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        return self.html(DASHBOARD_PAGE, headers={"Cache-Control": "no-cache"})
+
+
+@app.page("/plain")
+class Plain(StratumView):
+    """A plain HTML view of this worker's serving tables (no script); refreshes itself every
+    2 seconds."""
 
     async def get(self, request: web.Request) -> web.Response:
         return self.html(render_home())
+
+
+@app.page("/static/{name}")
+class Static(StratumView):
+    """The dashboard's files (``serving/static/``): the page's script and style and the
+    vendored uPlot, cached by the browser and revalidated by ETag."""
+
+    async def get(self, request: web.Request, name: str) -> web.Response:
+        if name not in STATIC or name == "dashboard.html":
+            return self.error(404, f"no static file {name!r}")
+        body, etag = STATIC[name]
+        headers = {"ETag": etag, "Cache-Control": f"public, max-age={STATIC_MAX_AGE_S}"}
+        if request.headers.get("If-None-Match") == etag:
+            return self.bytes(b"", status=304, headers=headers)
+        return self.bytes(body, content_type=STATIC_TYPES[name.rsplit(".", 1)[-1]],
+                          headers=headers)
+
+
+@app.page("/dashboard.json")
+class Dashboard(StratumView):
+    """The figures of the dashboard for the whole group: this worker's share and every other
+    worker's, asked at its advertised URL (``DASHBOARD_PEER_TIMEOUT_S``); a worker that does
+    not answer is listed as unreachable. Asked by a peer, a worker answers its own share."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        mine = local_snapshot()
+        if request.headers.get(PEER_HEADER) is not None:
+            return self.json(mine)
+        answers = await asyncio.gather(*[_ask_share(url) for url in _peer_urls()])
+        return self.json(aggregate(mine, answers))
 
 
 @app.page("/ready")
@@ -155,13 +228,34 @@ class PredictionDetail(StratumView):
         return self.error(404, f"no prediction for id {id!r}")
 
 
+def _peer_urls() -> list[str]:
+    """The advertised URLs of the other workers that hold partitions of the serving tables."""
+    me = settings.advertised_url  # the app advertises it as its canonical URL
+    return sorted({url.rstrip("/") for url, topics in
+                   app.router.table_metadata(latest_predictions.name).items()
+                   if topics.get(LATEST_CHANGELOG) and url.rstrip("/") != me})
+
+
+async def _ask_share(url: str) -> tuple[str, dict[str, Any] | None, str | None]:
+    """A peer's share of the dashboard: (its URL, the share or None, why not)."""
+    timeout = aiohttp.ClientTimeout(total=DASHBOARD_PEER_TIMEOUT_S)
+    try:
+        async with app.http_client.get(f"{url}/dashboard.json", headers={PEER_HEADER: "1"},
+                                       timeout=timeout) as response:
+            if response.status != 200:
+                return url, None, f"answered {response.status}"
+            share = orjson.loads(await response.read())
+    except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as exc:
+        return url, None, f"{type(exc).__name__}: {exc}".rstrip(": ")
+    if not isinstance(share, dict) or not isinstance(share.get("url"), str):
+        return url, None, "not a dashboard share"
+    return url, share, None
+
+
 async def _ask_peers(path: str) -> tuple[bytes, str] | None:
     """The first 200 body any other worker holding table partitions answers for ``path``,
     with the URL of the worker that answered."""
-    me = settings.advertised_url  # the app advertises it as its canonical URL
-    peers = [url.rstrip("/") for url, topics in
-             app.router.table_metadata(latest_predictions.name).items()
-             if topics.get(LATEST_CHANGELOG) and url.rstrip("/") != me]
+    peers = _peer_urls()
     if not peers:
         return None
     session = app.http_client

@@ -152,6 +152,10 @@ def test_web_endpoints(deployment: Deployment) -> None:
     assert status == 200 and ctype.startswith("text/plain")
     assert f'stratum_events_scored_total{{model_version="{d.ref.version}"}}' in text
     status, page, ctype = http("GET", f"{url}/")
+    assert status == 200 and ctype.startswith("text/html") and "/dashboard.json" in page
+    status, body, _ = http("GET", f"{url}/dashboard.json")
+    assert status == 200 and body["models"]["active"] == d.ref.version
+    status, page, ctype = http("GET", f"{url}/plain")
     assert status == 200 and ctype.startswith("text/html")
     assert d.ref.version in page and "web-" in page
 

@@ -1,0 +1,104 @@
+"""The dashboard's figures (serving.dashboard): ring buffers, rates, the group's aggregate."""
+from __future__ import annotations
+
+from typing import Any
+
+from serving.dashboard import (LATEST_ROWS, QUALITY_VERSIONS, SAMPLE_S, Sampler, aggregate,
+                               rates)
+
+
+def quality_row(version: str, n: int, acc: float) -> dict[str, Any]:
+    return {"key": version, "value": {"task": "classification", "n": n,
+                                      "rolling_accuracy": acc, "accuracy": acc}}
+
+
+def share(url: str, scored: list[list[float]], **more: Any) -> dict[str, Any]:
+    return {"url": url, "active": "v1", "task": "classification",
+            "models": {"model": "m", "active": "v1", "update_seq": 0, "refusals": 0},
+            "history": [], "scored": scored, "quality": [], "quality_now": [],
+            "class_windows": [], "latest": [], **more}
+
+
+def test_the_ring_buffers_are_bounded() -> None:
+    sampler = Sampler(maxlen=5)
+    rows = [quality_row(f"v{i}", i, 0.5) for i in range(QUALITY_VERSIONS + 4)]
+    for i in range(12):
+        sampler.sample(100.0 + 2 * i, 10.0 * i, rows)
+    assert len(sampler.scored) == 5 and len(sampler.quality) == 5
+    assert sampler.scored[0] == [114.0, 70.0] and sampler.scored[-1] == [122.0, 110.0]
+    # Only the newest versions of a sample are kept (rows come newest first).
+    assert list(sampler.quality[-1][1]) == [f"v{i}" for i in range(QUALITY_VERSIONS)]
+    # No quality rows (a worker without the summaries): no quality sample.
+    sampler.sample(200.0, 500.0, [])
+    assert sampler.quality[-1][0] == 122.0
+
+
+def test_rates_are_differences_of_counts_on_the_sampling_grid() -> None:
+    samples = [[100.0, 0.0], [102.1, 42.0], [104.0, 80.0], [106.0, 5.0], [108.0, 25.0]]
+    got = rates(samples)
+    # 42 events over 2.1 s, 38 over 1.9 s; a count that went down (a restart) gives no rate.
+    assert got == [(102.0, 20.0), (104.0, 20.0), (108.0, 10.0)]
+    assert all(t % SAMPLE_S == 0 for t, _ in got)
+    assert rates([]) == [] and rates([[1.0, 5.0]]) == []
+
+
+def test_aggregate_puts_the_workers_together_and_lists_an_unreachable_one() -> None:
+    a = share("http://a:1", [[100.0, 0.0], [102.0, 20.0], [104.0, 60.0]],
+              history=[{"version": "v1", "at": 99.0, "kind": "swap"},
+                       {"version": "v2", "at": 103.0, "kind": "refused model",
+                        "reason": "bad"}],
+              latest=[{"key": "x", "value": {"id": "x", "ts": 5000, "predicted": "b"}},
+                      {"key": "y", "value": {"id": "y", "ts": 1000, "predicted": "s"}}])
+    b = share("http://b:2", [[102.0, 100.0], [104.0, 110.0], [106.0, 130.0]],
+              keeps_summaries=True,
+              class_windows=[{"key": "b", "window_start": 60.0, "window_end": 119.9,
+                              "value": 7},
+                             {"key": "s", "window_start": 0.0, "window_end": 59.9,
+                              "value": 3}],
+              quality=[[102.0, {"v1": [10, 0.8]}], [104.0, {"v1": [12, 0.75],
+                                                            "v2": [1, 1.0]}]],
+              quality_now=[{"version": "v2", "n": 1, "task": "classification",
+                            "figure": "rolling_accuracy", "value": 1.0}],
+              latest=[{"key": "x", "value": {"id": "x", "ts": 6000, "predicted": "s"}},
+                      {"key": "z", "value": {"id": "z", "ts": 3000, "predicted": "b"}}])
+    # A stale replica of b's window on a, with a smaller count: not added twice.
+    a["class_windows"] = [{"key": "b", "window_start": 60.0, "window_end": 119.9, "value": 5}]
+    d = aggregate(a, [("http://b:2", b, None), ("http://c:3", None, "TimeoutError")], now=1.0)
+
+    assert [(w["url"], w["reachable"], w["self"]) for w in d["workers"]] == [
+        ("http://a:1", True, True), ("http://b:2", True, False), ("http://c:3", False, False)]
+    assert d["workers"][2]["error"] == "TimeoutError"
+    assert d["workers"][0]["predictions_per_s"] == 20.0 and d["workers"][0]["scored"] == 60.0
+    assert d["workers"][1]["keeps_summaries"] and not d["workers"][0]["keeps_summaries"]
+
+    rate = d["predictions_per_s"]
+    assert rate["t"] == [102.0, 104.0, 106.0]
+    assert rate["series"] == {"http://a:1": [10.0, 20.0, None], "http://b:2": [None, 5.0, 10.0]}
+    assert rate["total"] == [10.0, 25.0, 10.0]
+
+    mix = d["class_mix"]
+    assert mix["t"] == [0.0, 60.0] and mix["window_s"] == 60.0
+    assert mix["series"] == {"b": [0, 7], "s": [3, 0]}
+
+    q = d["quality"]
+    assert q["t"] == [102.0, 104.0] and q["series"] == {"v1": [0.8, 0.75], "v2": [None, 1.0]}
+    assert q["figure"] == "rolling_accuracy" and q["now"][0]["version"] == "v2"
+
+    assert [r["version"] for r in d["timeline"]] == ["v2", "v1"]  # newest first
+    # The newest prediction of each id, wherever it is, newest first, with its worker.
+    assert [(p["id"], p["predicted"], p["worker"]) for p in d["latest"]] == [
+        ("x", "s", "http://b:2"), ("z", "b", "http://b:2"), ("y", "s", "http://a:1")]
+    assert d["latency"] is None and d["models"]["active"] == "v1"
+
+
+def test_aggregate_keeps_its_lists_bounded() -> None:
+    many = [{"key": f"id{i}", "value": {"id": f"id{i}", "ts": i}} for i in range(300)]
+    quality = [[100.0 + 2 * i, {f"v{i}": [1, 0.5]}] for i in range(40)]
+    d = aggregate(share("http://a:1", [], latest=many, quality=quality,
+                        history=[{"version": "v", "at": float(i), "kind": "update"}
+                                 for i in range(200)]), [])
+    assert len(d["latest"]) == LATEST_ROWS and d["latest"][0]["id"] == "id299"
+    assert len(d["quality"]["series"]) == QUALITY_VERSIONS
+    assert "v39" in d["quality"]["series"] and "v0" not in d["quality"]["series"]
+    assert len(d["timeline"]) == 50
+    assert d["predictions_per_s"] == {"t": [], "series": {"http://a:1": []}, "total": []}
