@@ -153,6 +153,29 @@ def rollback(args: argparse.Namespace) -> tuple[str, Any]:
     return "/models/rollback", None
 
 
+def _decision(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if getattr(args, "version", None):
+        body["version"] = args.version
+    if getattr(args, "reason", None):
+        body["reason"] = args.reason
+    return body
+
+
+@admin_action("promote", "end the rollout in progress: its candidate serves from now on",
+              ("--version", "the candidate expected (refused when another is in rollout)"),
+              ("--reason", "why, recorded with the decision on the update topic"))
+def promote(args: argparse.Namespace) -> tuple[str, Any]:
+    return "/models/promote", _decision(args)
+
+
+@admin_action("abort", "end the rollout in progress: its candidate never serves",
+              ("--version", "the candidate expected (refused when another is in rollout)"),
+              ("--reason", "why, recorded with the decision on the update topic"))
+def abort(args: argparse.Namespace) -> tuple[str, Any]:
+    return "/models/abort", _decision(args)
+
+
 def cmd_models(args: argparse.Namespace, out: TextIO) -> int:
     if args.action is None:
         emit(args, out, Client(args.urls[0]).get("/models/"), render.models_lines)
@@ -296,7 +319,7 @@ def parser() -> argparse.ArgumentParser:
     status.set_defaults(run=cmd_status)
 
     models = commands.add_parser("models", parents=[common],
-                                 help="announced versions; pin, unpin, rollback")
+                                 help="announced versions; pin, unpin, rollback, promote, abort")
     models.set_defaults(run=cmd_models)
     actions = models.add_subparsers(dest="action", metavar="ACTION")
     for action in ADMIN_ACTIONS.values():

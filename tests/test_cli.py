@@ -404,3 +404,35 @@ def test_tail_reads_predictions_and_dead_letters(in_deployment: Deployment,
     assert tail.returncode == 0, err
     ids = [line.split()[2] for line in out.splitlines()]
     assert len(ids) == 3 and all(i.startswith("new") for i in ids), out
+
+
+def test_promote_and_abort_end_a_rollout(in_deployment: Deployment,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    d = in_deployment
+    assert stratum("models", "promote", "--token", TOKEN) == (1, "")
+    assert capsys.readouterr().err == "stratum: error: HTTP 409: no rollout in progress\n"
+
+    registry = Registry(d.settings.registry_uri, d.settings.storage_options)
+    serving = http("GET", f"{d.url}/models/")[1]["active"]
+    candidates = [publish_small_model(registry, d.settings.model_name, FEATURES, CLASSES,
+                                      seed=seed) for seed in (7, 8)]
+    for ref, how in zip(candidates, ("abort", "promote")):
+        run(announce(d.settings.bootstrap_servers, d.settings.updates_topic,
+                     {**ref.to_message(), "rollout": {"mode": "canary", "share": 0.5}}))
+        poll(lambda: http("GET", f"{d.url}/models/")[1]["rollout"],
+             lambda r, v=ref.version: bool(r and r["candidate"] == v and r["loaded"]))
+        status, out = stratum("models", how, "--token", TOKEN, "--version",
+                              ref.version, "--reason", f"{how} from the command line", "--json")
+        assert status == 0, capsys.readouterr().err
+        body = json.loads(out)
+        if how == "abort":
+            assert body["active"] == serving and ref.version not in body["active"]
+        else:
+            assert body["active"] == ref.version
+    assert http("GET", f"{d.url}/ready")[1] == {"model_version": candidates[1].version}
+    decisions = [m for m in run(consume_until(d.settings.bootstrap_servers,
+                                              d.settings.updates_topic, lambda vs: True))
+                 if m.get("type") in ("PROMOTE", "ABORT")]
+    assert [(m["type"], m["version"], m["by"], m["reason"]) for m in decisions[-2:]] == [
+        ("ABORT", candidates[0].version, "operator", "abort from the command line"),
+        ("PROMOTE", candidates[1].version, "operator", "promote from the command line")]
