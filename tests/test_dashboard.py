@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+
 from serving.dashboard import (LATEST_ROWS, QUALITY_VERSIONS, SAMPLE_S, Sampler, aggregate,
                                rates)
+from serving.latency import EventLatency, LatencyCollector, percentiles
 
 
 def quality_row(version: str, n: int, acc: float) -> dict[str, Any]:
@@ -88,7 +92,9 @@ def test_aggregate_puts_the_workers_together_and_lists_an_unreachable_one() -> N
     # The newest prediction of each id, wherever it is, newest first, with its worker.
     assert [(p["id"], p["predicted"], p["worker"]) for p in d["latest"]] == [
         ("x", "s", "http://b:2"), ("z", "b", "http://b:2"), ("y", "s", "http://a:1")]
-    assert d["latency"] is None and d["models"]["active"] == "v1"
+    assert d["models"]["active"] == "v1"
+    assert d["latency"] == {"t": [], "unit": "ms", "p50": {"http://a:1": [], "http://b:2": []},
+                            "p99": {"http://a:1": [], "http://b:2": []}}
 
 
 def test_aggregate_keeps_its_lists_bounded() -> None:
@@ -102,3 +108,55 @@ def test_aggregate_keeps_its_lists_bounded() -> None:
     assert "v39" in d["quality"]["series"] and "v0" not in d["quality"]["series"]
     assert len(d["timeline"]) == 50
     assert d["predictions_per_s"] == {"t": [], "series": {"http://a:1": []}, "total": []}
+
+
+def test_latency_percentiles_are_those_of_the_window() -> None:
+    assert percentiles(np.empty(0)) is None
+    assert percentiles(np.arange(1, 101, dtype=np.float64)) == (50.5, 99.01)
+    latency = EventLatency()
+    # Records at 10 000 ms: latencies 10..1000 ms; a record without a timestamp (-1) is left
+    # out, and one ahead of this clock counts as 0.
+    latency.record(10_000, np.array([9_990, 9_000, -1, 10_005], dtype=np.int64))
+    latency.record(10_000, np.array([], dtype=np.int64))
+    got = latency.take()
+    assert sorted(got.tolist()) == [0.0, 10.0, 1000.0]
+    assert latency.take().tolist() == [] and latency.recent == 0  # taken: the next window
+    sampler = Sampler()
+    sampler.sample(100.0, 0.0, [], np.array([], dtype=np.float64))  # nothing answered
+    sampler.sample(102.0, 3.0, [], got)
+    assert list(sampler.latency) == [[102.0, 10.0, 980.2, 3]]
+    p50, p99 = sampler.latency[-1][1:3]
+    assert 0 < p50 <= p99
+
+
+def test_latency_stays_bounded_and_its_histogram_counts_every_event() -> None:
+    latency = EventLatency(max_recent=100)
+    for k in range(50):
+        latency.record(1_000_000, np.full(7, 1_000_000 - 20 * (k + 1), dtype=np.int64))
+    assert latency.recent <= 100
+    window = latency.take()
+    assert len(window) <= 100 and window.max() == 1000.0  # the newest batches are kept
+    latency.record(1_000_000, np.full(500, 1_000_000 - 3, dtype=np.int64))  # one large batch
+    assert latency.recent == 100
+    assert int(latency.counts.sum()) == 50 * 7 + 100
+    registry = CollectorRegistry()
+    registry.register(LatencyCollector(latency))
+    text = generate_latest(registry).decode()
+    assert 'stratum_event_latency_seconds_bucket{le="0.005"} 100.0' in text
+    assert 'stratum_event_latency_seconds_bucket{le="+Inf"} 450.0' in text
+    assert "stratum_event_latency_seconds_count 450.0" in text
+    line = next(x for x in text.splitlines() if x.startswith("stratum_event_latency_seconds_sum"))
+    assert float(line.split()[1]) == sum(7 * 20 * (k + 1) for k in range(50)) / 1000 + 0.3
+
+
+def test_aggregate_charts_each_workers_latency() -> None:
+    a = share("http://a:1", [], latency=[[100.1, 5.0, 9.0, 10], [102.0, 6.0, 12.0, 4]])
+    b = share("http://b:2", [], latency=[[102.0, 7.0, 8.0, 3], [104.0, 4.0, 4.5, 1]])
+    d = aggregate(a, [("http://b:2", b, None)])
+    assert d["latency"] == {"t": [100.0, 102.0, 104.0], "unit": "ms",
+                            "p50": {"http://a:1": [5.0, 6.0, None],
+                                    "http://b:2": [None, 7.0, 4.0]},
+                            "p99": {"http://a:1": [9.0, 12.0, None],
+                                    "http://b:2": [None, 8.0, 4.5]}}
+    assert [(w["latency_p50_ms"], w["latency_p99_ms"]) for w in d["workers"]] == [
+        (6.0, 12.0), (4.0, 4.5)]

@@ -128,6 +128,20 @@ function render(d) {
        {yLabel: "predictions/s", widths: {"all workers": 2}, colors: {"all workers": "#222"},
         dashed: {"all workers": true}, fromZero: true});
 
+  const lat = d.latency, latSeries = {}, latColors = {}, latDashed = {};
+  Object.keys(lat.p50).forEach((url, i) => {
+    const color = COLORS[i % COLORS.length];
+    latSeries[url + " p50"] = lat.p50[url];
+    latSeries[url + " p99"] = lat.p99[url];
+    latColors[url + " p50"] = latColors[url + " p99"] = color;
+    latDashed[url + " p99"] = true;
+  });
+  plot("chart-latency", lat.t, latSeries, {yLabel: "ms", colors: latColors,
+                                          dashed: latDashed, fromZero: true});
+  const me = d.workers[0] || {};
+  text("latency-now", me.latency_p50_ms === null || me.latency_p50_ms === undefined ? null
+       : me.latency_p50_ms + " / " + me.latency_p99_ms);
+
   const mix = d.class_mix;
   plot("chart-classes", mix.t, mix.series, {yLabel: "predictions", points: true,
                                            fromZero: true, xPad: mix.window_s || 60});
@@ -150,6 +164,8 @@ function render(d) {
     cell(tr, w.update_seq, "num");
     cell(tr, w.predictions_per_s, "num");
     cell(tr, w.scored, "num");
+    cell(tr, w.latency_p50_ms, "num");
+    cell(tr, w.latency_p99_ms, "num");
   });
   fillTable("timeline", d.timeline, (tr, r) => {
     tr.className = MARK_COLORS[r.kind] ? r.kind : "refused";
