@@ -43,6 +43,9 @@ MAX_WINDOWS = 60
 #: Entries of the swap and refusal timeline shown (``GET /models/`` keeps 50).
 MAX_TIMELINE = 50
 
+#: Decisions (``PROMOTE``, ``ABORT``) shown (the ledger keeps 10).
+MAX_DECISIONS = 10
+
 #: The field of a ``quality_by_version`` row each task's chart shows.
 QUALITY_FIELD = {"classification": "rolling_accuracy", "regression": "rolling_rmse"}
 
@@ -111,6 +114,9 @@ def local_snapshot(url: str | None = None) -> dict[str, Any]:
             "model", "active", "base_version", "update_seq", "pinned", "task", "classes",
             "refusals", "updates_applied", "updates_dropped", "last_swap", "last_refusal")},
         "history": described["history"][-MAX_TIMELINE:],
+        "rollout": described.get("rollout"),
+        "decisions": [d.to_message() for d in
+                      model_manager.ledger.topic.decisions[-MAX_DECISIONS:]],
         "scored": list(sampler.scored),
         "quality": list(sampler.quality),
         "latency": list(sampler.latency),
@@ -151,6 +157,38 @@ def _aligned(series: Mapping[str, Iterable[tuple[float, float | None]]]
     t = sorted({x for points in by_name.values() for x in points})
     return {"t": t, "series": {name: [points.get(x) for x in t]
                                for name, points in by_name.items()}}
+
+
+def rollout_view(mine: Mapping[str, Any],
+                 quality_points: Mapping[str, Sequence[tuple[float, float | None]]],
+                 quality_now: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The rollout of ``GET /models/`` on the asked worker (None when there never was one),
+    with the recent decisions (newest first) and the candidate's quality against the serving
+    version's: their figure over time and the latest of each (``verdict``: which is ahead)."""
+    described = mine.get("rollout")
+    if not described:
+        return None
+    out: dict[str, Any] = dict(described)
+    out["decisions"] = sorted(mine.get("decisions") or [], key=lambda d: d.get("at") or 0,
+                              reverse=True)[:MAX_DECISIONS]
+    candidate, serving = described.get("candidate"), mine.get("active")
+    versions = [v for v in (serving, candidate) if v is not None]
+    compared = _aligned({v: quality_points.get(v, []) for v in versions})
+    now = {str(q["version"]): q for q in quality_now if q["version"] in versions}
+    figure = next((str(q["figure"]) for q in now.values()), None)
+    verdict: dict[str, Any] = {"figure": figure, "candidate": None, "serving": None,
+                               "candidate_n": None, "serving_n": None, "ahead": None}
+    if candidate in now:
+        verdict["candidate"], verdict["candidate_n"] = now[candidate]["value"], now[candidate]["n"]
+    if serving in now:
+        verdict["serving"], verdict["serving_n"] = now[serving]["value"], now[serving]["n"]
+    c, v = verdict["candidate"], verdict["serving"]
+    if candidate is not None and c is not None and v is not None:
+        better = (c < v) if figure == "rolling_rmse" else (c > v)
+        verdict["ahead"] = "even" if c == v else ("candidate" if better else "serving")
+    out["serving"] = serving
+    out["comparison"] = {**compared, "verdict": verdict}
+    return out
 
 
 def aggregate(mine: Mapping[str, Any],
@@ -228,6 +266,8 @@ def aggregate(mine: Mapping[str, Any],
     quality["figure"] = quality_now[0]["figure"] if quality_now else (
         QUALITY_FIELD.get(str(mine.get("task")), "rolling_accuracy"))
 
+    rollout = rollout_view(mine, quality_points, quality_now)
+
     latest: dict[str, dict[str, Any]] = {}
     for share in shares:
         for row in share.get("latest", []):
@@ -250,6 +290,7 @@ def aggregate(mine: Mapping[str, Any],
         "latency": latency_view,
         "class_mix": class_mix,
         "quality": quality,
+        "rollout": rollout,
         "timeline": timeline,
         "latest": newest_predictions,
     }

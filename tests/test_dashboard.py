@@ -160,3 +160,39 @@ def test_aggregate_charts_each_workers_latency() -> None:
                                     "http://b:2": [None, 8.0, 4.5]}}
     assert [(w["latency_p50_ms"], w["latency_p99_ms"]) for w in d["workers"]] == [
         (6.0, 12.0), (4.0, 4.5)]
+
+
+def test_aggregate_shows_the_rollout_with_its_decisions_and_comparison() -> None:
+    assert aggregate(share("http://a:1", []), [])["rollout"] is None
+    promote = {"type": "PROMOTE", "model": "m", "version": "v0", "by": "policy",
+               "reason": "better", "figures": {"candidate": 0.9, "serving": 0.8}, "at": 90_000}
+    abort = {"type": "ABORT", "model": "m", "version": "vx", "by": "operator", "reason": "",
+             "figures": {}, "at": 95_000}
+    a = share("http://a:1", [],
+              rollout={"candidate": "v2", "mode": "shadow", "share": 0.1, "since": 7,
+                       "since_ms": 99_000, "loaded": True, "decision": abort},
+              decisions=[promote, abort],
+              quality=[[100.0, {"v1": [10, 0.8], "v2": [4, 0.75]}],
+                       [102.0, {"v1": [12, 0.8], "v2": [8, 0.875]}]],
+              quality_now=[{"version": "v2", "n": 8, "task": "classification",
+                            "figure": "rolling_accuracy", "value": 0.875},
+                           {"version": "v1", "n": 12, "task": "classification",
+                            "figure": "rolling_accuracy", "value": 0.8}])
+    r = aggregate(a, [])["rollout"]
+    assert (r["candidate"], r["mode"], r["share"], r["since"], r["since_ms"], r["loaded"]) == (
+        "v2", "shadow", 0.1, 7, 99_000, True)
+    assert r["serving"] == "v1" and r["decision"] == abort
+    assert r["decisions"] == [abort, promote]  # newest first
+    c = r["comparison"]
+    assert c["t"] == [100.0, 102.0] and c["series"] == {"v1": [0.8, 0.8], "v2": [0.75, 0.875]}
+    assert c["verdict"] == {"figure": "rolling_accuracy", "candidate": 0.875, "serving": 0.8,
+                            "candidate_n": 8, "serving_n": 12, "ahead": "candidate"}
+    # A regression: the lower RMSE is ahead. A rollout that ended: no candidate, no verdict.
+    for q in a["quality_now"]:
+        q["figure"] = "rolling_rmse"
+    assert aggregate(a, [])["rollout"]["comparison"]["verdict"]["ahead"] == "serving"
+    a["rollout"] = {"candidate": None, "mode": None, "share": None, "since": None,
+                    "since_ms": None, "loaded": False, "decision": promote}
+    r = aggregate(a, [])["rollout"]
+    assert r["candidate"] is None and r["comparison"]["verdict"]["ahead"] is None
+    assert list(r["comparison"]["series"]) == ["v1"]

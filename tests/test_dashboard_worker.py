@@ -138,6 +138,9 @@ def test_dashboard_json_tells_what_the_tables_and_models_tell(deployment: Deploy
     metrics = http("GET", f"{d.url}/metrics")[1]
     assert f"stratum_event_latency_seconds_count {float(total)}" in metrics
 
+    # No candidate was ever announced: no rollout.
+    assert body["rollout"] is None and models["rollout"] is None
+
     # The page and its files.
     status, page, ctype = http("GET", f"{d.url}/")
     assert status == 200 and ctype.startswith("text/html") and "/dashboard.json" in page
@@ -181,6 +184,9 @@ def test_the_page_renders_charts_and_the_figures_of_models(deployment: Deploymen
     for chart in ("chart-rate", "chart-latency", "chart-classes", "chart-quality"):
         block = dom.split(f'id="{chart}"', 1)[1].split("</section>", 1)[0]
         assert "<canvas" in block and "uplot" in block, chart
+    # No rollout: the panel says so, its details stay hidden.
+    assert re.search(r'id="rollout-body"[^>]*hidden', dom)
+    assert not re.search(r'id="rollout-none"[^>]*hidden', dom)
     timeline = dom.split('id="timeline"', 1)[1].split("</table>", 1)[0]
     assert timeline.count("<tr") - 1 == len(models["history"])  # header row + one per entry
     assert "nope" in timeline
