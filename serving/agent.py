@@ -42,8 +42,8 @@ from mode import Service
 from lake.archive import LakeArchiver
 from lake.rows import BatchRows
 from transport.lease import worker_lease
-from serving.metrics import (BATCH_SECONDS, BATCH_SIZE, EVENTS_DEAD_LETTERED, count_flush,
-                             count_scored)
+from serving.metrics import (BATCH_SECONDS, BATCH_SIZE, EVENT_LATENCY, EVENTS_DEAD_LETTERED,
+                             count_flush, count_scored)
 from serving.model_manager import Routing, model_manager
 from serving.scoring import encode_predictions, split_rows
 from transport.summary import summary_messages
@@ -119,6 +119,8 @@ class MicroBatch:
     rejected: list[tuple[int, str]]
     #: Per partition, the offset after the last message answered.
     ends: dict[int, int]
+    #: Kafka timestamp (ms) of the record of each row of ``columns``.
+    row_ts: np.ndarray
     scoring: asyncio.Future[np.ndarray] | None = None
     delivery: Delivery | None = None
     #: The models of the micro-batch (the candidate's during a rollout).
@@ -316,8 +318,10 @@ class ServingService(Service):
         rejected = [(i, reason) for i, reason in columns.rejected if answer[i]]
         if self.archiver is not None:
             self._feed_archive(model, columns, partitions, offsets, timestamps)
+        row_ts = (np.asarray(timestamps, dtype=np.int64)[positions] if len(positions)
+                  else np.empty(0, dtype=np.int64))
         batch = MicroBatch(model, started, values, partitions, offsets, columns, rows,
-                           rejected, ends)
+                           rejected, ends, row_ts)
         if len(rows):
             features = columns.features if len(rows) == len(columns) else \
                 columns.features[rows]
@@ -411,7 +415,8 @@ class ServingService(Service):
         columns = batch.columns
         everything = len(rows) == len(columns)
         ids = columns.ids if everything else [columns.ids[k] for k in rows]
-        values, predicted = encode_predictions(model, ids, outputs, int(time.time() * 1000))
+        now_ms = int(time.time() * 1000)
+        values, predicted = encode_predictions(model, ids, outputs, now_ms)
         keys = [i.encode() for i in ids]
         produce = delivery.produce
         topic = self.settings.shadow_topic if shadow else self.settings.predictions_topic
@@ -429,6 +434,7 @@ class ServingService(Service):
             produce(SCORED_TOPIC, value, None, 0)
         if not shadow:
             count_scored(model.version, len(rows))
+            EVENT_LATENCY.record(now_ms, batch.row_ts if everything else batch.row_ts[rows])
 
     def _write_latest(self, delivery: Delivery, batch: MicroBatch, rows: list[int],
                       keys: list[bytes], values: list[bytes]) -> None:

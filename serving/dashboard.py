@@ -3,14 +3,13 @@
 Every worker samples its own figures every :data:`SAMPLE_S` seconds into ring buffers of
 :data:`SERIES_LEN` samples (10 minutes): the events it scored so far (predictions/s are the
 differences) and, on the worker that keeps ``quality_by_version``, the rolling quality of the
-newest :data:`QUALITY_VERSIONS` versions. :func:`local_snapshot` is one worker's share;
+newest :data:`QUALITY_VERSIONS` versions, and the p50 and p99 event-to-prediction latency of
+the events it answered since the previous sample (:mod:`serving.latency`: from the input
+record's Kafka timestamp to the prediction handed to the producer). :func:`local_snapshot` is
+one worker's share;
 :func:`aggregate` puts the shares of every worker of the group together, a worker that did not
 answer listed as unreachable. Memory is bounded: the buffers have a maximum length and every
 list in a snapshot is cut.
-
-Event-to-prediction latency is not shown: the worker does not measure it (``BATCH_SECONDS``
-times a micro-batch from taking it to the broker storing what it produced, not from the
-event's own time).
 """
 from __future__ import annotations
 
@@ -18,8 +17,11 @@ import time
 from collections import deque
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from app import app
-from serving.metrics import keeps_summaries, scored_total
+from serving.latency import percentiles
+from serving.metrics import EVENT_LATENCY, keeps_summaries, scored_total
 from serving.model_manager import model_manager
 from serving.tables import table_rows
 
@@ -41,6 +43,9 @@ MAX_WINDOWS = 60
 #: Entries of the swap and refusal timeline shown (``GET /models/`` keeps 50).
 MAX_TIMELINE = 50
 
+#: Decisions (``PROMOTE``, ``ABORT``) shown (the ledger keeps 10).
+MAX_DECISIONS = 10
+
 #: The field of a ``quality_by_version`` row each task's chart shows.
 QUALITY_FIELD = {"classification": "rolling_accuracy", "regression": "rolling_rmse"}
 
@@ -60,11 +65,18 @@ class Sampler:
         self.scored: deque[list[float]] = deque(maxlen=maxlen)
         #: ``[t, {version: [labelled events, figure]}]``
         self.quality: deque[list[Any]] = deque(maxlen=maxlen)
+        #: ``[t, p50 ms, p99 ms, events]`` of the latencies since the previous sample
+        self.latency: deque[list[float]] = deque(maxlen=maxlen)
 
     def sample(self, now: float, scored: float,
-               quality_rows: Sequence[Mapping[str, Any]]) -> None:
-        """Record one sample: the scored count, and the newest quality rows (if any)."""
+               quality_rows: Sequence[Mapping[str, Any]],
+               latencies_ms: np.ndarray | None = None) -> None:
+        """Record one sample: the scored count, the newest quality rows (if any) and the
+        percentiles of the latencies since the previous sample (if any)."""
         self.scored.append([round(now, 3), scored])
+        if latencies_ms is not None and len(latencies_ms):
+            p50, p99 = percentiles(latencies_ms) or (0.0, 0.0)
+            self.latency.append([round(now, 3), p50, p99, len(latencies_ms)])
         if quality_rows:
             figures: dict[str, list[Any]] = {}
             for row in quality_rows[:QUALITY_VERSIONS]:
@@ -80,7 +92,7 @@ async def sample_dashboard() -> None:
     """Sample this worker's figures (a timer on every worker)."""
     quality = (table_rows("quality_by_version", QUALITY_VERSIONS)["rows"]
                if "quality_by_version" in app.tables else [])
-    sampler.sample(time.time(), scored_total(), quality)
+    sampler.sample(time.time(), scored_total(), quality, EVENT_LATENCY.take())
 
 
 app.timer(interval=SAMPLE_S, name="dashboard_sample")(sample_dashboard)
@@ -102,8 +114,12 @@ def local_snapshot(url: str | None = None) -> dict[str, Any]:
             "model", "active", "base_version", "update_seq", "pinned", "task", "classes",
             "refusals", "updates_applied", "updates_dropped", "last_swap", "last_refusal")},
         "history": described["history"][-MAX_TIMELINE:],
+        "rollout": described.get("rollout"),
+        "decisions": [d.to_message() for d in
+                      model_manager.ledger.topic.decisions[-MAX_DECISIONS:]],
         "scored": list(sampler.scored),
         "quality": list(sampler.quality),
+        "latency": list(sampler.latency),
         "quality_now": [{"version": r["key"], "n": r["value"].get("n"),
                          "task": r["value"].get("task", "classification"),
                          "figure": quality_figure(r["value"])[0],
@@ -143,6 +159,38 @@ def _aligned(series: Mapping[str, Iterable[tuple[float, float | None]]]
                                for name, points in by_name.items()}}
 
 
+def rollout_view(mine: Mapping[str, Any],
+                 quality_points: Mapping[str, Sequence[tuple[float, float | None]]],
+                 quality_now: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The rollout of ``GET /models/`` on the asked worker (None when there never was one),
+    with the recent decisions (newest first) and the candidate's quality against the serving
+    version's: their figure over time and the latest of each (``verdict``: which is ahead)."""
+    described = mine.get("rollout")
+    if not described:
+        return None
+    out: dict[str, Any] = dict(described)
+    out["decisions"] = sorted(mine.get("decisions") or [], key=lambda d: d.get("at") or 0,
+                              reverse=True)[:MAX_DECISIONS]
+    candidate, serving = described.get("candidate"), mine.get("active")
+    versions = [v for v in (serving, candidate) if v is not None]
+    compared = _aligned({v: quality_points.get(v, []) for v in versions})
+    now = {str(q["version"]): q for q in quality_now if q["version"] in versions}
+    figure = next((str(q["figure"]) for q in now.values()), None)
+    verdict: dict[str, Any] = {"figure": figure, "candidate": None, "serving": None,
+                               "candidate_n": None, "serving_n": None, "ahead": None}
+    if candidate in now:
+        verdict["candidate"], verdict["candidate_n"] = now[candidate]["value"], now[candidate]["n"]
+    if serving in now:
+        verdict["serving"], verdict["serving_n"] = now[serving]["value"], now[serving]["n"]
+    c, v = verdict["candidate"], verdict["serving"]
+    if candidate is not None and c is not None and v is not None:
+        better = (c < v) if figure == "rolling_rmse" else (c > v)
+        verdict["ahead"] = "even" if c == v else ("candidate" if better else "serving")
+    out["serving"] = serving
+    out["comparison"] = {**compared, "verdict": verdict}
+    return out
+
+
 def aggregate(mine: Mapping[str, Any],
               peers: Sequence[tuple[str, Mapping[str, Any] | None, str | None]],
               now: float | None = None) -> dict[str, Any]:
@@ -151,10 +199,15 @@ def aggregate(mine: Mapping[str, Any],
     shares = [mine] + [snap for _, snap, _ in peers if snap is not None]
     workers: list[dict[str, Any]] = []
     rate_series: dict[str, list[tuple[float, float]]] = {}
+    p50_series: dict[str, list[tuple[float, float | None]]] = {}
+    p99_series: dict[str, list[tuple[float, float | None]]] = {}
     for share in shares:
         worker_rates = rates(share.get("scored", []))
         rate_series[share["url"]] = worker_rates
         scored = share.get("scored") or []
+        latency = share.get("latency") or []
+        p50_series[share["url"]] = [(_bucket(x[0]), x[1]) for x in latency]
+        p99_series[share["url"]] = [(_bucket(x[0]), x[2]) for x in latency]
         workers.append({
             "url": share["url"], "reachable": True, "self": share is mine,
             "active": share.get("active"),
@@ -163,6 +216,8 @@ def aggregate(mine: Mapping[str, Any],
             "predictions_per_s": worker_rates[-1][1] if worker_rates else None,
             "scored": scored[-1][1] if scored else None,
             "keeps_summaries": bool(share.get("keeps_summaries")),
+            "latency_p50_ms": latency[-1][1] if latency else None,
+            "latency_p99_ms": latency[-1][2] if latency else None,
         })
     for url, snap, why in peers:
         if snap is None:
@@ -174,6 +229,11 @@ def aggregate(mine: Mapping[str, Any],
         values = [v[i] for v in rate["series"].values() if v[i] is not None]
         totals.append(round(sum(values), 3) if values else None)
     rate["total"] = totals
+
+    # Latency: each worker's p50 and p99 on one time axis (the group's percentiles cannot be
+    # made of the workers' ones; the chart shows every worker's).
+    p50, p99 = _aligned(p50_series), _aligned(p99_series)  # the same times, per worker
+    latency_view = {"t": p50["t"], "unit": "ms", "p50": p50["series"], "p99": p99["series"]}
 
     # class_counts has one partition: one worker counts; take the largest count seen for a
     # (window, class), so that a replica of the same rows elsewhere is not counted twice.
@@ -206,6 +266,8 @@ def aggregate(mine: Mapping[str, Any],
     quality["figure"] = quality_now[0]["figure"] if quality_now else (
         QUALITY_FIELD.get(str(mine.get("task")), "rolling_accuracy"))
 
+    rollout = rollout_view(mine, quality_points, quality_now)
+
     latest: dict[str, dict[str, Any]] = {}
     for share in shares:
         for row in share.get("latest", []):
@@ -225,9 +287,10 @@ def aggregate(mine: Mapping[str, Any],
         "models": mine.get("models"),
         "workers": workers,
         "predictions_per_s": rate,
-        "latency": None,  # not measured by the worker: see the module's docstring
+        "latency": latency_view,
         "class_mix": class_mix,
         "quality": quality,
+        "rollout": rollout,
         "timeline": timeline,
         "latest": newest_predictions,
     }

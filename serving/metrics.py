@@ -16,13 +16,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from app import app
 from lake.ledger import Flush
+from serving.latency import EventLatency, LatencyCollector
 from transport.topics import scored_topic_name, topic_spec
 
 settings = app.settings
 
 __all__ = ["REGISTRY", "EVENTS_SCORED", "EVENTS_DEAD_LETTERED", "BATCH_SECONDS",
            "BATCH_SIZE", "MODEL_REFUSALS", "SPEED_LEARNER", "MODEL_REFUSAL_REASONS", "snapshot",
-           "prometheus_text", "count_scored", "scored_total", "keeps_summaries", "METRIC_MAX_VERSIONS", "record_model_state", "count_flush"]
+           "prometheus_text", "count_scored", "scored_total", "keeps_summaries", "METRIC_MAX_VERSIONS", "record_model_state", "count_flush",
+           "EVENT_LATENCY"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ ARCHIVED_ROWS = Counter("stratum_archived_rows", "Events written to the lake",
                         registry=REGISTRY)
 ARCHIVE_FILES = Counter("stratum_archive_files", "Parquet files written to the lake",
                         registry=REGISTRY)
+#: Event-to-prediction latency (``stratum_event_latency_seconds``; the dashboard's p50/p99).
+EVENT_LATENCY = EventLatency()
+REGISTRY.register(LatencyCollector(EVENT_LATENCY))
 SPEED_LEARNER = Gauge("stratum_speed_learner",
                       "1 on the worker that holds the scored-summary partition: it counts what "
                       "serving scored and runs the speed layer's learner; 0 elsewhere",

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+
 from serving.dashboard import (LATEST_ROWS, QUALITY_VERSIONS, SAMPLE_S, Sampler, aggregate,
                                rates)
+from serving.latency import EventLatency, LatencyCollector, percentiles
 
 
 def quality_row(version: str, n: int, acc: float) -> dict[str, Any]:
@@ -88,7 +92,9 @@ def test_aggregate_puts_the_workers_together_and_lists_an_unreachable_one() -> N
     # The newest prediction of each id, wherever it is, newest first, with its worker.
     assert [(p["id"], p["predicted"], p["worker"]) for p in d["latest"]] == [
         ("x", "s", "http://b:2"), ("z", "b", "http://b:2"), ("y", "s", "http://a:1")]
-    assert d["latency"] is None and d["models"]["active"] == "v1"
+    assert d["models"]["active"] == "v1"
+    assert d["latency"] == {"t": [], "unit": "ms", "p50": {"http://a:1": [], "http://b:2": []},
+                            "p99": {"http://a:1": [], "http://b:2": []}}
 
 
 def test_aggregate_keeps_its_lists_bounded() -> None:
@@ -102,3 +108,91 @@ def test_aggregate_keeps_its_lists_bounded() -> None:
     assert "v39" in d["quality"]["series"] and "v0" not in d["quality"]["series"]
     assert len(d["timeline"]) == 50
     assert d["predictions_per_s"] == {"t": [], "series": {"http://a:1": []}, "total": []}
+
+
+def test_latency_percentiles_are_those_of_the_window() -> None:
+    assert percentiles(np.empty(0)) is None
+    assert percentiles(np.arange(1, 101, dtype=np.float64)) == (50.5, 99.01)
+    latency = EventLatency()
+    # Records at 10 000 ms: latencies 10..1000 ms; a record without a timestamp (-1) is left
+    # out, and one ahead of this clock counts as 0.
+    latency.record(10_000, np.array([9_990, 9_000, -1, 10_005], dtype=np.int64))
+    latency.record(10_000, np.array([], dtype=np.int64))
+    got = latency.take()
+    assert sorted(got.tolist()) == [0.0, 10.0, 1000.0]
+    assert latency.take().tolist() == [] and latency.recent == 0  # taken: the next window
+    sampler = Sampler()
+    sampler.sample(100.0, 0.0, [], np.array([], dtype=np.float64))  # nothing answered
+    sampler.sample(102.0, 3.0, [], got)
+    assert list(sampler.latency) == [[102.0, 10.0, 980.2, 3]]
+    p50, p99 = sampler.latency[-1][1:3]
+    assert 0 < p50 <= p99
+
+
+def test_latency_stays_bounded_and_its_histogram_counts_every_event() -> None:
+    latency = EventLatency(max_recent=100)
+    for k in range(50):
+        latency.record(1_000_000, np.full(7, 1_000_000 - 20 * (k + 1), dtype=np.int64))
+    assert latency.recent <= 100
+    window = latency.take()
+    assert len(window) <= 100 and window.max() == 1000.0  # the newest batches are kept
+    latency.record(1_000_000, np.full(500, 1_000_000 - 3, dtype=np.int64))  # one large batch
+    assert latency.recent == 100
+    assert int(latency.counts.sum()) == 50 * 7 + 100
+    registry = CollectorRegistry()
+    registry.register(LatencyCollector(latency))
+    text = generate_latest(registry).decode()
+    assert 'stratum_event_latency_seconds_bucket{le="0.005"} 100.0' in text
+    assert 'stratum_event_latency_seconds_bucket{le="+Inf"} 450.0' in text
+    assert "stratum_event_latency_seconds_count 450.0" in text
+    line = next(x for x in text.splitlines() if x.startswith("stratum_event_latency_seconds_sum"))
+    assert float(line.split()[1]) == sum(7 * 20 * (k + 1) for k in range(50)) / 1000 + 0.3
+
+
+def test_aggregate_charts_each_workers_latency() -> None:
+    a = share("http://a:1", [], latency=[[100.1, 5.0, 9.0, 10], [102.0, 6.0, 12.0, 4]])
+    b = share("http://b:2", [], latency=[[102.0, 7.0, 8.0, 3], [104.0, 4.0, 4.5, 1]])
+    d = aggregate(a, [("http://b:2", b, None)])
+    assert d["latency"] == {"t": [100.0, 102.0, 104.0], "unit": "ms",
+                            "p50": {"http://a:1": [5.0, 6.0, None],
+                                    "http://b:2": [None, 7.0, 4.0]},
+                            "p99": {"http://a:1": [9.0, 12.0, None],
+                                    "http://b:2": [None, 8.0, 4.5]}}
+    assert [(w["latency_p50_ms"], w["latency_p99_ms"]) for w in d["workers"]] == [
+        (6.0, 12.0), (4.0, 4.5)]
+
+
+def test_aggregate_shows_the_rollout_with_its_decisions_and_comparison() -> None:
+    assert aggregate(share("http://a:1", []), [])["rollout"] is None
+    promote = {"type": "PROMOTE", "model": "m", "version": "v0", "by": "policy",
+               "reason": "better", "figures": {"candidate": 0.9, "serving": 0.8}, "at": 90_000}
+    abort = {"type": "ABORT", "model": "m", "version": "vx", "by": "operator", "reason": "",
+             "figures": {}, "at": 95_000}
+    a = share("http://a:1", [],
+              rollout={"candidate": "v2", "mode": "shadow", "share": 0.1, "since": 7,
+                       "since_ms": 99_000, "loaded": True, "decision": abort},
+              decisions=[promote, abort],
+              quality=[[100.0, {"v1": [10, 0.8], "v2": [4, 0.75]}],
+                       [102.0, {"v1": [12, 0.8], "v2": [8, 0.875]}]],
+              quality_now=[{"version": "v2", "n": 8, "task": "classification",
+                            "figure": "rolling_accuracy", "value": 0.875},
+                           {"version": "v1", "n": 12, "task": "classification",
+                            "figure": "rolling_accuracy", "value": 0.8}])
+    r = aggregate(a, [])["rollout"]
+    assert (r["candidate"], r["mode"], r["share"], r["since"], r["since_ms"], r["loaded"]) == (
+        "v2", "shadow", 0.1, 7, 99_000, True)
+    assert r["serving"] == "v1" and r["decision"] == abort
+    assert r["decisions"] == [abort, promote]  # newest first
+    c = r["comparison"]
+    assert c["t"] == [100.0, 102.0] and c["series"] == {"v1": [0.8, 0.8], "v2": [0.75, 0.875]}
+    assert c["verdict"] == {"figure": "rolling_accuracy", "candidate": 0.875, "serving": 0.8,
+                            "candidate_n": 8, "serving_n": 12, "ahead": "candidate"}
+    # A regression: the lower RMSE is ahead. A rollout that ended: no candidate, no verdict.
+    for q in a["quality_now"]:
+        q["figure"] = "rolling_rmse"
+    assert aggregate(a, [])["rollout"]["comparison"]["verdict"]["ahead"] == "serving"
+    a["rollout"] = {"candidate": None, "mode": None, "share": None, "since": None,
+                    "since_ms": None, "loaded": False, "decision": promote}
+    r = aggregate(a, [])["rollout"]
+    assert r["candidate"] is None and r["comparison"]["verdict"]["ahead"] is None
+    assert list(r["comparison"]["series"]) == ["v1"]

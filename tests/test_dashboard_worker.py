@@ -128,7 +128,18 @@ def test_dashboard_json_tells_what_the_tables_and_models_tell(deployment: Deploy
     assert [p["id"] for p in body["latest"]][:5] == [r["key"] for r in latest][:5]
     assert all(p["model_version"] == d.version and p["worker"] == d.url
                for p in body["latest"])
-    assert body["latency"] is None
+    # Event-to-prediction latency, sampled while the events flowed: every one counted once.
+    latency = body["latency"]
+    assert latency["unit"] == "ms" and latency["t"] and set(latency["p50"]) == {d.url}
+    pairs = [(p50, p99) for p50, p99 in zip(latency["p50"][d.url], latency["p99"][d.url])
+             if p50 is not None]
+    assert pairs and all(0 < p50 <= p99 < 60_000 for p50, p99 in pairs), pairs
+    assert 0 < worker["latency_p50_ms"] <= worker["latency_p99_ms"]
+    metrics = http("GET", f"{d.url}/metrics")[1]
+    assert f"stratum_event_latency_seconds_count {float(total)}" in metrics
+
+    # No candidate was ever announced: no rollout.
+    assert body["rollout"] is None and models["rollout"] is None
 
     # The page and its files.
     status, page, ctype = http("GET", f"{d.url}/")
@@ -169,10 +180,13 @@ def test_the_page_renders_charts_and_the_figures_of_models(deployment: Deploymen
     assert cell("refusals") == str(models["refusals"])
     assert cell("updates-applied") == str(models["updates_applied"])
     assert cell("worker-count") == "1 of 1 answering"
-    # Three uPlot charts, each drawn on a canvas.
-    for chart in ("chart-rate", "chart-classes", "chart-quality"):
+    # Four uPlot charts, each drawn on a canvas.
+    for chart in ("chart-rate", "chart-latency", "chart-classes", "chart-quality"):
         block = dom.split(f'id="{chart}"', 1)[1].split("</section>", 1)[0]
         assert "<canvas" in block and "uplot" in block, chart
+    # No rollout: the panel says so, its details stay hidden.
+    assert re.search(r'id="rollout-body"[^>]*hidden', dom)
+    assert not re.search(r'id="rollout-none"[^>]*hidden', dom)
     timeline = dom.split('id="timeline"', 1)[1].split("</table>", 1)[0]
     assert timeline.count("<tr") - 1 == len(models["history"])  # header row + one per entry
     assert "nope" in timeline

@@ -5,7 +5,8 @@
 const POLL_MS = 2000;
 const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
                 "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
-const MARK_COLORS = {"swap": "#2a7", "update": "#48c"};  // anything else: a refusal
+const MARK_COLORS = {"swap": "#2a7", "update": "#48c", "PROMOTE": "#a3c",
+                     "ABORT": "#e80"};  // anything else: a refusal
 const charts = {};
 
 function $(id) { return document.getElementById(id); }
@@ -53,7 +54,8 @@ function markersPlugin(getMarks) {
       if (m.at < lo || m.at > hi) continue;
       const x = Math.round(u.valToPos(m.at, "x", true)) + 0.5;
       ctx.strokeStyle = MARK_COLORS[m.kind] || "#c33";
-      ctx.setLineDash(m.kind === "update" ? [2, 3] : []);
+      ctx.setLineDash(m.kind === "update" ? [2, 3] : m.kind === "ABORT" ? [6, 3] : []);
+      ctx.lineWidth = m.kind === "PROMOTE" || m.kind === "ABORT" ? 2 : 1;
       ctx.beginPath();
       ctx.moveTo(x, top);
       ctx.lineTo(x, top + height);
@@ -122,11 +124,27 @@ function render(d) {
       lastRefusal.kind + "): " + (lastRefusal.reason || "");
   }
 
-  timelineMarks = d.timeline;
+  const decisions = d.rollout ? d.rollout.decisions : [];
+  timelineMarks = d.timeline.concat(decisions.filter(x => x.at).map(
+    x => ({at: x.at / 1000, kind: x.type})));
   const rate = d.predictions_per_s;
   plot("chart-rate", rate.t, Object.assign({}, rate.series, {"all workers": rate.total}),
        {yLabel: "predictions/s", widths: {"all workers": 2}, colors: {"all workers": "#222"},
         dashed: {"all workers": true}, fromZero: true});
+
+  const lat = d.latency, latSeries = {}, latColors = {}, latDashed = {};
+  Object.keys(lat.p50).forEach((url, i) => {
+    const color = COLORS[i % COLORS.length];
+    latSeries[url + " p50"] = lat.p50[url];
+    latSeries[url + " p99"] = lat.p99[url];
+    latColors[url + " p50"] = latColors[url + " p99"] = color;
+    latDashed[url + " p99"] = true;
+  });
+  plot("chart-latency", lat.t, latSeries, {yLabel: "ms", colors: latColors,
+                                          dashed: latDashed, fromZero: true});
+  const me = d.workers[0] || {};
+  text("latency-now", me.latency_p50_ms === null || me.latency_p50_ms === undefined ? null
+       : me.latency_p50_ms + " / " + me.latency_p99_ms);
 
   const mix = d.class_mix;
   plot("chart-classes", mix.t, mix.series, {yLabel: "predictions", points: true,
@@ -141,6 +159,8 @@ function render(d) {
   plot("chart-quality", q.t, q.series, {yLabel: q.figure.replace(/_/g, " "), marks: true,
                                         points: true});
 
+  renderRollout(d.rollout);
+
   fillTable("workers", d.workers, (tr, w) => {
     if (!w.reachable) tr.className = "unreachable";
     cell(tr, w.url + (w.self ? " (this one)" : ""));
@@ -150,6 +170,8 @@ function render(d) {
     cell(tr, w.update_seq, "num");
     cell(tr, w.predictions_per_s, "num");
     cell(tr, w.scored, "num");
+    cell(tr, w.latency_p50_ms, "num");
+    cell(tr, w.latency_p99_ms, "num");
   });
   fillTable("timeline", d.timeline, (tr, r) => {
     tr.className = MARK_COLORS[r.kind] ? r.kind : "refused";
@@ -167,6 +189,48 @@ function render(d) {
     cell(tr, p.worker);
   });
   document.body.dataset.rendered = String(d.generated_at);
+}
+
+function figures(f) {
+  return Object.keys(f || {}).map(k => k + " " + (typeof f[k] === "number" ?
+    +f[k].toPrecision(4) : JSON.stringify(f[k]))).join(", ");
+}
+
+function renderRollout(r) {
+  $("rollout-none").hidden = !!r;
+  $("rollout-body").hidden = !r;
+  if (!r) return;
+  text("rollout-candidate", r.candidate ? r.candidate + " (serving: " + r.serving + ")"
+                                        : "none now (the rollout ended)");
+  text("rollout-mode", r.mode ? r.mode + (r.mode === "canary" ? " / " + r.share : "") : null);
+  text("rollout-since", r.since_ms ? clock(r.since_ms / 1000) + " (offset " + r.since + ")"
+                                   : r.since);
+  text("rollout-loaded", r.candidate ? (r.loaded ? "yes" : "no") : null);
+  const v = r.comparison.verdict;
+  text("rollout-verdict", !r.candidate ? null : v.ahead === null ? "no figures yet" :
+       (v.ahead === "even" ? "even" : v.ahead + " ahead") + ": candidate " + v.candidate +
+       " (n " + v.candidate_n + ") vs serving " + v.serving + " (n " + v.serving_n + ")");
+  const last = r.decision;
+  text("rollout-decision", last ? last.type + " " + last.version + " by " + last.by +
+       (last.reason ? ": " + last.reason : "") : null);
+  const fig = (v.figure || "rolling_accuracy").replace(/_/g, " ");
+  $("rollout-figure").textContent = fig;
+  const c = r.comparison, named = {};
+  for (const version of Object.keys(c.series)) {
+    named[version + (version === r.candidate ? " (candidate)" : " (serving)")] =
+      c.series[version];
+  }
+  plot("chart-rollout", c.t, named, {yLabel: fig, marks: true, points: true,
+                                     dashed: {[r.candidate + " (candidate)"]: true}});
+  fillTable("decisions", r.decisions, (tr, x) => {
+    tr.className = x.type === "PROMOTE" ? "promote" : "abort";
+    cell(tr, x.at ? clock(x.at / 1000) : null);
+    cell(tr, x.type);
+    cell(tr, x.version);
+    cell(tr, x.by);
+    cell(tr, x.reason);
+    cell(tr, figures(x.figures));
+  });
 }
 
 async function poll() {
