@@ -373,6 +373,12 @@ class SpeedSettings(_Section):
     fraction of the serving MSE)."""
     rollout_alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
     """Significance level of the rollout policy's one-sided tests."""
+    rollout_max_error_rate: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    """Highest fraction of the candidate's scoring attempts that may fail before a worker
+    aborts the rollout (judged after ROLLOUT_MIN_EVENTS attempts)."""
+    rollout_max_latency_ms: Annotated[float, Field(ge=0)] = 5000.0
+    """Highest p99 event-to-prediction latency (ms) of the canary predictions the candidate
+    answered before a worker aborts the rollout; 0: no limit."""
 
 
 class ArchiveSettings(_Section):

@@ -44,11 +44,13 @@ from lake.rows import BatchRows
 from transport.lease import worker_lease
 from serving.metrics import (BATCH_SECONDS, BATCH_SIZE, EVENT_LATENCY, EVENTS_DEAD_LETTERED,
                              count_flush, count_scored)
+from serving.health import CandidateHealth
 from serving.model_manager import Routing, model_manager
 from serving.scoring import encode_predictions, split_rows
 from transport.summary import summary_messages
 from transport.topics import ensure_topics, scored_topic_name
 from serving.tables import LATEST_CHANGELOG, record_changelog_offsets, store_latest
+from transport import protocol
 from transport.kafka import Delivery, EventReader, OutputProducer, client_config
 from app import app
 from transport.schemas import EventColumns, dead_letter_message, decode_events
@@ -161,6 +163,12 @@ class ServingService(Service):
         self._lock = asyncio.Lock()
         #: Set once a micro-batch could not be stored: nothing may be committed after that.
         self._failed = False
+        #: The candidate's failures and latency as this worker sees them, and the ``ABORT``
+        #: it is publishing when they cross a limit.
+        self.health = CandidateHealth(settings.rollout_max_error_rate,
+                                      settings.rollout_max_latency_ms,
+                                      settings.rollout_min_events)
+        self._deciding: set[asyncio.Future[None]] = set()
         # Receivers run before the consumer rejoins the group (Faust awaits them).
         # Faust's signal type asks for a ``signal`` keyword parameter; it arrives in **kwargs.
         app.on_partitions_revoked.connect(self._on_partitions_revoked)  # type: ignore[arg-type]
@@ -377,20 +385,7 @@ class ServingService(Service):
             assert batch.scoring is not None
             self._send_scored(delivery, batch, batch.model, rows, await batch.scoring)
         elif rows:
-            routing = batch.routing
-            assert routing is not None and routing.candidate is not None
-            assert batch.served is not None and batch.tried is not None
-            if len(batch.served):
-                assert batch.scoring is not None
-                self._send_scored(delivery, batch, batch.model,
-                                  [rows[k] for k in batch.served.tolist()],
-                                  await batch.scoring)
-            if len(batch.tried):
-                assert batch.candidate_scoring is not None
-                self._send_scored(delivery, batch, routing.candidate,
-                                  [rows[k] for k in batch.tried.tolist()],
-                                  await batch.candidate_scoring,
-                                  shadow=routing.mode == "shadow")
+            await self._answer_rollout(delivery, batch, rows)
         for i, reason in batch.rejected:
             partition, offset = batch.partitions[i], batch.offsets[i]
             log.warning("dead-lettered %s[%s]@%s: %s", s.events_topic, partition, offset,
@@ -406,12 +401,92 @@ class ServingService(Service):
             await self._wait_stored(self._in_flight[0])
             self._settle()
 
+    async def _answer_rollout(self, delivery: Delivery, batch: MicroBatch,
+                              rows: list[int]) -> None:
+        """Answer a micro-batch scored during a rollout. When the candidate's scoring fails,
+        the serving version answers its canary events (in shadow mode it answered them
+        already) and the failure counts against the candidate's health."""
+        routing = batch.routing
+        assert routing is not None and routing.candidate is not None
+        assert batch.served is not None and batch.tried is not None
+        candidate = routing.candidate
+        shadow = routing.mode == "shadow"
+        if len(batch.served):
+            assert batch.scoring is not None
+            self._send_scored(delivery, batch, batch.model,
+                              [rows[k] for k in batch.served.tolist()], await batch.scoring)
+        if not len(batch.tried):
+            return
+        assert batch.candidate_scoring is not None
+        health = self.health
+        health.follow((candidate.base_version, routing.since)
+                      if routing.since is not None else None)
+        tried = [rows[k] for k in batch.tried.tolist()]
+        try:
+            outputs = await batch.candidate_scoring
+        except Exception as exc:
+            first = health.failures == 0
+            health.scored(len(tried), failed=True)
+            (log.exception if first else log.warning)(
+                "candidate %s failed to score %d events (%s)%s", candidate.version,
+                len(tried), protocol.describe_error(exc),
+                "" if shadow else "; the serving version answers them")
+            if not shadow:
+                features = batch.columns.features[np.asarray(tried, dtype=np.int64)]
+                fallback = await asyncio.get_running_loop().run_in_executor(
+                    scoring_executor, batch.model.outputs, features)
+                self._send_scored(delivery, batch, batch.model, tried, fallback)
+        else:
+            health.scored(len(tried))
+            now_ms = self._send_scored(delivery, batch, candidate, tried, outputs,
+                                       shadow=shadow)
+            if not shadow:
+                health.answered(now_ms, batch.row_ts[np.asarray(tried, dtype=np.int64)])
+        message = self.abort_message()
+        if message is not None:
+            key = health.decided
+            task = asyncio.ensure_future(self._publish_abort(message, key))
+            self._deciding.add(task)
+            task.add_done_callback(self._deciding.discard)
+
+    def abort_message(self) -> dict[str, Any] | None:
+        """The ``ABORT`` (``by`` ``"policy"``) of the candidate once its health crosses a
+        limit on this worker, once per rollout (marked decided); None otherwise."""
+        health = self.health
+        if health.key is None or health.decided == health.key:
+            return None
+        unhealthy = health.verdict()
+        if unhealthy is None or not worker_lease.held:
+            return None
+        health.decided = health.key
+        active = model_manager.active
+        figures = {**unhealthy.figures,
+                   "serving": active.base_version if active is not None else None}
+        return protocol.decision_message(
+            protocol.ABORT, self.settings.model_name, health.key[0], "policy",
+            unhealthy.reason, figures, at=int(time.time() * 1000))
+
+    async def _publish_abort(self, message: dict[str, Any],
+                             key: tuple[str, int] | None) -> None:
+        try:
+            await app.producer.send_and_wait(
+                self.settings.updates_topic, self.settings.model_name.encode(),
+                orjson.dumps(message), partition=0, timestamp=None, headers=None)
+        except Exception:  # the next micro-batch of the candidate tries again
+            log.exception("publishing the ABORT of unhealthy candidate %s failed",
+                          message["version"])
+            if self.health.decided == key:
+                self.health.decided = None
+            return
+        log.warning("rollout of %s: ABORT (%s)", message["version"], message["reason"])
+
     def _send_scored(self, delivery: Delivery, batch: MicroBatch, model: LoadedModel,
-                     rows: list[int], outputs: np.ndarray, shadow: bool = False) -> None:
+                     rows: list[int], outputs: np.ndarray, shadow: bool = False) -> int:
         """Queue what ``model``'s ``outputs`` for ``rows`` (of ``batch.columns``) produce: the
         predictions and their ``latest_predictions`` rows, or for a shadow candidate its
         predictions on the shadow topic only; and the summary for the speed layer (a
-        shadow's counts nothing as scored, its labelled events measure its quality)."""
+        shadow's counts nothing as scored, its labelled events measure its quality).
+        Returns when (epoch ms) the predictions were handed to the producer."""
         columns = batch.columns
         everything = len(rows) == len(columns)
         ids = columns.ids if everything else [columns.ids[k] for k in rows]
@@ -435,6 +510,7 @@ class ServingService(Service):
         if not shadow:
             count_scored(model.version, len(rows))
             EVENT_LATENCY.record(now_ms, batch.row_ts if everything else batch.row_ts[rows])
+        return now_ms
 
     def _write_latest(self, delivery: Delivery, batch: MicroBatch, rows: list[int],
                       keys: list[bytes], values: list[bytes]) -> None:

@@ -16,12 +16,21 @@ import numpy as np
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["BUCKETS_S", "MAX_RECENT", "EventLatency", "LatencyCollector", "percentiles"]
+__all__ = ["BUCKETS_S", "MAX_RECENT", "EventLatency", "LatencyCollector", "latencies_ms",
+           "percentiles"]
 
 #: Upper bounds (seconds) of the histogram's buckets.
 BUCKETS_S = (.005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Most latencies kept between two samples (the newest; older batches are dropped first).
 MAX_RECENT = 65536
+
+
+def latencies_ms(now_ms: int, timestamps_ms: np.ndarray) -> np.ndarray:
+    """The latencies (ms) of records stamped ``timestamps_ms`` answered at ``now_ms``: a
+    record without a timestamp (``<= 0``) is left out; one ahead of this clock counts as 0."""
+    ts = timestamps_ms[timestamps_ms > 0]
+    latencies: np.ndarray = np.maximum(now_ms - ts, 0).astype(np.float64)
+    return latencies
 
 
 def percentiles(latencies_ms: np.ndarray) -> tuple[float, float] | None:
@@ -50,10 +59,9 @@ class EventLatency:
         """Record the latencies of events whose records carry ``timestamps_ms`` and whose
         predictions were handed to the producer at ``now_ms``. A record without a timestamp
         (``<= 0``) is not counted; a timestamp ahead of this clock counts as 0."""
-        ts = timestamps_ms[timestamps_ms > 0]
-        if not len(ts):
+        latencies = latencies_ms(now_ms, timestamps_ms)
+        if not len(latencies):
             return
-        latencies = np.maximum(now_ms - ts, 0).astype(np.float64)
         if len(latencies) > self.max_recent:
             latencies = latencies[-self.max_recent:]
         self.counts += np.bincount(np.searchsorted(self.bounds_ms, latencies, side="left"),

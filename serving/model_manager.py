@@ -83,6 +83,9 @@ class Routing:
     candidate: LoadedModel | None = None
     mode: str | None = None
     share: float = 0.0
+    #: Offset of the announcement that started the rollout (a candidate announced again
+    #: starts a new one).
+    since: int | None = None
 
 
 @dataclass
@@ -186,7 +189,7 @@ class ModelManager(Service):
         rollout, candidate = self.ledger.rollout, self.ledger.candidate
         if rollout is None or candidate is None:
             return Routing(active)
-        return Routing(active, candidate, rollout.mode, rollout.share)
+        return Routing(active, candidate, rollout.mode, rollout.share, rollout.since)
 
     async def wait_ready(self) -> LoadedModel:
         """Wait until a model is active and return it."""
