@@ -129,6 +129,11 @@ async def test_a_failing_canary_candidate_is_answered_by_the_serving_version_and
 
     monkeypatch.setattr(service, "_send_scored", send)
     monkeypatch.setattr(service, "_publish_abort", publish)
+    from transport.lease import worker_lease
+
+    # The lease is held (no stall): its clock does not tick in unit tests, and a long run of
+    # other tests before this one must not make it doubtful.
+    worker_lease.confirmed()
     loop = asyncio.get_running_loop()
     answered: set[int] = set()
     for b in range(3):

@@ -154,7 +154,7 @@ def test_a_regression_predicts_numbers_on_the_stream_and_over_http(
     assert status == 200 and latest["predicted"] == predictions[7]["predicted"]
     described = d.models()
     assert described["task"] == "regression" and described["classes"] == []
-    status, page, _ = http("GET", f"{d.url}/")
+    status, page, _ = http("GET", f"{d.url}/plain")
     assert status == 200 and "(regression)" in page
 
 

@@ -707,7 +707,7 @@ def test_labelled_events_become_a_chain_of_updates_that_serving_applies(
     for q in quality.values():
         assert 0 <= q["accuracy"] <= 1 and 0 <= q["rolling_accuracy"] <= 1
         assert math.isfinite(q["log_loss"]) and q["log_loss"] > 0
-    status, page, _ = http("GET", f"{worker.url}/")
+    status, page, _ = http("GET", f"{worker.url}/plain")
     assert status == 200 and "quality_by_version" in page and f"{base}+1" in page
 
 
