@@ -4,6 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stratum-installed
+# PyTorch's CPU build: PyPI's default build brings about 4 GB of CUDA libraries that a CPU
+# machine never loads. Only torch itself comes from PyTorch's index; its dependencies come
+# from PyPI with the package's. For the CUDA build: make install TORCH=torch==2.13.0
+TORCH ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check --no-cache-dir
 
 .PHONY: install run test unit typecheck bench clean
 
@@ -14,8 +20,9 @@ install: $(STAMP)
 # from Debian); headless Chromium, for the dashboard's browser test, comes from Debian too.
 $(STAMP): setup.cfg setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	$(PIP) --upgrade pip
+	$(PIP) --no-deps --extra-index-url $(TORCH_INDEX) '$(TORCH)'
+	$(PIP) -e '.[test,bench]'
 	$(PY) -m devstack.stack provision
 	command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
 		|| echo "make: could not install chromium (apt-get); the browser test will be skipped"
