@@ -1,6 +1,7 @@
 """A rollout on the live stream, through Kafka with one worker: a shadow candidate predicts on
 the shadow topic only, labelled events lead the policy to promote it, and it then serves; a
-canary splits ids stably, and an operator aborts it with the admin token only."""
+canary splits ids stably, and an operator aborts it with the admin token only; a canary whose
+network fails on live events is aborted by the worker's health check, every event answered."""
 from __future__ import annotations
 
 import json
@@ -22,6 +23,8 @@ pytestmark = pytest.mark.integration
 FEATURES = ["a", "b", "c"]
 CLASSES = ["no", "yes"]
 TOKEN = "rollout-test-token"
+FAILING = "tests.factories:fails_on_large_inputs"
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +32,8 @@ def stream(settings_env: Any, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[tuple[Settings, Registry, WorkerProcess]]:
     # The speed layer off: the serving version stays the same base throughout.
     env = settings_env(ADMIN_TOKEN=TOKEN, SPEED_LAYER="0", ARCHIVE="0", TOPIC_PARTITIONS="2",
-                       ROLLOUT_MIN_EVENTS="100", ROLLOUT_MARGIN="0.01")
+                       ROLLOUT_MIN_EVENTS="100", ROLLOUT_MARGIN="0.01",
+                       MODEL_FACTORIES=FAILING, PYTHONPATH=str(REPO))
     settings = Settings.from_env(env)
     registry = Registry(settings.registry_uri, settings.storage_options)
     run(ensure_topics(settings))
@@ -145,3 +149,41 @@ def test_a_shadow_candidate_is_promoted_by_the_policy_and_an_operator_aborts_a_c
     run(produce(bootstrap, settings.events_topic, events(later, X[:100], None)))
     again = run(consume_until(bootstrap, settings.predictions_topic, of("d-", 100)))
     assert {p["model_version"] for p in again if p["id"].startswith("d-")} == {v2.version}
+
+
+def test_a_canary_whose_network_fails_is_aborted_by_its_health_and_loses_no_event(
+        stream: tuple[Settings, Registry, WorkerProcess]) -> None:
+    settings, registry, worker = stream
+    bootstrap = settings.bootstrap_servers
+    serving = models(worker)["active"]
+    # Its reference rows pass (the worker loads it); outlying live inputs make it raise.
+    failing = publish_small_model(registry, settings.model_name, FEATURES, CLASSES, seed=4,
+                                  factory=FAILING)
+    run(announce(bootstrap, settings.updates_topic,
+                 {**failing.to_message(), "rollout": {"mode": "canary", "share": 0.5}}))
+    poll(lambda: models(worker)["rollout"],
+         lambda r: bool(r and r["candidate"] == failing.version and r["loaded"]))
+
+    ids = [f"h-{i}" for i in range(400)]
+    X = np.random.default_rng(4).normal(size=(len(ids), 3)) * 100
+    run(produce(bootstrap, settings.events_topic, events(ids, X, None)))
+    answered = [p for p in run(consume_until(bootstrap, settings.predictions_topic,
+                                             of("h-", len(ids)))) if p["id"].startswith("h-")]
+    # Every event answered once, by the serving version, though half were the canary's.
+    assert sorted(p["id"] for p in answered) == sorted(ids)
+    assert {p["model_version"] for p in answered} == {serving}
+    assert sum(to_candidate(ids, 0.5).tolist()) > 100
+
+    aborts = [m for m in run(consume_until(
+        bootstrap, settings.updates_topic,
+        lambda vs: any(v.get("type") == "ABORT" and v.get("version") == failing.version
+                       for v in vs), timeout=90))
+        if m.get("type") == "ABORT" and m.get("version") == failing.version]
+    assert len(aborts) == 1, aborts
+    abort = aborts[0]
+    assert abort["by"] == "policy"
+    assert abort["reason"].startswith("error rate 1.000 > ROLLOUT_MAX_ERROR_RATE 0.01")
+    assert abort["figures"]["failures"] == abort["figures"]["attempts"] >= 100
+    state = poll(lambda: models(worker), lambda m: m["rollout"]["candidate"] is None)
+    assert state["active"] == serving
+    assert state["rollout"]["decision"]["type"] == "ABORT"
