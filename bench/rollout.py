@@ -26,11 +26,13 @@ going backwards (a canary's candidate predictions are counted apart).
 Then (``--shadow-events`` > 0; ``--only-shadow`` runs this part alone) the shadow cost: one
 worker (archive and speed layer off) on a backlog of demo events (30 features, half labelled),
 model 30-500-1000-500-2, without a candidate and with a shadow candidate of the same size (the
-policy held off by a huge ``ROLLOUT_MIN_EVENTS``): events answered per second for both, their
-ratio, and the raw model's ``predict_proba`` rate as a peer.
+policy held off by a huge ``ROLLOUT_MIN_EVENTS``): events answered per second and the worker's
+CPU per event for both, their ratios, in ``--shadow-rounds`` rounds (alone, then shadow) with
+the median ratios, and the raw model's ``predict_proba`` rate as a peer.
 
     .venv/bin/python bench/rollout.py [--rate 300] [--share 0.2] [--hold 60]
-                                      [--shadow-events 60000] [--only-shadow | --no-shadow]
+                                      [--shadow-events 60000] [--shadow-rounds 3]
+                                      [--only-shadow | --no-shadow]
 
 Prints progress with load averages; ends with one line holding a JSON object of the figures.
 """
@@ -40,6 +42,7 @@ import argparse
 import copy
 import asyncio
 import json
+import statistics
 import sys
 import threading
 import time
@@ -54,11 +57,11 @@ sys.path.insert(0, str(REPO / "bench"))
 import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 import torch  # noqa: E402
-from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
+from confluent_kafka import Consumer, TopicPartition  # noqa: E402
 
 from app.settings import Settings  # noqa: E402
-from devstack.harness import (WorkerProcess, announce, http, publish_small_model,  # noqa: E402
-                              scratch_dir)
+from devstack.harness import (PacedFeed, WorkerProcess, announce, http,  # noqa: E402
+                              publish_small_model, scratch_dir)
 from devstack.stack import LocalStack, free_port  # noqa: E402
 from models.loaded import LoadedModel  # noqa: E402
 from models.manifest import Manifest, Reference  # noqa: E402
@@ -170,60 +173,32 @@ def build_models(registry: Registry, name: str) -> tuple[dict[str, ModelRef],
 
 # -- the feed and the readers -----------------------------------------------------------------
 
-class Feed:
+class Feed(PacedFeed):
     """Labelled synthetic events at a steady rate from a thread; ids ``r-<n>``; each id's
     input (partition, offset) from the delivery reports."""
 
+    reports = True
+
     def __init__(self, bootstrap: str, topic: str, rate: float) -> None:
-        self.topic, self.rate = topic, rate
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5,
-                                  "partitioner": "murmur2_random"})
-        self.X, self.y = synthetic(2_000_000 if rate * 3600 > 2e6 else int(rate * 3600),
-                                   seed=123)
-        self.sent = 0
+        n = 2_000_000 if rate * 3600 > 2e6 else int(rate * 3600)
+        super().__init__(bootstrap, topic, rate, limit=n)
+        self.X, self.y = synthetic(n, seed=123)
         self.placed: dict[str, tuple[int, int]] = {}
         self.failed = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def label(self, id_: str) -> int:
         return int(self.y[int(id_[2:])])
 
-    def start(self) -> "Feed":
-        self._thread.start()
-        return self
+    def message(self, n: int) -> tuple[bytes, bytes]:
+        id_ = f"r-{n}"
+        return id_.encode(), orjson.dumps({"id": id_, "features": self.X[n].tolist(),
+                                           "label": CLASSES[self.y[n]]})
 
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        assert self.producer.flush(60) == 0
-        return self.sent
-
-    def _report(self, err: Any, msg: Any) -> None:
+    def delivered(self, err: Any, msg: Any) -> None:
         if err is not None:
             self.failed += 1
         else:
             self.placed[msg.key().decode()] = (msg.partition(), msg.offset())
-
-    def _run(self) -> None:
-        started = time.monotonic()
-        while not self._stop.is_set():
-            due = min(len(self.y), int((time.monotonic() - started) * self.rate) + 1)
-            while self.sent < due:
-                n = self.sent
-                id_ = f"r-{n}"
-                value = orjson.dumps({"id": id_, "features": self.X[n].tolist(),
-                                      "label": CLASSES[self.y[n]]})
-                while True:
-                    try:
-                        self.producer.produce(self.topic, value, id_.encode(),
-                                              on_delivery=self._report)
-                        break
-                    except BufferError:
-                        self.producer.poll(0.05)
-                self.sent += 1
-            self.producer.poll(0)
-            time.sleep(0.01)
 
 
 class Reader:
@@ -477,69 +452,87 @@ def shadow_cost(args: argparse.Namespace, stack: LocalStack, work: Path) -> dict
                                "batch_size": 512, "torch_threads": 1, "load_before": load()}
     model = registry.load(base.manifest_uri, base.sha256)
     figures["raw_per_s"] = round(serving_bench.raw_inference(model, 512, 1))
-    for name, shadow in (("alone", False), ("shadow", True)):
-        env = {**stack.environment("bench"), "STRATUM_APP_ID": f"bench-cost-{name}",
-               "MODEL_NAME": "shadowcost", "WEB_PORT": str(free_port()),
-               "STRATUM_DATA_DIR": str(work / f"cost-{name}"),
-               "EVENTS_TOPIC": f"cost-{name}-events",
-               "PREDICTIONS_TOPIC": f"cost-{name}-predictions",
-               "DLQ_TOPIC": f"cost-{name}-dlq", "UPDATES_TOPIC": f"cost-{name}-updates",
-               "METRICS_TOPIC": f"cost-{name}-metrics", "SHADOW_TOPIC": f"cost-{name}-shadow",
-               "TOPIC_PARTITIONS": str(args.partitions), "ARCHIVE": "0", "SPEED_LAYER": "0",
-               "SERVING_BATCH_SIZE": "512", "TORCH_THREADS": "1",
-               "ROLLOUT_MIN_EVENTS": "1000000000"}
-        s = Settings.from_env(env)
-        asyncio.run(ensure_topics(s))
-        asyncio.run(announce(s.bootstrap_servers, s.updates_topic, base.to_message()))
-        if shadow:
-            asyncio.run(announce(s.bootstrap_servers, s.updates_topic,
-                                 {**cand.to_message(), "rollout": {"mode": "shadow"}}))
-        worker = WorkerProcess(env, work / f"cost-{name}.log").start()
-        try:
-            worker.wait_ready(timeout=180)
-            if shadow:
-                deadline = time.monotonic() + 120
-                while not ((r := http("GET", f"{worker.url}/models/")[1].get("rollout"))
-                           and r.get("loaded")):
-                    assert time.monotonic() < deadline, "shadow candidate never loaded"
-                    time.sleep(0.25)
-            serving_bench.produce_backlog(s.bootstrap_servers, s.events_topic,
-                                          args.shadow_events)
-            result = serving_bench.measure(
-                f"cost-{name}", s.bootstrap_servers, [s.predictions_topic, s.dlq_topic],
-                args.shadow_events, worker.proc.pid, stack.pids["kafka"],
-                worker._check_alive)
-            if shadow:
-                result["shadow_predictions"] = serving_bench.count(s.bootstrap_servers,
-                                                                   [s.shadow_topic])
-        finally:
-            worker.stop()
-        figures[name] = result
+    # Alone and with a shadow, in turn, for several rounds: a shift of the shared machine's
+    # load between two runs moves both sides of a round's ratio alike.
+    rounds: list[dict[str, Any]] = []
+    for k in range(args.shadow_rounds):
+        pair = {name: cost_run(f"{name}-{k}", shadow, base, cand, args, stack, work)
+                for name, shadow in (("alone", False), ("shadow", True))}
+        pair["alone_over_shadow"] = round(pair["alone"]["per_s"] / pair["shadow"]["per_s"], 2)
+        pair["shadow_cpu_over_alone"] = round(pair["shadow"]["cpu_us_per_event"]
+                                              / pair["alone"]["cpu_us_per_event"], 2)
+        say(f"shadow cost, round {k + 1}: alone {pair['alone']['per_s']}/s, with a shadow "
+            f"candidate {pair['shadow']['per_s']}/s: {pair['alone_over_shadow']}x the time per "
+            f"event (CPU {pair['shadow_cpu_over_alone']}x)")
+        rounds.append(pair)
+    figures["rounds"] = rounds
     figures["load_after"] = load()
-    figures["alone_over_shadow"] = round(figures["alone"]["per_s"]
-                                         / figures["shadow"]["per_s"], 2)
-    figures["shadow_cpu_over_alone"] = round(figures["shadow"]["cpu_us_per_event"]
-                                             / figures["alone"]["cpu_us_per_event"], 2)
-    say(f"shadow cost: alone {figures['alone']['per_s']}/s, with a shadow candidate "
-        f"{figures['shadow']['per_s']}/s: {figures['alone_over_shadow']}x the time per event "
-        f"(CPU {figures['shadow_cpu_over_alone']}x); raw model {figures['raw_per_s']}/s")
+    for key in ("alone_over_shadow", "shadow_cpu_over_alone"):
+        figures[key] = statistics.median(r[key] for r in rounds)
+    say(f"shadow cost, median of {len(rounds)} rounds: {figures['alone_over_shadow']}x the time "
+        f"per event, CPU {figures['shadow_cpu_over_alone']}x; raw model "
+        f"{figures['raw_per_s']}/s; load {figures['load_before']} -> {figures['load_after']}")
     return figures
+
+
+def cost_run(name: str, shadow: bool, base: ModelRef, cand: ModelRef, args: argparse.Namespace,
+             stack: LocalStack, work: Path) -> dict[str, Any]:
+    """One worker drains a backlog of ``args.shadow_events`` with the base version serving,
+    and ``cand`` in shadow if ``shadow``: its throughput and CPU per event."""
+    env = {**stack.environment("bench"), "STRATUM_APP_ID": f"bench-cost-{name}",
+           "MODEL_NAME": "shadowcost", "WEB_PORT": str(free_port()),
+           "STRATUM_DATA_DIR": str(work / f"cost-{name}"),
+           "EVENTS_TOPIC": f"cost-{name}-events",
+           "PREDICTIONS_TOPIC": f"cost-{name}-predictions",
+           "DLQ_TOPIC": f"cost-{name}-dlq", "UPDATES_TOPIC": f"cost-{name}-updates",
+           "METRICS_TOPIC": f"cost-{name}-metrics", "SHADOW_TOPIC": f"cost-{name}-shadow",
+           "TOPIC_PARTITIONS": str(args.partitions), "ARCHIVE": "0", "SPEED_LAYER": "0",
+           "SERVING_BATCH_SIZE": "512", "TORCH_THREADS": "1",
+           "ROLLOUT_MIN_EVENTS": "1000000000"}
+    s = Settings.from_env(env)
+    asyncio.run(ensure_topics(s))
+    asyncio.run(announce(s.bootstrap_servers, s.updates_topic, base.to_message()))
+    if shadow:
+        asyncio.run(announce(s.bootstrap_servers, s.updates_topic,
+                             {**cand.to_message(), "rollout": {"mode": "shadow"}}))
+    worker = WorkerProcess(env, work / f"cost-{name}.log").start()
+    try:
+        worker.wait_ready(timeout=180)
+        if shadow:
+            deadline = time.monotonic() + 120
+            while not ((r := http("GET", f"{worker.url}/models/")[1].get("rollout"))
+                       and r.get("loaded")):
+                assert time.monotonic() < deadline, "shadow candidate never loaded"
+                time.sleep(0.25)
+        serving_bench.produce_backlog(s.bootstrap_servers, s.events_topic, args.shadow_events)
+        result = serving_bench.measure(
+            f"cost-{name}", s.bootstrap_servers, [s.predictions_topic, s.dlq_topic],
+            args.shadow_events, worker.proc.pid, stack.pids["kafka"], worker._check_alive)
+        if shadow:
+            result["shadow_predictions"] = serving_bench.count(s.bootstrap_servers,
+                                                               [s.shadow_topic])
+    finally:
+        worker.stop()
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=300, help="labelled events/s fed")
-    parser.add_argument("--share", type=float, default=0.2, help="the canaries' share")
-    parser.add_argument("--min-events", type=int, default=500, help="ROLLOUT_MIN_EVENTS")
-    parser.add_argument("--margin", type=float, default=0.01, help="ROLLOUT_MARGIN")
-    parser.add_argument("--alpha", type=float, default=0.05, help="ROLLOUT_ALPHA")
-    parser.add_argument("--hold", type=float, default=60,
-                        help="seconds to wait on the slightly worse candidate")
-    parser.add_argument("--decision-timeout", type=float, default=180)
-    parser.add_argument("--warmup", type=float, default=10)
-    parser.add_argument("--pause", type=float, default=5, help="seconds between rollouts")
-    parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--shadow-events", type=int, default=60_000)
+    # (flag, default, help): the type is the default's.
+    for flag, default, text in (
+            ("--rate", 300.0, "labelled events/s fed"),
+            ("--share", 0.2, "the canaries' share"),
+            ("--min-events", 500, "ROLLOUT_MIN_EVENTS"),
+            ("--margin", 0.01, "ROLLOUT_MARGIN"),
+            ("--alpha", 0.05, "ROLLOUT_ALPHA"),
+            ("--hold", 60.0, "seconds to wait on the slightly worse candidate"),
+            ("--decision-timeout", 180.0, "seconds to wait on a decision"),
+            ("--warmup", 10.0, "seconds of feed before the first announcement"),
+            ("--pause", 5.0, "seconds between rollouts"),
+            ("--partitions", 4, "partitions of the input topic"),
+            ("--shadow-events", 60_000, "backlog of each shadow-cost run"),
+            ("--shadow-rounds", 3, "shadow-cost rounds (alone, then with a shadow)")):
+        parser.add_argument(flag, type=type(default), default=default, help=text)
     parser.add_argument("--only-shadow", action="store_true")
     parser.add_argument("--no-shadow", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the run's data directory")

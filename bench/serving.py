@@ -36,7 +36,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -55,8 +54,8 @@ from devstack.stack import LocalStack, free_port, free_ports  # noqa: E402
 from transport.topics import ensure_topics  # noqa: E402
 from demo.data import FEATURES, event_messages  # noqa: E402
 from models.registry import ModelRef, Registry  # noqa: E402
-from devstack.harness import (WorkerProcess, announce, publish_small_model,  # noqa: E402
-                           scratch_dir)
+from devstack.harness import (PacedFeed, WorkerProcess, announce, produce_waiting,  # noqa: E402
+                              publish_small_model, scratch_dir)
 
 BENCH = Path(__file__).resolve().parent
 MALFORMED_EVERY = 1000
@@ -166,18 +165,9 @@ def produce_backlog(bootstrap: str, topic: str, n: int) -> float:
             value = orjson.dumps(event)
             if (start + k) % MALFORMED_EVERY == MALFORMED_EVERY - 1:
                 value = value[:-2]  # cut short: not JSON
-            _produce(producer, topic, value, event["id"].encode())
+            produce_waiting(producer, topic, value, event["id"].encode())
     assert producer.flush(120) == 0
     return n / (time.perf_counter() - started)
-
-
-def _produce(producer: Producer, topic: str, value: bytes, key: bytes | None) -> None:
-    while True:
-        try:
-            producer.produce(topic, value, key)
-            return
-        except BufferError:
-            producer.poll(0.05)
 
 
 # -- the contenders ---------------------------------------------------------------------------
@@ -283,44 +273,20 @@ def raw_inference(model: Any, batch_size: int, threads: int, seconds: float = 5.
 
 # -- a live feed ------------------------------------------------------------------------------
 
-class Feed:
-    """Events at a steady rate from a thread; ids ``<prefix>-<n>-<send time ms>``."""
+class Feed(PacedFeed):
+    """Events at a steady rate from a thread; ids ``<prefix>-<n>-<send time ms>`` (the send
+    time is before the producer's linger, so its wait counts in the latency)."""
 
     def __init__(self, bootstrap: str, topic: str, rate: float, prefix: str) -> None:
-        self.topic, self.rate, self.prefix = topic, rate, prefix
-        # linger.ms as a producer of a real feed would batch (the send time stamped in an
-        # event's id is before it, so its wait counts in the latency).
-        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5,
-                                  "partitioner": "murmur2_random"})
+        super().__init__(bootstrap, topic, rate)
+        self.prefix = prefix
         pool = event_messages(1000, seed=11)
         self.bodies = [orjson.dumps({k: v for k, v in m.items() if k != "id"})[1:]
                        for m in pool]
-        self.sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "Feed":
-        self._thread.start()
-        return self
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        self.producer.flush(60)
-        return self.sent
-
-    def _run(self) -> None:
-        started = time.perf_counter()
-        while not self._stop.is_set():
-            due = int((time.perf_counter() - started) * self.rate)
-            while self.sent < due:
-                now_ms = int(time.time() * 1000)
-                key = f"{self.prefix}-{self.sent}-{now_ms}".encode()
-                value = b'{"id":"' + key + b'",' + self.bodies[self.sent % len(self.bodies)]
-                _produce(self.producer, self.topic, value, key)
-                self.sent += 1
-            self.producer.poll(0)
-            time.sleep(0.001)
+    def message(self, n: int) -> tuple[bytes, bytes]:
+        key = f"{self.prefix}-{n}-{int(time.time() * 1000)}".encode()
+        return key, b'{"id":"' + key + b'",' + self.bodies[n % len(self.bodies)]
 
 
 def create_topic(bootstrap: str, name: str, partitions: int,

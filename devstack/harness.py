@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -256,17 +257,77 @@ def produce_records(bootstrap: str, topic: str,
         return report
 
     for index, (key, value) in enumerate(records):
-        while True:
-            try:
-                producer.produce(topic, value, key, on_delivery=delivered(index))
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_waiting(producer, topic, value, key, delivered(index))
         producer.poll(0)
     left = producer.flush(60)
     if left or failed:
         raise RuntimeError(f"{left} records not delivered; {failed[:5]}")
     return [p for p in placed if p is not None]
+
+
+def produce_waiting(producer: Any, topic: str, value: bytes | None, key: bytes | None,
+                    on_delivery: Callable[[Any, Any], None] | None = None) -> None:
+    """``producer.produce``, serving delivery reports while librdkafka's queue is full."""
+    while True:
+        try:
+            producer.produce(topic, value, key, on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
+class PacedFeed:
+    """Produces ``message(n)`` for n = 0, 1, ... at ``rate`` records/s from a thread, until
+    ``stop()`` or ``limit`` records. A subclass says what record n is, and may set
+    ``reports`` to receive each delivery report in ``delivered``."""
+
+    reports = False
+
+    def __init__(self, bootstrap: str, topic: str, rate: float,
+                 limit: int | None = None) -> None:
+        from confluent_kafka import Producer
+
+        self.topic, self.rate, self.limit = topic, rate, limit
+        # linger.ms as a producer of a real feed would batch.
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5,
+                                  "partitioner": "murmur2_random"})
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def message(self, n: int) -> tuple[bytes, bytes]:
+        """Record n's (key, value)."""
+        raise NotImplementedError
+
+    def delivered(self, err: Any, msg: Any) -> None:
+        """A delivery report (only when ``reports``)."""
+
+    def start(self) -> "PacedFeed":
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        """Stop producing, wait for every record's delivery; the number sent."""
+        self._stop.set()
+        self._thread.join()
+        left = self.producer.flush(60)
+        if left:
+            raise RuntimeError(f"{left} records of the feed not delivered")
+        return self.sent
+
+    def _run(self) -> None:
+        report = self.delivered if self.reports else None
+        started = time.perf_counter()
+        while not self._stop.is_set():
+            due = int((time.perf_counter() - started) * self.rate) + 1
+            if self.limit is not None:
+                due = min(due, self.limit)
+            while self.sent < due:
+                key, value = self.message(self.sent)
+                produce_waiting(self.producer, self.topic, value, key, report)
+                self.sent += 1
+            self.producer.poll(0)
+            time.sleep(0.001)
 
 
 def poll(read: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 60.0) -> Any:
