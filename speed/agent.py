@@ -81,7 +81,8 @@ settings = app.settings
 
 __all__ = ["SCORED_TOPIC", "scored_topic", "quality_by_version", "update_quality",
            "update_regression_quality", "log_loss_sum", "record_quality", "summarize_scored",
-           "SpeedLayer", "speed_layer", "RolloutPolicy", "rollout_policy", "batch_losses"]
+           "SpeedLayer", "speed_layer", "RolloutPolicy", "rollout_policy", "batch_losses",
+           "rollout_figures", "ROLLOUT_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,15 @@ quality_by_version = app.Table(
     help="Prequential quality per model version on labelled events: n, accuracy and log loss "
          "(a regression's RMSE, MAE and R2), and rolling figures (half-life "
          f"{QUALITY_HALF_LIFE} events).")
+
+#: The one key of ``rollout_figures``.
+ROLLOUT_KEY = "rollout"
+rollout_figures = app.Table(
+    "rollout_figures", key_type=str, partitions=1,
+    extra_topic_configs=SUMMARY_CHANGELOG_CONFIG,
+    help="The rollout policy's figures for the rollout in progress: labelled events, loss "
+         "sums of the serving version and of the candidate since it began (one row).")
+
 
 
 def log_loss_sum(batch: LabelledBatch, weights: np.ndarray | None = None) -> float:
@@ -466,22 +476,37 @@ class RolloutPolicy:
     since the rollout began, :func:`transport.rollout.decide` promotes a candidate that is not
     worse by more than ``ROLLOUT_MARGIN`` and aborts one that is significantly worse (level
     ``ROLLOUT_ALPHA``); the decision goes on the update topic with its figures (``by``
-    ``"policy"``). The figures live in memory: a new holder of the partition starts counting
-    afresh."""
+    ``"policy"``). The figures are kept in the one-row table ``rollout_figures`` beside the
+    quality table, so a worker that takes the scored partition over (its changelog restored)
+    goes on counting where the last holder stopped."""
 
     def __init__(self) -> None:
         self.tracker = Tracker()
         self.published: list[dict[str, Any]] = []
 
-    def observe(self, batches: Sequence[LabelledBatch]) -> None:
-        """Count ``batches`` for the rollout the update topic names now."""
+    def observe(self, batches: Sequence[LabelledBatch], partition: int | None = None) -> None:
+        """Count ``batches`` for the rollout the update topic names now, from the figures
+        in ``rollout_figures`` when they are of that rollout; with the scored ``partition``
+        (in an event's context), store them there again."""
         rollout = protocol.candidate(model_manager.ledger.topic)
         base = model_manager.base
-        self.tracker.follow(rollout.version if rollout else None,
-                            rollout.since if rollout else None,
-                            base.base_version if base is not None else None)
+        tracker = self.tracker
+        tracker.follow(rollout.version if rollout else None,
+                       rollout.since if rollout else None,
+                       base.base_version if base is not None else None)
+        stored = rollout_figures.data.get(ROLLOUT_KEY)
+        if stored is not None:
+            tracker.restore(stored)
         for batch in batches:
-            self.tracker.observe(batch.base_version, batch.task, batch_losses(batch))
+            tracker.observe(batch.base_version, batch.task, batch_losses(batch))
+        if partition is not None and tracker.key is not None:
+            self.store(partition)
+
+    def store(self, partition: int) -> None:
+        """Write the figures to ``rollout_figures`` (store and changelog)."""
+        state = self.tracker.state()
+        rollout_figures.data[ROLLOUT_KEY] = state
+        rollout_figures.send_changelog(partition, ROLLOUT_KEY, state)
 
     def verdict(self) -> Verdict | None:
         """The policy's verdict on the rollout in progress, None when there is none."""
@@ -492,10 +517,11 @@ class RolloutPolicy:
                       min_events=settings.rollout_min_events, margin=settings.rollout_margin,
                       alpha=settings.rollout_alpha)
 
-    async def step(self, batches: Sequence[LabelledBatch]) -> dict[str, Any] | None:
-        """Count ``batches``; on the learner, publish a decision once there is one. Returns
-        the message published, or None."""
-        self.observe(batches)
+    async def step(self, batches: Sequence[LabelledBatch], partition: int | None = None
+                   ) -> dict[str, Any] | None:
+        """Count ``batches`` (stored with ``partition``, see :meth:`observe`); on the learner,
+        publish a decision once there is one. Returns the message published, or None."""
+        self.observe(batches, partition)
         tracker = self.tracker
         if not speed_layer.learner or tracker.key is None or tracker.decided == tracker.key:
             return None
@@ -513,6 +539,8 @@ class RolloutPolicy:
             settings.updates_topic, settings.model_name.encode(), orjson.dumps(message),
             partition=0, timestamp=None, headers=None)
         tracker.decided = tracker.key
+        if partition is not None:
+            self.store(partition)
         self.published.append(message)
         log.warning("rollout of %s: %s (%s)", tracker.key[0], kind, verdict.reason)
         return message
@@ -545,7 +573,7 @@ async def summarize_scored(stream: Any) -> None:
             record_quality([summary.labelled], event.message.partition,
                            int(time.time() * 1000))
             try:
-                await rollout_policy.step([summary.labelled])
+                await rollout_policy.step([summary.labelled], event.message.partition)
             except Exception:  # a failed send: the next labelled batch tries again
                 log.exception("publishing the rollout policy's decision failed")
             if settings.speed_layer and not summary.shadow:

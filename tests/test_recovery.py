@@ -160,7 +160,7 @@ def test_a_worker_stopped_longer_than_the_retention_comes_back_quickly(
     latest = topic_config(admin, changelog(settings))
     assert latest["cleanup.policy"] == "compact,delete"
     assert latest["retention.ms"] == str(retention_s * 1000)
-    for table in ("class_counts", "scored_by_version", "quality_by_version"):
+    for table in ("class_counts", "scored_by_version", "quality_by_version", "rollout_figures"):
         config = topic_config(admin, changelog(settings, table))
         assert "compact" in config["cleanup.policy"]
         assert int(config["segment.ms"]) <= 5 * 60 * 1000

@@ -215,7 +215,7 @@ from speed import agent as speed
 from serving import tables
 topics = [tables.latest_predictions.changelog_topic, tables.class_counts.table.changelog_topic,
           tables.scored_by_version.changelog_topic, speed.quality_by_version.changelog_topic,
-          speed.scored_topic]
+          speed.rollout_figures.changelog_topic, speed.scored_topic]
 print(app.conf.topic_replication_factor, {t.config.get("min.insync.replicas") for t in topics})
 """], env={**os.environ, "TOPIC_REPLICATION_FACTOR": "3", "TOPIC_MIN_INSYNC_REPLICAS": "2"},
         capture_output=True, text=True, timeout=120)

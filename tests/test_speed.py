@@ -316,6 +316,7 @@ def test_app() -> Iterator[Any]:
     app.finalize()
     app.flow_control.resume()
     speed.quality_by_version.data.clear()
+    speed.rollout_figures.data.clear()
     yield app
 
 
@@ -805,10 +806,16 @@ class DecisionProducer:
 
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
+        #: What tables wrote to their changelogs: (topic, partition, key, value).
+        self.changelog: list[tuple[str, int, Any, Any]] = []
 
     async def send_and_wait(self, topic: str, key: bytes, value: bytes, **kwargs: Any) -> None:
         assert topic == speed.settings.updates_topic and kwargs["partition"] == 0
         self.sent.append(json.loads(value))
+
+    def send_soon(self, fut: Any) -> None:
+        m = fut.message
+        self.changelog.append((m.channel.get_topic_name(), m.partition, m.key, m.value))
 
 
 def outcome(version: str, accuracy: float, n: int, seed: int) -> scored_summary.LabelledBatch:
@@ -883,3 +890,47 @@ async def test_a_worker_without_the_scored_partition_decides_nothing(
     assert await policy.step([outcome("v1", 0.5, 400, 1), outcome("v2", 0.99, 400, 2)]) is None
     assert producer.sent == [] and policy.verdict() is not None
     assert policy.verdict().action == "promote"  # type: ignore[union-attr]
+
+
+async def test_a_new_holder_of_the_scored_partition_goes_on_counting_the_rollout(
+        test_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from transport.lease import worker_lease
+
+    sha = "a" * 64
+    refs = [{"type": "MODEL-REF", "model": app.settings.model_name, "version": v,
+             "manifest": f"s3://b/m/{v}/manifest.json", "sha256": sha} for v in ("v1", "v2")]
+    refs[1]["rollout"] = {"mode": "canary", "share": 0.5}
+    ledger = protocol.replay([protocol.Record(i, json.dumps(r).encode())
+                              for i, r in enumerate(refs)], app.settings.model_name)
+    monkeypatch.setattr(model_manager.ledger, "base", make_model(version="v1"))
+    monkeypatch.setattr(model_manager.ledger, "topic", ledger)
+    monkeypatch.setattr(speed, "settings", speed.settings.replace(rollout_min_events=400))
+    producer = DecisionProducer()
+    monkeypatch.setattr(app, "_producer", producer)
+    monkeypatch.setattr(speed.speed_layer, "learner", True)
+    worker_lease.confirmed()
+
+    # The first holder counts 200 events a side, stores them, and loses the partition.
+    first = speed.RolloutPolicy()
+    assert await first.step([outcome("v1", 0.6, 200, 1), outcome("v2", 0.95, 200, 2)],
+                            partition=0) is None
+    written = [(p, k, v) for t, p, k, v in producer.changelog
+               if t == speed.rollout_figures.changelog_topic.get_topic_name()]
+    assert written and {p for p, _, _ in written} == {0}
+    # The next holder's table is what the changelog restores: the last row written.
+    _, key, value = written[-1]
+    speed.rollout_figures.data.clear()
+    speed.rollout_figures.data[json.loads(key)] = json.loads(value)
+    second = speed.RolloutPolicy()
+    sent = await second.step([outcome("v1", 0.6, 300, 3), outcome("v2", 0.95, 300, 4)],
+                             partition=0)
+    assert sent is not None and sent["type"] == "PROMOTE"
+    assert (sent["figures"]["n_serving"], sent["figures"]["n_candidate"]) == (500, 500)
+    # A third holder knows the decision was published and publishes none.
+    third = speed.RolloutPolicy()
+    assert await third.step([outcome("v2", 0.95, 50, 5)], partition=0) is None
+    assert len(producer.sent) == 1
+    # Without the table, a holder would have started again: 300 a side is too few.
+    speed.rollout_figures.data.clear()
+    afresh = speed.RolloutPolicy()
+    assert await afresh.step([outcome("v1", 0.6, 300, 3), outcome("v2", 0.95, 300, 4)]) is None

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -166,3 +166,26 @@ class Tracker:
         else:
             return
         self.task = task
+
+    def state(self) -> dict[str, Any]:
+        """The figures as JSON, for the table that outlives this worker's hold of them."""
+        def side(q: Quality) -> list[float]:
+            return [q.n, q.loss_sum, q.loss_sq_sum]
+        return {"key": list(self.key) if self.key else None, "serving_base": self.serving_base,
+                "task": self.task, "serving": side(self.serving),
+                "candidate": side(self.candidate), "decided": self.decided == self.key}
+
+    def restore(self, state: Mapping[str, Any]) -> bool:
+        """Take the figures of ``state`` (from :meth:`state`) when they are of the rollout and
+        serving base followed now; returns whether they were taken."""
+        key = state.get("key")
+        if (self.key is None or key is None or tuple(key) != self.key
+                or state.get("serving_base") != self.serving_base):
+            return False
+        self.task = state.get("task")
+        self.serving = Quality(int(state["serving"][0]), *map(float, state["serving"][1:]))
+        self.candidate = Quality(int(state["candidate"][0]),
+                                 *map(float, state["candidate"][1:]))
+        if state.get("decided"):
+            self.decided = self.key
+        return True
