@@ -397,10 +397,18 @@ def rollouts(args: argparse.Namespace, stack: LocalStack, work: Path) -> dict[st
         figures[key]["canary_predictions_served"] = len(mine)
         figures[key]["served_after_decision"] = (sum(t > end for t in mine)
                                                  if end is not None else None)
+        # How long after the decision's broker time the last of them was written: a worker
+        # applies the ABORT when it reads it, after the micro-batches it has already scored.
+        figures[key]["last_after_decision_ms"] = (max([t - end for t in mine if t > end],
+                                                      default=0)
+                                                  if end is not None else None)
         if figures[key].get("canary_predictions_served"):
             hits = sum(p["predicted"] == CLASSES[feed.label(p["id"])] for *_, p in rows
                        if p["model_version"] == versions[key])
             figures[key]["canary_accuracy"] = round(hits / len(mine), 4)
+        say(f"{key}: {len(mine)} canary predictions, {figures[key]['served_after_decision']} "
+            f"written after the decision, the last {figures[key]['last_after_decision_ms']} ms "
+            f"after it")
     # Versions never going backwards: per input partition in input-offset order, the version
     # serving (rank of its base, update seq), canary predictions of aborted candidates apart.
     aborted = {versions["worse"], versions["slightly_worse"]}
