@@ -372,7 +372,10 @@ class SpeedSettings(_Section):
     """How much worse the candidate may be and still be promoted (accuracy points, or a
     fraction of the serving MSE)."""
     rollout_alpha: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
-    """Significance level of the rollout policy's one-sided tests."""
+    """Significance level of the rollout policy's one-sided tests, however often it looks."""
+    rollout_effect: Annotated[float, Field(gt=0)] = 0.05
+    """The difference the policy's sequential test detects soonest (accuracy points, or a
+    fraction of the serving MSE): the scale of its mixture."""
     rollout_max_error_rate: Annotated[float, Field(ge=0, lt=1)] = 0.01
     """Highest fraction of the candidate's scoring attempts that may fail before a worker
     aborts the rollout (judged after ROLLOUT_MIN_EVENTS attempts)."""

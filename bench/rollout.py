@@ -266,7 +266,8 @@ def rollouts(args: argparse.Namespace, stack: LocalStack, work: Path) -> dict[st
            "ADMIN_TOKEN": TOKEN, "ROLLOUT_MODE": "canary",
            "ROLLOUT_CANARY_SHARE": str(args.share),
            "ROLLOUT_MIN_EVENTS": str(args.min_events), "ROLLOUT_MARGIN": str(args.margin),
-           "ROLLOUT_ALPHA": str(args.alpha), "TORCH_THREADS": "1"}
+           "ROLLOUT_ALPHA": str(args.alpha), "ROLLOUT_EFFECT": str(args.effect),
+           "TORCH_THREADS": "1"}
     settings = Settings.from_env({**env, "WEB_PORT": "1"})
     registry = Registry(settings.registry_uri, settings.storage_options)
     say("training and publishing base, better, worse, slightly_worse")
@@ -284,7 +285,7 @@ def rollouts(args: argparse.Namespace, stack: LocalStack, work: Path) -> dict[st
     feed = Feed(settings.bootstrap_servers, settings.events_topic, args.rate)
     figures: dict[str, Any] = {"rate_per_s": args.rate, "workers": 2, "share": args.share,
                                "min_events": args.min_events, "margin": args.margin,
-                               "alpha": args.alpha,
+                               "alpha": args.alpha, "effect": args.effect,
                                "held_out_accuracy": {k: round(v, 4)
                                                      for k, v in accuracy.items()}}
     rank = {versions[k]: i for i, k in enumerate(("base", "better", "worse",
@@ -345,7 +346,7 @@ def rollouts(args: argparse.Namespace, stack: LocalStack, work: Path) -> dict[st
                 elif p["model_version"].split("+")[0] != versions["slightly_worse"]:
                     serving_q.add(miss)
             verdict = decide(serving_q, cand_q, "classification", min_events=args.min_events,
-                             margin=args.margin, alpha=args.alpha)
+                             margin=args.margin, alpha=args.alpha, effect=args.effect)
             slight["at_end_of_hold"] = {"verdict": verdict.action, "reason": verdict.reason,
                                         **verdict.figures}
             say(f"slightly_worse after {args.hold:.0f}s: no decision; the test on the "
@@ -533,6 +534,7 @@ def main() -> int:
             ("--min-events", 500, "ROLLOUT_MIN_EVENTS"),
             ("--margin", 0.01, "ROLLOUT_MARGIN"),
             ("--alpha", 0.05, "ROLLOUT_ALPHA"),
+            ("--effect", 0.05, "ROLLOUT_EFFECT"),
             ("--hold", 60.0, "seconds to wait on the slightly worse candidate"),
             ("--decision-timeout", 180.0, "seconds to wait on a decision"),
             ("--warmup", 10.0, "seconds of feed before the first announcement"),

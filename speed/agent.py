@@ -515,7 +515,7 @@ class RolloutPolicy:
             return None
         return decide(tracker.serving, tracker.candidate, tracker.task,
                       min_events=settings.rollout_min_events, margin=settings.rollout_margin,
-                      alpha=settings.rollout_alpha)
+                      alpha=settings.rollout_alpha, effect=settings.rollout_effect)
 
     async def step(self, batches: Sequence[LabelledBatch], partition: int | None = None
                    ) -> dict[str, Any] | None:

@@ -1,10 +1,12 @@
 """A rollout's pure parts: stable canary routing and the policy's statistical decisions."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
-from transport.rollout import Quality, canary_position, decide, normal_sf, to_candidate
+from transport.rollout import Quality, canary_position, decide, log_mixture_ratio, to_candidate
 
 
 def test_an_id_always_gets_the_same_version_and_the_share_is_respected() -> None:
@@ -20,9 +22,14 @@ def test_an_id_always_gets_the_same_version_and_the_share_is_respected() -> None
     assert (wider | ~routed).all() and abs(int(wider.sum()) - 6000) < 260
 
 
-def test_normal_tail() -> None:
-    assert normal_sf(0.0) == pytest.approx(0.5)
-    assert normal_sf(1.6448536) == pytest.approx(0.05, abs=1e-6)
+def test_the_mixture_ratio_grows_with_the_evidence() -> None:
+    # No difference: the ratio is below 1 (the mixture spreads over alternatives).
+    assert log_mixture_ratio(0.0, 0.02, 0.05) == pytest.approx(0.5 * math.log(4e-4 / 29e-4))
+    assert log_mixture_ratio(3.0, 0.02, 0.05) == log_mixture_ratio(-3.0, 0.02, 0.05)
+    assert log_mixture_ratio(2.0, 0.02, 0.05) < log_mixture_ratio(4.0, 0.02, 0.05)
+    # The same z is weaker evidence with more events: a z of 2 stays under 1/0.05 for ever.
+    assert log_mixture_ratio(4.0, 0.002, 0.05) < log_mixture_ratio(4.0, 0.02, 0.05)
+    assert max(log_mixture_ratio(2.0, se, 0.05) for se in (0.1, 0.01, 0.001)) < math.log(20)
 
 
 def quality(losses: np.ndarray) -> Quality:
@@ -63,6 +70,44 @@ def test_classification_waits_for_enough_events_then_promotes_or_aborts() -> Non
     assert tolerant.action == "promote"
 
 
+def fixed_sample_p(serving: Quality, candidate: Quality, margin: float) -> tuple[float, float]:
+    """One-sided p-values of a fixed-sample two-proportion z-test: (worse, not worse)."""
+    p_s, p_c = 1 - serving.mean, 1 - candidate.mean
+    se = math.sqrt(p_s * (1 - p_s) / serving.n + p_c * (1 - p_c) / candidate.n)
+    worse = p_s - p_c
+    tail = lambda z: 0.5 * math.erfc(z / math.sqrt(2))  # noqa: E731
+    return tail(worse / se), tail((margin - worse) / se)
+
+
+@pytest.mark.parametrize("candidate_accuracy, wrong", [
+    (0.79, "promote"),  # worse by exactly the margin: H0 of the promotion holds
+    (0.80, "abort"),  # as good: H0 of the abort holds
+])
+def test_looking_after_every_batch_keeps_the_error_at_alpha(candidate_accuracy: float,
+                                                           wrong: str) -> None:
+    """300 rollouts, each looked at every 50 labelled events from 200 to 5,000 a side: the
+    sequential test decides wrongly in at most alpha of them; a fixed-sample test asked as
+    often would in several times as many."""
+    rng = np.random.default_rng(0)
+    runs, n_max = 300, 5000
+    sequential = fixed = 0
+    for _ in range(runs):
+        serving_misses = np.cumsum(rng.random(n_max) >= 0.80)
+        candidate_misses = np.cumsum(rng.random(n_max) >= candidate_accuracy)
+        wrong_sequential = wrong_fixed = False
+        for n in range(200, n_max + 1, 50):
+            s = Quality(n, float(serving_misses[n - 1]), float(serving_misses[n - 1]))
+            c = Quality(n, float(candidate_misses[n - 1]), float(candidate_misses[n - 1]))
+            verdict = decide(s, c, "classification", **SETTINGS)
+            wrong_sequential |= verdict.action == wrong
+            p_worse, p_fine = fixed_sample_p(s, c, SETTINGS["margin"])
+            wrong_fixed |= (p_fine if wrong == "promote" else p_worse) < SETTINGS["alpha"]
+        sequential += wrong_sequential
+        fixed += wrong_fixed
+    assert sequential / runs <= SETTINGS["alpha"]
+    assert fixed / runs > 2 * SETTINGS["alpha"]
+
+
 def test_regression_compares_squared_errors_with_welch() -> None:
     rng = np.random.default_rng(0)
     serving = quality(np.square(rng.normal(0, 1.0, 400)))
@@ -71,7 +116,13 @@ def test_regression_compares_squared_errors_with_welch() -> None:
     promote = decide(serving, better, "regression", **SETTINGS)
     assert promote.action == "promote" and promote.figures["test"] == "welch-squared-error"
     assert promote.figures["mse_candidate"] < promote.figures["mse_serving"]
-    assert decide(serving, worse, "regression", **SETTINGS).action == "abort"
+    # Squared errors are noisy (their spread is about twice the MSE): four times the MSE is
+    # not yet beyond doubt after 400 events a side, and is after 1,000.
+    assert decide(serving, worse, "regression", **SETTINGS).action == "wait"
+    serving.add(np.square(rng.normal(0, 1.0, 600)))
+    worse.add(np.square(rng.normal(0, 2.0, 600)))
+    aborted = decide(serving, worse, "regression", **SETTINGS)
+    assert aborted.action == "abort" and aborted.figures["p_worse"] < SETTINGS["alpha"]
 
 
 # -- serving ------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ def test_overrides_and_real_aws() -> None:
     ({"STRATUM_APP_ID": ""}, "STRATUM_APP_ID"),
     ({"WORKER_SESSION_TIMEOUT_S": "5"}, "WORKER_SESSION_TIMEOUT_S"),  # below 3 heartbeats
     ({"MODEL_FACTORIES": "models.zoo.residual_mlp"}, "MODEL_FACTORIES"),  # no ':function'
+    ({"ROLLOUT_EFFECT": "0"}, "ROLLOUT_EFFECT"),
 ])
 def test_bad_value_names_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):

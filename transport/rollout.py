@@ -13,18 +13,28 @@ Policy
     classification, squared errors of a regression). After ``min_events`` labelled events of
     each, it
 
-    * aborts when the candidate is significantly worse (one-sided test, level ``alpha``,
-      H0: candidate at least as good);
+    * aborts when the candidate is significantly worse (one-sided, level ``alpha``, H0:
+      candidate at least as good);
     * promotes when the candidate is significantly *not worse by more than* ``margin``
       (non-inferiority, one-sided, level ``alpha``, H0: candidate worse by ``margin`` or more);
     * else waits for more events.
 
-    A classification compares accuracies with the two-proportion z-test (unpooled standard
-    error; ``margin`` in accuracy points); a regression compares mean squared errors with
-    Welch's test on the squared errors (``margin`` relative to the serving version's MSE), its
-    t statistic taken as normal: with ``min_events`` of 30 or more the difference is
-    negligible. The normal tail is :func:`math.erfc`: no dependency beyond the standard
-    library.
+    The difference is estimated as a two-proportion difference of accuracies (unpooled
+    standard error; ``margin`` in accuracy points) or, for a regression, a Welch difference of
+    mean squared errors (``margin`` relative to the serving version's MSE), both taken as
+    normal: with ``min_events`` of 30 or more the approximation holds.
+
+    The policy looks after every labelled micro-batch, so a fixed-sample test would find a
+    difference that is not there far more often than ``alpha`` (each look is another chance).
+    Each hypothesis is therefore tested sequentially, with the mixture sequential probability
+    ratio test (mSPRT; Robbins 1970, as in Johari et al., "Always valid inference", 2017): the
+    likelihood ratio of a normal mixture of alternatives, of scale ``effect``, against H0 at its
+    boundary. Under H0 it exceeds ``1 / alpha`` *ever*, over all looks, with probability at most
+    ``alpha`` (Ville's inequality), so deciding the first time it does keeps the error at
+    ``alpha`` however long the rollout runs. ``p_worse`` and ``p_not_worse`` in the figures are
+    these always-valid p-values (``1 / ratio``); ``effect`` is the difference the test detects
+    soonest (smaller ones take more events, larger ones are found in fewer). The normal tail
+    and the ratio need nothing beyond the standard library.
 """
 from __future__ import annotations
 
@@ -35,8 +45,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["canary_position", "to_candidate", "Quality", "Verdict", "decide", "normal_sf",
-           "Tracker"]
+__all__ = ["canary_position", "to_candidate", "Quality", "Verdict", "decide",
+           "log_mixture_ratio", "Tracker"]
 
 
 def canary_position(id_: str) -> float:
@@ -88,43 +98,51 @@ class Verdict:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
-def normal_sf(z: float) -> float:
-    """P(Z > z) for a standard normal Z."""
-    return 0.5 * math.erfc(z / math.sqrt(2.0))
+def log_mixture_ratio(z: float, se: float, tau: float) -> float:
+    """Log of the mSPRT likelihood ratio for an estimate ``z`` standard errors ``se`` from
+    H0's value, mixing alternatives N(H0's value, ``tau``²)."""
+    v, t2 = se * se, tau * tau
+    return 0.5 * math.log(v / (v + t2)) + z * z * t2 / (2.0 * (v + t2))
 
 
 def decide(serving: Quality, candidate: Quality, task: str, *, min_events: int,
-           margin: float, alpha: float) -> Verdict:
+           margin: float, alpha: float, effect: float = 0.05) -> Verdict:
     """The policy's verdict on a rollout (see the module's docstring)."""
     regression = task == "regression"
     figures: dict[str, Any] = {"test": "welch-squared-error" if regression else
-                               "two-proportion-z", "n_serving": serving.n,
-                               "n_candidate": candidate.n, "min_events": min_events,
-                               "margin": margin, "alpha": alpha}
+                               "two-proportion-z", "sequential": "mSPRT",
+                               "n_serving": serving.n, "n_candidate": candidate.n,
+                               "min_events": min_events, "margin": margin, "alpha": alpha,
+                               "effect": effect}
     if min(serving.n, candidate.n) < max(min_events, 2):
         return Verdict("wait", f"fewer than {min_events} labelled events", figures)
     if regression:
         s_loss, c_loss = serving.mean, candidate.mean
         figures.update(mse_serving=s_loss, mse_candidate=c_loss)
         se = math.sqrt(serving.variance / serving.n + candidate.variance / candidate.n)
-        allowed = margin * s_loss
+        allowed, tau = margin * s_loss, effect * s_loss
     else:
         p_s, p_c = 1.0 - serving.mean, 1.0 - candidate.mean
         figures.update(accuracy_serving=p_s, accuracy_candidate=p_c)
         se = math.sqrt(p_s * (1 - p_s) / serving.n + p_c * (1 - p_c) / candidate.n)
         s_loss, c_loss = 1.0 - p_s, 1.0 - p_c
-        allowed = margin
+        allowed, tau = margin, effect
     # Worse = a larger loss (a miss rate, or an MSE).
     worse = c_loss - s_loss
     se = max(se, 1e-12)
+    tau = max(tau, 1e-12)
     z_worse = worse / se
     z_fine = (allowed - worse) / se
-    p_worse, p_fine = normal_sf(z_worse), normal_sf(z_fine)
+    # Each one-sided: only evidence in its own direction counts.
+    log_worse = log_mixture_ratio(z_worse, se, tau) if z_worse > 0 else -math.inf
+    log_fine = log_mixture_ratio(z_fine, se, tau) if z_fine > 0 else -math.inf
+    p_worse, p_fine = min(1.0, math.exp(-log_worse)), min(1.0, math.exp(-log_fine))
     figures.update(se=se, z_worse=z_worse, p_worse=p_worse, z_not_worse=z_fine,
                    p_not_worse=p_fine)
-    if p_worse < alpha:
+    threshold = math.log(1.0 / alpha)
+    if log_worse >= threshold:
         return Verdict("abort", f"candidate significantly worse (p={p_worse:.3g})", figures)
-    if p_fine < alpha:
+    if log_fine >= threshold:
         return Verdict("promote", f"candidate not worse by the margin {margin:g} "
                        f"(p={p_fine:.3g})", figures)
     return Verdict("wait", "no significant difference yet", figures)
