@@ -829,28 +829,35 @@ def outcome(version: str, accuracy: float, n: int, seed: int) -> scored_summary.
                                         np.zeros((n, len(FEATURES))), P)
 
 
+def in_rollout(monkeypatch: pytest.MonkeyPatch, rollout: dict[str, Any], learner: bool,
+               **settings: Any) -> tuple[protocol.Ledger, DecisionProducer]:
+    """v1 serving and v2 announced with ``rollout``, on a worker that is the learner or not,
+    with these rollout ``settings``: the ledger, and the producer recording decisions."""
+    refs = [{"type": "MODEL-REF", "model": app.settings.model_name, "version": v,
+             "manifest": f"s3://b/m/{v}/manifest.json", "sha256": "a" * 64} for v in ("v1", "v2")]
+    refs[1]["rollout"] = rollout
+    ledger = protocol.replay([protocol.Record(i, json.dumps(r).encode())
+                              for i, r in enumerate(refs)], app.settings.model_name)
+    monkeypatch.setattr(model_manager.ledger, "base", make_model(version="v1"))
+    monkeypatch.setattr(model_manager.ledger, "topic", ledger)
+    monkeypatch.setattr(speed, "settings", speed.settings.replace(**settings))
+    producer = DecisionProducer()
+    monkeypatch.setattr(app, "_producer", producer)
+    monkeypatch.setattr(speed.speed_layer, "learner", learner)
+    return ledger, producer
+
+
 @pytest.mark.parametrize("candidate_accuracy, expected", [(0.9, "PROMOTE"), (0.5, "ABORT")])
 async def test_the_rollout_policy_publishes_its_decision_once_on_the_learner(
         test_app: Any, monkeypatch: pytest.MonkeyPatch, candidate_accuracy: float,
         expected: str) -> None:
     from transport.lease import worker_lease
 
-    base = make_model(version="v1")
-    sha = "a" * 64
-    refs = [{"type": "MODEL-REF", "model": app.settings.model_name, "version": v,
-             "manifest": f"s3://b/m/{v}/manifest.json", "sha256": sha} for v in ("v1", "v2")]
-    refs[1]["rollout"] = {"mode": "shadow"}
-    ledger = protocol.replay([protocol.Record(i, json.dumps(r).encode())
-                              for i, r in enumerate(refs)], app.settings.model_name)
-    monkeypatch.setattr(model_manager.ledger, "base", base)
-    monkeypatch.setattr(model_manager.ledger, "topic", ledger)
-    monkeypatch.setattr(speed, "settings", speed.settings.replace(
-        rollout_min_events=300, rollout_margin=0.01, rollout_alpha=0.05))
-    producer = DecisionProducer()
-    monkeypatch.setattr(app, "_producer", producer)
+    ledger, producer = in_rollout(monkeypatch, {"mode": "shadow"}, learner=True,
+                                  rollout_min_events=300, rollout_margin=0.01,
+                                  rollout_alpha=0.05)
     worker_lease.confirmed()
     policy = speed.RolloutPolicy()
-    monkeypatch.setattr(speed.speed_layer, "learner", True)
     # Not enough events yet: nothing is decided.
     assert await policy.step([outcome("v1+3", 0.75, 200, 1), outcome("v2", candidate_accuracy,
                                                                       200, 2)]) is None
@@ -874,18 +881,8 @@ async def test_the_rollout_policy_publishes_its_decision_once_on_the_learner(
 
 async def test_a_worker_without_the_scored_partition_decides_nothing(
         test_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    sha = "a" * 64
-    refs = [{"type": "MODEL-REF", "model": app.settings.model_name, "version": v,
-             "manifest": f"s3://b/m/{v}/manifest.json", "sha256": sha,
-             "rollout": {"mode": "canary", "share": 0.5}} for v in ("v1", "v2")]
-    ledger = protocol.replay([protocol.Record(i, json.dumps(r).encode())
-                              for i, r in enumerate(refs)], app.settings.model_name)
-    monkeypatch.setattr(model_manager.ledger, "base", make_model(version="v1"))
-    monkeypatch.setattr(model_manager.ledger, "topic", ledger)
-    monkeypatch.setattr(speed, "settings", speed.settings.replace(rollout_min_events=10))
-    producer = DecisionProducer()
-    monkeypatch.setattr(app, "_producer", producer)
-    monkeypatch.setattr(speed.speed_layer, "learner", False)
+    _, producer = in_rollout(monkeypatch, {"mode": "canary", "share": 0.5}, learner=False,
+                             rollout_min_events=10)
     policy = speed.RolloutPolicy()
     assert await policy.step([outcome("v1", 0.5, 400, 1), outcome("v2", 0.99, 400, 2)]) is None
     assert producer.sent == [] and policy.verdict() is not None
@@ -896,18 +893,8 @@ async def test_a_new_holder_of_the_scored_partition_goes_on_counting_the_rollout
         test_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from transport.lease import worker_lease
 
-    sha = "a" * 64
-    refs = [{"type": "MODEL-REF", "model": app.settings.model_name, "version": v,
-             "manifest": f"s3://b/m/{v}/manifest.json", "sha256": sha} for v in ("v1", "v2")]
-    refs[1]["rollout"] = {"mode": "canary", "share": 0.5}
-    ledger = protocol.replay([protocol.Record(i, json.dumps(r).encode())
-                              for i, r in enumerate(refs)], app.settings.model_name)
-    monkeypatch.setattr(model_manager.ledger, "base", make_model(version="v1"))
-    monkeypatch.setattr(model_manager.ledger, "topic", ledger)
-    monkeypatch.setattr(speed, "settings", speed.settings.replace(rollout_min_events=400))
-    producer = DecisionProducer()
-    monkeypatch.setattr(app, "_producer", producer)
-    monkeypatch.setattr(speed.speed_layer, "learner", True)
+    _, producer = in_rollout(monkeypatch, {"mode": "canary", "share": 0.5}, learner=True,
+                             rollout_min_events=400)
     worker_lease.confirmed()
 
     # The first holder counts 200 events a side, stores them, and loses the partition.
