@@ -115,7 +115,6 @@ rollout_figures = app.Table(
          "sums of the serving version and of the candidate since it began (one row).")
 
 
-
 def log_loss_sum(batch: LabelledBatch, weights: np.ndarray | None = None) -> float:
     """Sum of ``batch``'s log losses (weighted by ``weights``), as :func:`models.metrics.log_loss`
     computes them: the batch layer's test log loss is the mean of the same figure."""

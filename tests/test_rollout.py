@@ -43,7 +43,7 @@ def misses(n: int, accuracy: float, seed: int) -> np.ndarray:
     return (rng.random(n) >= accuracy).astype(np.float64)
 
 
-SETTINGS = {"min_events": 200, "margin": 0.01, "alpha": 0.05}
+SETTINGS = {"min_events": 200, "margin": 0.01, "alpha": 0.05, "effect": 0.05}
 
 
 def test_classification_waits_for_enough_events_then_promotes_or_aborts() -> None:
@@ -62,11 +62,12 @@ def test_classification_waits_for_enough_events_then_promotes_or_aborts() -> Non
     assert worse.action == "abort" and worse.figures["p_worse"] < 0.05
     # Equal within noise, with no margin: no evidence either way.
     same = decide(quality(misses(500, 0.8, 6)), quality(misses(500, 0.8, 6)),
-                  "classification", min_events=200, margin=0.0, alpha=0.05)
+                  "classification", min_events=200, margin=0.0, alpha=0.05, effect=0.05)
     assert same.action == "wait"
     # A margin lets an equal candidate through once the evidence is there.
     tolerant = decide(quality(misses(5000, 0.8, 7)), quality(misses(5000, 0.8, 7)),
-                      "classification", min_events=200, margin=0.03, alpha=0.05)
+                      "classification", min_events=200, margin=0.03, alpha=0.05,
+                      effect=0.05)
     assert tolerant.action == "promote"
 
 

@@ -106,7 +106,7 @@ def log_mixture_ratio(z: float, se: float, tau: float) -> float:
 
 
 def decide(serving: Quality, candidate: Quality, task: str, *, min_events: int,
-           margin: float, alpha: float, effect: float = 0.05) -> Verdict:
+           margin: float, alpha: float, effect: float) -> Verdict:
     """The policy's verdict on a rollout (see the module's docstring)."""
     regression = task == "regression"
     figures: dict[str, Any] = {"test": "welch-squared-error" if regression else
@@ -193,17 +193,16 @@ class Tracker:
                 "task": self.task, "serving": side(self.serving),
                 "candidate": side(self.candidate), "decided": self.decided == self.key}
 
-    def restore(self, state: Mapping[str, Any]) -> bool:
+    def restore(self, state: Mapping[str, Any]) -> None:
         """Take the figures of ``state`` (from :meth:`state`) when they are of the rollout and
-        serving base followed now; returns whether they were taken."""
+        serving base followed now."""
         key = state.get("key")
         if (self.key is None or key is None or tuple(key) != self.key
                 or state.get("serving_base") != self.serving_base):
-            return False
+            return
         self.task = state.get("task")
         self.serving = Quality(int(state["serving"][0]), *map(float, state["serving"][1:]))
         self.candidate = Quality(int(state["candidate"][0]),
                                  *map(float, state["candidate"][1:]))
         if state.get("decided"):
             self.decided = self.key
-        return True
